@@ -1,0 +1,37 @@
+# Two entry points that work on a fresh machine: `make train` and `make test`.
+# Both create the virtual environment on first use: torch==2.13.0 (CPU wheel)
+# first, then the project with its pinned dependencies.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CONFIG ?= configs/default.yaml
+RUN_DIR ?= runs/default
+PYTEST_ARGS ?=
+
+.PHONY: train test venv clean dataset warm-checkpoint
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+train: venv
+	$(VENV)/bin/editrl train --config $(CONFIG) --run-dir $(RUN_DIR)
+
+test: venv
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Rebuild the bundled clips and prompt tables (deterministic).
+dataset: venv
+	$(PY) scripts/build_dataset.py --out assets/clips
+
+# Rebuild the supervised warm-up checkpoint that `make train` starts from.
+warm-checkpoint: venv
+	$(PY) scripts/make_warm_checkpoint.py --data assets/clips --out assets/warm_checkpoint
+
+clean:
+	rm -rf runs .pytest_cache
