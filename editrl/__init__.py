@@ -1,0 +1,1 @@
+"""editrl: RL post-training (Edit-GRPO) for instruction-based video-editing diffusion models."""
