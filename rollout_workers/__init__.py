@@ -1,0 +1,1 @@
+"""Rollout workers: sample edited videos with the policy and get them scored."""
