@@ -1,0 +1,37 @@
+"""Learner configuration."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class LearnerConfig(BaseModel):
+    """Optimisation settings of Edit-GRPO."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    learning_rate: float = Field(1e-4, gt=0)
+    """AdamW learning rate (Flow-GRPO: 1e-4)."""
+    weight_decay: float = Field(1e-4, ge=0)
+    """AdamW weight decay (Flow-GRPO: 1e-4)."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    max_grad_norm: float = Field(1.0, gt=0)
+    """Global gradient-norm clip (Flow-GRPO: 1.0)."""
+    clip_range: float = Field(1e-3, gt=0)
+    """Ratio clip range eps (Flow-GRPO Wan: 1e-3), for log-probs averaged over elements."""
+    kl_coef: float = Field(0.004, ge=0)
+    """KL coefficient beta on the KL to the reference policy (Flow-GRPO: 0.004); 0 skips
+    the reference forward."""
+    adv_eps: float = Field(1e-4, gt=0)
+    """Added to the reward std in the advantage denominator."""
+    adv_std_scope: Literal["group", "global"] = "group"
+    """Normalise advantages by each group's std or by the batch's."""
+    adv_clip: float | None = 5.0
+    """Bound on |advantage| (Flow-GRPO: 5); None disables."""
+    updates_per_step: int = Field(1, ge=1)
+    """Optimizer steps per batch of groups: the groups are split into this many
+    minibatches; after the first, ratios move off 1 and clipping acts."""
+    torch_threads: int = Field(2, ge=1)
+    """CPU threads of the learner process."""

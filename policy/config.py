@@ -1,0 +1,85 @@
+"""Configuration of the policy: which model, its size when built in code, the
+video geometry, the sampler and the LoRA adapter."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class TinyModelConfig(BaseModel):
+    """Sizes of the Wan-architecture model built in code when no checkpoint is given."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    latent_channels: int = 8
+    """VAE latent channels (z_dim); the DiT sees twice this (noisy latent + source latent)."""
+    vae_base_dim: int = 16
+    """Base channel width of AutoencoderKLWan."""
+    vae_dim_mult: list[int] = [1, 2, 2]
+    """Channel multipliers per VAE stage; len - 1 spatial 2x downsamplings."""
+    vae_temporal_downsample: list[bool] = [False, True]
+    """Which VAE downsamplings also halve time (causal: F frames -> 1 + (F - 1) / 2^k)."""
+    dit_heads: int = 4
+    """Attention heads of the DiT."""
+    dit_head_dim: int = 16
+    """Per-head width of the DiT."""
+    dit_layers: int = 2
+    """Transformer blocks of the DiT."""
+    dit_ffn_dim: int = 128
+    """Hidden width of each block's feed-forward network."""
+    text_dim: int = 32
+    """Width of the text encoder (UMT5) and of the DiT's text projection input."""
+    text_layers: int = 2
+    """UMT5 encoder layers."""
+
+
+class LoraSettings(BaseModel):
+    """LoRA adapter on the DiT's self- and cross-attention projections (VIVA section 4)."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    rank: int = Field(64, ge=1)
+    """LoRA rank r (VIVA: 64; Flow-GRPO Wan: 32)."""
+    alpha: float = Field(128.0, gt=0)
+    """LoRA alpha; the update is scaled by alpha / rank (VIVA: 128)."""
+    init: Literal["gaussian", "default"] = "gaussian"
+    """peft init_lora_weights: 'gaussian' draws A ~ N(0, 1/r), B = 0 (VIVA)."""
+    target_modules: list[str] = ["to_q", "to_k", "to_v", "to_out.0"]
+    """Projection names adapted inside every attn1 (self) and attn2 (cross) block."""
+
+
+class PolicyConfig(BaseModel):
+    """Everything that defines the policy and how it samples."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    checkpoint: str | None = None
+    """Diffusers-format model directory (transformer/, vae/, text_encoder/, tokenizer/,
+    scheduler/); relative paths resolve against the project root. None builds the tiny
+    model in code with random weights."""
+    tiny: TinyModelConfig = TinyModelConfig()
+    """Sizes used when ``checkpoint`` is None."""
+    height: int = Field(64, ge=8)
+    """Frame height in pixels the policy edits at."""
+    width: int = Field(64, ge=8)
+    """Frame width in pixels."""
+    num_frames: int = Field(5, ge=1)
+    """Frames per clip (1 + multiple of the VAE's temporal factor)."""
+    num_steps: int = Field(10, ge=2)
+    """Denoising steps T of the sampling schedule."""
+    shift: float = Field(3.0, gt=0)
+    """Flow shift of the sigma schedule of a model built in code (Wan: 3.0 at 480p); a
+    checkpoint's own scheduler config decides for a loaded model."""
+    guidance_scale: float = Field(2.0, ge=1.0)
+    """Classifier-free guidance on the instruction only (VIVA: 2.0); 1.0 disables CFG."""
+    eta: float = Field(0.7, ge=0.0)
+    """Flow-SDE noise scale (Flow-GRPO: 0.7)."""
+    sde_fraction: float = Field(0.9, gt=0.0, le=1.0)
+    """Fraction of the T steps, from the first, that are stochastic and trained; the rest
+    are deterministic Euler steps. 0.9 with T = 10 skips the last step, whose tiny std
+    makes log-probs explode (Flow-GRPO timestep_fraction 0.99)."""
+    max_text_tokens: int = Field(32, ge=4)
+    """Instruction tokens kept (padded/truncated) for the text encoder."""
+    lora: LoraSettings = LoraSettings()
+    """The trained adapter."""

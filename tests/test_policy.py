@@ -1,0 +1,149 @@
+"""The policy: LoRA-only gradients, on-policy ratio of exactly 1, adapter sync,
+checkpoint round trip and source-conditioning widening."""
+import numpy as np
+import pytest
+import torch
+from conftest import CORPUS, structured_clip
+
+from learner.config import LearnerConfig
+from learner.learner import Learner
+from policy.model import build_tiny_components, load_components, save_components, widen_for_source_conditioning
+from policy.policy import AdapterMismatchError, EditPolicy, adapter_checksum
+from policy.sampling import policy_step, sample_trajectories
+from protocol.rollout import Group, GroupTask
+
+
+def _sample_group(policy: EditPolicy, seed: int, rewards: torch.Tensor) -> Group:
+    source = policy.encode_video(structured_clip(policy.config.num_frames, policy.config.height)[None])
+    text, null = policy.encode_text([CORPUS[0]]), policy.encode_text([""])
+    traj = sample_trajectories(
+        policy, source, text, null, rewards.numel(), policy.sigmas(), policy.sde_steps(),
+        policy.config.eta, policy.config.guidance_scale, torch.Generator().manual_seed(seed),
+    )
+    task = GroupTask(f"g{seed}", "p0", CORPUS[0], "unused.mp4", seed, rewards.numel(), policy.config.eta)
+    return Group(task, 0, 0, traj.latents, traj.log_probs, traj.sigmas, traj.sde_mask, source, text, null, rewards, {}, "test")
+
+
+def test_lora_attaches_to_self_and_cross_attention(tiny_config):
+    policy = EditPolicy.from_config(tiny_config, CORPUS)
+    names = [n for n, _ in policy.transformer.named_modules() if n.endswith("lora_A")]
+    # 2 blocks x 2 attentions (attn1 self, attn2 cross) x 4 projections
+    assert policy.num_lora_modules == len(names) == 16
+    assert any(".attn1.to_q" in n for n in names) and any(".attn2.to_out.0" in n for n in names)
+
+
+def test_sampling_records_fp32_latents_and_log_probs_on_sde_steps(tiny_config):
+    policy = EditPolicy.from_config(tiny_config, CORPUS)
+    group = _sample_group(policy, 0, torch.tensor([1.0, 2.0, 3.0]))
+    t = tiny_config.num_steps
+    assert group.latents.shape[:2] == (3, t + 1) and group.latents.dtype == torch.float32
+    assert group.sde_mask.tolist() == [True, True, True, False]
+    assert torch.isfinite(group.log_probs[:, :3]).all() and torch.isnan(group.log_probs[:, 3]).all()
+    # the sampled edit is a function of the group's seed
+    again = _sample_group(policy, 0, torch.tensor([1.0, 2.0, 3.0]))
+    assert torch.equal(group.latents, again.latents)
+
+
+def test_gradients_reach_lora_parameters_and_nothing_else(tiny_config):
+    policy = EditPolicy.from_config(tiny_config, CORPUS)
+    group = _sample_group(policy, 0, torch.tensor([0.0, 1.0]))
+    lora_params = policy.lora_parameters()
+    with torch.no_grad():  # make B non-zero so that gradients reach A as well
+        for name, p in policy.transformer.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.01)
+    s = group.sigmas.tolist()
+    out = policy_step(policy, group.latents[:, 0], s[0], s[1], group.source_latents.expand(2, -1, -1, -1, -1),
+                      group.text_embeds.expand(2, -1, -1), group.null_embeds.expand(2, -1, -1), 0.7, 2.0, x_next=group.latents[:, 1])
+    out.log_prob.sum().backward()
+    lora_ids = {id(p) for p in lora_params}
+    for module in (policy.transformer, policy.vae, policy.text_encoder):
+        for name, p in module.named_parameters():
+            if id(p) in lora_ids:
+                assert p.grad is not None and p.grad.abs().sum() > 0, name
+            else:
+                assert not p.requires_grad and p.grad is None, name
+
+
+def test_ratio_is_exactly_one_on_policy_and_kl_zero_before_the_first_update(tiny_config):
+    policy = EditPolicy.from_config(tiny_config, CORPUS)
+    groups = [_sample_group(policy, s, torch.tensor([0.0, 1.0, 3.0])) for s in range(2)]
+    learner = Learner(policy, LearnerConfig(updates_per_step=1, kl_coef=0.1, learning_rate=1e-2))
+    before = {k: v.clone() for k, v in policy.adapter_state().items()}
+    metrics = learner.train_step(groups)
+    assert metrics["ratio_min"] == 1.0 and metrics["ratio_max"] == 1.0
+    assert metrics["clip_frac"] == 0.0 and metrics["approx_kl"] == 0.0
+    assert metrics["kl"] == 0.0  # the adapter's B starts at zero: policy == reference
+    assert metrics["policy_version"] == 1.0
+    after = policy.adapter_state()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    # after the update the same data is off-policy: ratios move and KL is positive
+    metrics = learner.train_step(groups)
+    assert metrics["ratio_max"] != 1.0 or metrics["ratio_min"] != 1.0
+    assert metrics["kl"] > 0.0
+
+
+def test_adapter_sync_between_two_policies(tiny_config):
+    learner_policy = EditPolicy.from_config(tiny_config, CORPUS, seed=0)
+    worker_policy = EditPolicy.from_config(tiny_config, CORPUS, seed=0)
+    with torch.no_grad():
+        for name, p in learner_policy.transformer.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.05)
+    state = learner_policy.adapter_state()
+    worker_policy.load_adapter_state(state, checksum=adapter_checksum(state))
+    x = torch.randn(1, 4, 3, 8, 8)
+    src = torch.randn(1, 4, 3, 8, 8)
+    text = learner_policy.encode_text([CORPUS[1]])
+    with torch.no_grad():
+        a = learner_policy.velocity(x, 0.5, src, text, learner_policy.encode_text([""]), 2.0)
+        b = worker_policy.velocity(x, 0.5, src, text, worker_policy.encode_text([""]), 2.0)
+    assert torch.equal(a, b)
+    with pytest.raises(AdapterMismatchError, match="checksum"):
+        worker_policy.load_adapter_state(state, checksum="0" * 64)
+    with pytest.raises(AdapterMismatchError, match="keys differ"):
+        worker_policy.load_adapter_state(dict(list(state.items())[:-2]))
+
+
+def test_checkpoint_round_trip(tiny_config, tmp_path):
+    components = build_tiny_components(tiny_config.tiny, CORPUS, seed=3)
+    save_components(components, tmp_path / "ckpt")
+    loaded = load_components(tmp_path / "ckpt")
+    assert loaded.tokenizer(CORPUS[2]).input_ids == components.tokenizer(CORPUS[2]).input_ids
+    x = torch.randn(1, 8, 3, 8, 8)
+    text = torch.randn(1, 8, 16)
+    with torch.no_grad():
+        a = components.transformer(x, torch.tensor([500.0]), text, return_dict=False)[0]
+        b = loaded.transformer(x, torch.tensor([500.0]), text, return_dict=False)[0]
+    torch.testing.assert_close(a, b)
+    loaded.scheduler.set_timesteps(4)
+    components.scheduler.set_timesteps(4)
+    torch.testing.assert_close(loaded.scheduler.sigmas, components.scheduler.sigmas)
+
+
+def test_missing_checkpoint_folder_is_named(tmp_path):
+    (tmp_path / "transformer").mkdir()
+    with pytest.raises(FileNotFoundError, match="vae"):
+        load_components(tmp_path)
+
+
+def test_widening_a_text_to_video_transformer_keeps_its_output(tiny_config):
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    t2v = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+                                text_dim=16, freq_dim=64, ffn_dim=32, num_layers=1, rope_max_seq_len=64)
+    x, text = torch.randn(1, 4, 2, 8, 8), torch.randn(1, 6, 16)
+    with torch.no_grad():
+        before = t2v(x, torch.tensor([300.0]), text, return_dict=False)[0]
+        widened = widen_for_source_conditioning(t2v, 4)
+        assert widened.config.in_channels == 8
+        after = widened(torch.cat([x, torch.randn_like(x)], dim=1), torch.tensor([300.0]), text, return_dict=False)[0]
+    torch.testing.assert_close(before, after)
+
+
+def test_decode_returns_uint8_frames(tiny_config):
+    policy = EditPolicy.from_config(tiny_config, CORPUS)
+    latents = policy.encode_video(structured_clip(5, 32)[None])
+    frames = policy.decode(latents)
+    assert frames.dtype == np.uint8 and frames.shape == (1, 5, 32, 32, 3)
