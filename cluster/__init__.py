@@ -1,0 +1,1 @@
+"""Starting or joining the Ray cluster a run uses."""

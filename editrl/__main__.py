@@ -1,0 +1,5 @@
+import sys
+
+from editrl.cli import main
+
+sys.exit(main())

@@ -1,0 +1,130 @@
+"""The resolved configuration of a training run, one pydantic model per component.
+
+A preset is one YAML file under ``configs/``; the resolved config is saved in
+every run directory as ``config.yaml``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from learner.config import LearnerConfig
+from policy.config import PolicyConfig
+
+
+class DataConfig(BaseModel):
+    """Where the prompts come from."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    train_prompts: str = "assets/clips/prompts_train.parquet"
+    """Parquet of training prompts (relative paths resolve against the project root)."""
+    heldout_prompts: str = "assets/clips/prompts_heldout.parquet"
+    """Parquet of held-out prompts (unseen clips), used only for evaluation."""
+
+
+class RolloutConfig(BaseModel):
+    """The rollout workers (Ray actors)."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    num_workers: int = Field(2, ge=1)
+    """Rollout actors started by the run."""
+    num_cpus_per_worker: float = Field(1.0, ge=0)
+    """Ray CPUs each actor reserves."""
+    num_gpus_per_worker: float = Field(0.0, ge=0)
+    """Ray GPUs each actor reserves (0 on CPU machines)."""
+    torch_threads: int = Field(1, ge=1)
+    """CPU threads torch uses inside each actor."""
+    reward_timeout_s: float = Field(120.0, gt=0)
+    """Per-attempt HTTP timeout of scoring requests, seconds."""
+    reward_max_attempts: int = Field(5, ge=1)
+    """Attempts per scoring request (retries with exponential backoff)."""
+
+
+class RewardServerSettings(BaseModel):
+    """Which reward server the run talks to."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    url: str | None = None
+    """Base URL of a running reward server; None starts one for the run."""
+    config: str = "configs/reward_server.yaml"
+    """ServerConfig YAML of the server the run starts (ignored when ``url`` is set)."""
+    startup_timeout_s: float = Field(120.0, gt=0)
+    """How long to wait for a started server to answer /healthz, seconds."""
+
+
+class EvalConfig(BaseModel):
+    """Held-out evaluation: deterministic (ODE) edits of unseen clips."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    seeds_per_prompt: int = Field(2, ge=1)
+    """Initial noises per held-out prompt (the same ones at every evaluation)."""
+    every_steps: int = Field(0, ge=0)
+    """Evaluate every this many steps as well as at the start and end (0: start and end only)."""
+    max_prompts: int | None = Field(None, ge=1)
+    """Evaluate only the first this many held-out prompts (None: all of them)."""
+    num_videos_saved: int = Field(4, ge=0)
+    """Held-out edits written as mp4 (source | edit, side by side) at the start and end."""
+
+
+class TrainConfig(BaseModel):
+    """A whole Edit-GRPO run."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    seed: int = 0
+    """Seeds prompt order, group noise and the learner."""
+    steps: int = Field(40, ge=1)
+    """Learner updates (each bumps the policy version)."""
+    prompts_per_step: int = Field(4, ge=1)
+    """B: prompts (groups) per step."""
+    group_size: int = Field(4, ge=2)
+    """G: trajectories per prompt."""
+    max_failed_steps: int = Field(3, ge=1)
+    """Stop the run after this many consecutive steps in which every group failed
+    (e.g. the reward server is down), instead of skipping updates forever."""
+    ray_address: str | None = None
+    """Existing Ray cluster to join; None starts a local one."""
+    fps: int = Field(8, ge=1)
+    """Frame rate of the mp4s the run writes and sends."""
+    policy: PolicyConfig = PolicyConfig()
+    """The policy (model, sampler, LoRA)."""
+    learner: LearnerConfig = LearnerConfig()
+    """Optimisation."""
+    data: DataConfig = DataConfig()
+    """Prompts."""
+    rollout: RolloutConfig = RolloutConfig()
+    """Rollout workers."""
+    reward_server: RewardServerSettings = RewardServerSettings()
+    """Reward server."""
+    eval: EvalConfig = EvalConfig()
+    """Held-out evaluation."""
+
+
+def load_train_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
+    """Read a YAML preset, apply ``overrides`` (nested dict), validate.
+
+    Raises:
+        FileNotFoundError: no such file.
+        pydantic.ValidationError: a field is wrong (the message names it).
+    """
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    for key, value in (overrides or {}).items():
+        _set_nested(data, key.split("."), value)
+    return TrainConfig.model_validate(data)
+
+
+def _set_nested(data: dict, keys: list[str], value) -> None:
+    for key in keys[:-1]:
+        data = data.setdefault(key, {})
+    data[keys[-1]] = value
+
+
+def save_config(config: TrainConfig, path: Path) -> None:
+    """Write the resolved config as YAML."""
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))

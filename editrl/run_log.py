@@ -1,0 +1,139 @@
+"""Everything a run writes into its run directory besides checkpoints:
+metrics (TensorBoard + JSONL), the Parquet log of every rollout, sample videos,
+the reward plot and ``summary.json``."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from torch.utils.tensorboard import SummaryWriter
+
+from protocol.rollout import Group
+from protocol.video import encode_mp4
+
+logger = logging.getLogger(__name__)
+
+ROLLOUT_SCHEMA = pa.schema(
+    [
+        ("step", pa.int64()),
+        ("group_id", pa.string()),
+        ("prompt_id", pa.string()),
+        ("sample", pa.int64()),
+        ("policy_version", pa.int64()),
+        ("worker_id", pa.int64()),
+        ("seed", pa.int64()),
+        ("reward", pa.float64()),
+        ("dimensions_json", pa.string()),
+        ("reward_config_version", pa.string()),
+        ("log_prob_mean", pa.float64()),
+        ("log_prob_min", pa.float64()),
+        ("log_prob_max", pa.float64()),
+    ]
+)
+
+
+class MetricsLog:
+    """Scalars to TensorBoard event files and to ``metrics.jsonl`` (one object per record)."""
+
+    def __init__(self, run_dir: Path):
+        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        self.jsonl = (run_dir / "metrics.jsonl").open("a")
+
+    def log(self, step: int, metrics: dict[str, float], kind: str = "train") -> None:
+        """Write ``metrics`` for ``step``; keys are namespaced ``kind/key`` in TensorBoard."""
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self.writer.add_scalar(f"{kind}/{key}", value, step)
+        self.jsonl.write(json.dumps({"kind": kind, "step": step, **metrics}) + "\n")
+        self.jsonl.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+        self.jsonl.close()
+
+
+class RolloutLog:
+    """Appends one Parquet row per trajectory to ``rollouts.parquet`` (a row group per step)."""
+
+    def __init__(self, path: Path):
+        self.writer = pq.ParquetWriter(str(path), ROLLOUT_SCHEMA)
+
+    def append(self, step: int, groups: list[Group]) -> None:
+        rows: dict[str, list] = {name: [] for name in ROLLOUT_SCHEMA.names}
+        for group in groups:
+            stochastic = group.log_probs[:, group.sde_mask]
+            for i in range(group.rewards.shape[0]):
+                lp = stochastic[i]
+                rows["step"].append(step)
+                rows["group_id"].append(group.task.group_id)
+                rows["prompt_id"].append(group.task.prompt_id)
+                rows["sample"].append(i)
+                rows["policy_version"].append(group.policy_version)
+                rows["worker_id"].append(group.worker_id)
+                rows["seed"].append(group.task.seed)
+                rows["reward"].append(float(group.rewards[i]))
+                rows["dimensions_json"].append(json.dumps({k: v[i] for k, v in group.reward_dimensions.items()}))
+                rows["reward_config_version"].append(group.reward_config_version)
+                rows["log_prob_mean"].append(float(lp.mean()) if lp.numel() else float("nan"))
+                rows["log_prob_min"].append(float(lp.min()) if lp.numel() else float("nan"))
+                rows["log_prob_max"].append(float(lp.max()) if lp.numel() else float("nan"))
+        if rows["step"]:
+            self.writer.write_table(pa.table(rows, schema=ROLLOUT_SCHEMA))
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def reward_stats(groups: list[Group]) -> dict[str, float]:
+    """Mean and std of the scalar reward and of each dimension (over applicable samples)."""
+    rewards = np.concatenate([g.rewards.numpy() for g in groups])
+    stats = {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std())}
+    names = sorted({k for g in groups for k in g.reward_dimensions})
+    for name in names:
+        values = [v for g in groups for v in g.reward_dimensions.get(name, []) if v is not None]
+        if values:
+            stats[f"{name}_mean"] = float(np.mean(values))
+            stats[f"{name}_std"] = float(np.std(values))
+    return stats
+
+
+def save_side_by_side(path: Path, source: np.ndarray, edited: np.ndarray, fps: int) -> None:
+    """Write ``source | edited`` (both ``uint8 (F, H, W, 3)``) as one mp4."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(encode_mp4(np.concatenate([source, edited], axis=2), fps=fps))
+
+
+def plot_rewards(metrics_path: Path, out_path: Path) -> None:
+    """Plot train reward (mean +- std per step) and held-out reward (mean +- SEM) over steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    train = [r for r in records if r["kind"] == "train" and "reward_mean" in r]
+    heldout = [r for r in records if r["kind"] == "heldout"]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        steps = np.array([r["step"] for r in train])
+        mean = np.array([r["reward_mean"] for r in train])
+        std = np.array([r["reward_std"] for r in train])
+        ax.plot(steps, mean, label="train reward (mean over samples)", color="tab:blue")
+        ax.fill_between(steps, mean - std, mean + std, color="tab:blue", alpha=0.15)
+    if heldout:
+        ax.errorbar(
+            [r["step"] for r in heldout], [r["reward_mean"] for r in heldout], yerr=[r["reward_sem"] for r in heldout],
+            label="held-out reward (ODE, mean +- SEM)", color="tab:orange", marker="o", capsize=3,
+        )
+    ax.set_xlabel("policy version (learner step)")
+    ax.set_ylabel("reward (0-10)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out_path)
+    plt.close(fig)

@@ -1,0 +1,115 @@
+"""The rollout worker driven directly (no Ray): a complete scored group against
+the real reward server process, and each way a group can fail."""
+import contextlib
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CORPUS, structured_clip, tiny_policy_config
+
+from editrl.reward_process import RewardServerProcess, free_port
+from policy.policy import adapter_checksum
+from protocol.rollout import Group, GroupFailure, GroupTask
+from protocol.video import encode_mp4
+from rollout_workers.worker import RolloutWorker
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def reward_url(tmp_path_factory):
+    with RewardServerProcess(ROOT / "configs/reward_server.yaml", tmp_path_factory.mktemp("rs") / "server.log", 60) as url:
+        yield url
+
+
+@pytest.fixture
+def clip_path(tmp_path):
+    path = tmp_path / "clip.mp4"
+    path.write_bytes(encode_mp4(structured_clip(9, 48)))
+    return str(path)
+
+
+def _worker(url: str) -> RolloutWorker:
+    worker = RolloutWorker(0, tiny_policy_config(), CORPUS, str(ROOT), url, reward_timeout_s=10, reward_max_attempts=2)
+    state = worker.policy.adapter_state()
+    worker.set_adapter(state, 0, adapter_checksum(state))
+    return worker
+
+
+def _task(path: str, group_id: str = "s1-g0", instruction: str = CORPUS[0]) -> GroupTask:
+    return GroupTask(group_id, "p0", instruction, path, seed=5, group_size=3, eta=0.7)
+
+
+def test_worker_returns_a_complete_scored_group(reward_url, clip_path):
+    worker = _worker(reward_url)
+    [group] = worker.sample([_task(clip_path)])
+    assert isinstance(group, Group)
+    assert group.policy_version == 0 and group.rewards.shape == (3,)
+    assert all(0.0 <= r <= 10.0 for r in group.rewards.tolist())
+    assert set(group.reward_dimensions) >= {"instruction_following", "preservation", "temporal_consistency"}
+    # "make the video brighter" is a checkable edit: every sample has an instruction score
+    assert all(v is not None for v in group.reward_dimensions["instruction_following"])
+    assert group.reward_config_version
+    assert group.latents.shape[:2] == (3, 5) and torch.isfinite(group.log_probs[:, :3]).all()
+    assert {"encode_s", "sample_s", "decode_s", "reward_s"} <= set(group.timings)
+
+
+def test_worker_refuses_to_sample_without_an_adapter(reward_url, clip_path):
+    worker = RolloutWorker(0, tiny_policy_config(), CORPUS, str(ROOT), reward_url)
+    with pytest.raises(RuntimeError, match="no adapter"):
+        worker.sample([_task(clip_path)])
+
+
+def test_undecodable_clip_fails_the_group_naming_the_file(reward_url, tmp_path):
+    bad = tmp_path / "broken.mp4"
+    bad.write_bytes(b"not a video at all")
+    [result] = _worker(reward_url).sample([_task(str(bad))])
+    assert isinstance(result, GroupFailure) and "broken.mp4" in result.reason
+
+
+def test_reward_server_down_fails_the_group_naming_the_url(clip_path):
+    url = f"http://127.0.0.1:{free_port()}"
+    [result] = _worker(url).sample([_task(clip_path)])
+    assert isinstance(result, GroupFailure) and url in result.reason
+
+
+@contextlib.contextmanager
+def nan_reward_server():
+    """An HTTP peer that answers every score request with a NaN reward for the first item."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            results = [
+                {"item_id": item["item_id"], "ok": True, "reward": float("nan") if i == 0 else 5.0, "dimensions": {}}
+                for i, item in enumerate(request["items"])
+            ]
+            body = json.dumps({"request_id": request["request_id"], "reward_config_version": "v", "results": results}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)
+
+
+def test_nan_reward_fails_the_group_naming_the_item(clip_path):
+    with nan_reward_server() as url:
+        [result] = _worker(url).sample([_task(clip_path, group_id="s2-g1")])
+    assert isinstance(result, GroupFailure)
+    assert "s2-g1/0" in result.reason and "1 of 3" in result.reason
