@@ -58,10 +58,16 @@ class MetricsLog:
 
 
 class RolloutLog:
-    """Appends one Parquet row per trajectory to ``rollouts.parquet`` (a row group per step)."""
+    """One Parquet file per step under ``rollouts/`` with a row per trajectory.
 
-    def __init__(self, path: Path):
-        self.writer = pq.ParquetWriter(str(path), ROLLOUT_SCHEMA)
+    Each step's file is complete once written, so a run that stops early keeps
+    every trajectory logged so far; ``pyarrow.parquet.read_table(run_dir / "rollouts")``
+    reads them all as one table.
+    """
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
 
     def append(self, step: int, groups: list[Group]) -> None:
         rows: dict[str, list] = {name: [] for name in ROLLOUT_SCHEMA.names}
@@ -83,10 +89,7 @@ class RolloutLog:
                 rows["log_prob_min"].append(float(lp.min()) if lp.numel() else float("nan"))
                 rows["log_prob_max"].append(float(lp.max()) if lp.numel() else float("nan"))
         if rows["step"]:
-            self.writer.write_table(pa.table(rows, schema=ROLLOUT_SCHEMA))
-
-    def close(self) -> None:
-        self.writer.close()
+            pq.write_table(pa.table(rows, schema=ROLLOUT_SCHEMA), self.directory / f"step_{step:06d}.parquet")
 
 
 def reward_stats(groups: list[Group]) -> dict[str, float]:

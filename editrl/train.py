@@ -79,8 +79,7 @@ def train(config: TrainConfig, run_dir: Path) -> dict:
 
         metrics_log = MetricsLog(run_dir)
         stack.callback(metrics_log.close)
-        rollout_log = RolloutLog(run_dir / "rollouts.parquet")
-        stack.callback(rollout_log.close)
+        rollout_log = RolloutLog(run_dir / "rollouts")
 
         initial = evaluate(config, workers, heldout_set, step=0, run_dir=run_dir, label="initial")
         metrics_log.log(0, initial["metrics"], kind="heldout")

@@ -48,7 +48,7 @@ def test_two_training_steps_through_ray_and_the_reward_server(tmp_path):
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
 
     # every trajectory is in the rollout log, tagged with the policy version it was sampled with
-    rollouts = pq.read_table(run_dir / "rollouts.parquet").to_pylist()
+    rollouts = pq.read_table(run_dir / "rollouts").to_pylist()
     assert len(rollouts) == 8
     assert sorted({(r["step"], r["policy_version"]) for r in rollouts}) == [(1, 0), (2, 1)]
 
