@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from learner.advantages import group_advantages
 from learner.config import LearnerConfig
 from learner.loss import clipped_ratio_loss, grpo_guard_log_ratio
+from policy.lora_export import export_diffusers_lora
 from policy.policy import EditPolicy
 from policy.samplers import wan_noise_range
 from policy.sampling import policy_steps
@@ -220,13 +221,16 @@ class Learner:
 
     def save_adapter(self, directory: str | Path) -> Path:
         """Write the LoRA adapter in peft format (``adapter_model.safetensors`` and
-        ``adapter_config.json``) and return the directory."""
+        ``adapter_config.json``) and in the diffusers format that a Wan pipeline's
+        ``load_lora_weights`` reads (``pytorch_lora_weights.safetensors``, see
+        :func:`policy.lora_export.export_diffusers_lora`); return the directory."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = self.policy.adapter_state()
         save_file(state, str(directory / "adapter_model.safetensors"), metadata={"format": "pt", "policy_version": str(self.policy_version)})
         peft_config = self.policy.transformer.peft_config["default"]
         peft_config.save_pretrained(str(directory))
+        export_diffusers_lora(self.policy, directory)
         (directory / "editrl_adapter.json").write_text(json.dumps({"policy_version": self.policy_version}))
         return directory
 
