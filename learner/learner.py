@@ -173,14 +173,16 @@ class Learner:
         """The policy's steps at ``chunk`` (with grad) and, when the KL term is on,
         the reference policy's means there (adapter disabled, no grad)."""
         pc = self.policy.config
+        device = self.policy.device
         g = group.latents.shape[0]
-        cond = [t.expand(g, *t.shape[1:]) for t in (group.source_latents, group.text_embeds, group.null_embeds)]
+        cond = [t.to(device).expand(g, *t.shape[1:]) for t in (group.source_latents, group.text_embeds, group.null_embeds)]
         sigmas = group.sigmas.tolist()
         args = (
-            [group.latents[:, t] for t in chunk], [(sigmas[t], sigmas[t + 1]) for t in chunk], *cond, pc.eta, pc.guidance_scale,
+            [group.latents[:, t].to(device) for t in chunk], [(sigmas[t], sigmas[t + 1]) for t in chunk], *cond,
+            pc.eta, pc.guidance_scale,
         )
         kwargs = dict(
-            x_nexts=[group.latents[:, t + 1] for t in chunk], sampler=pc.sampler,
+            x_nexts=[group.latents[:, t + 1].to(device) for t in chunk], sampler=pc.sampler,
             noise_range=wan_noise_range(sigmas) if pc.sampler == "flow_sde_wan" else None,
         )
         outs = policy_steps(self.policy, *args, **kwargs)
@@ -198,12 +200,13 @@ class Learner:
         cfg = self.config
         if out.log_prob is None:
             raise ValueError(f"step {t} of group {group.task.group_id} is deterministic and cannot be trained")
-        old_log_prob = group.log_probs[:, t]
+        device = out.log_prob.device
+        old_log_prob = group.log_probs[:, t].to(device)
         log_ratio = out.log_prob - old_log_prob
         used = log_ratio
         if cfg.ratio_norm == "grpo_guard":
-            used = grpo_guard_log_ratio(out.log_prob, old_log_prob, out.mean, group.means[:, t], out.std)
-        pg_loss, clip_stats = clipped_ratio_loss(used, advantages, cfg.clip_range)
+            used = grpo_guard_log_ratio(out.log_prob, old_log_prob, out.mean, group.means[:, t].to(device), out.std)
+        pg_loss, clip_stats = clipped_ratio_loss(used, advantages.to(device), cfg.clip_range)
         if cfg.ratio_norm == "grpo_guard" and cfg.grpo_guard_reweight:
             pg_loss = pg_loss / float(group.sigmas[t] - group.sigmas[t + 1])
         loss = pg_loss
@@ -211,7 +214,7 @@ class Learner:
             kl = gaussian_kl_same_std(out.mean, ref_mean, out.std).mean()
             loss = loss + cfg.kl_coef * kl
             stats.sums["kl"] += kl.item()
-        raw = log_ratio.detach()
+        raw = log_ratio.detach().cpu()
         stats.sums["pg_loss"] += pg_loss.item()
         stats.sums["clip_frac"] += clip_stats["clip_frac"].item()
         stats.sums["ratio_mean"] += raw.exp().mean().item()

@@ -13,16 +13,17 @@ from protocol.rollout import Group, GroupTask
 
 
 def _group(policy: EditPolicy, seed: int, rewards: torch.Tensor, record_means: bool = False) -> Group:
+    """A group as a worker returns it: CPU tensors, whatever the policy's device."""
     c = policy.config
-    source = policy.encode_video(structured_clip(c.num_frames, c.height)[None]).to(policy.device)
+    source = policy.encode_video(structured_clip(c.num_frames, c.height)[None])
     text, null = policy.encode_text([CORPUS[seed % 4]]), policy.encode_text([""])
     traj = sample_trajectories(
         policy, source, text, null, rewards.numel(), policy.sigmas(), policy.sde_steps(), c.eta, c.guidance_scale,
         torch.Generator().manual_seed(seed), sampler=c.sampler, record_means=record_means,
     )
     task = GroupTask(f"g{seed}", "p0", CORPUS[0], "unused.mp4", seed, rewards.numel(), c.eta, record_means=record_means)
-    return Group(task, 0, 0, traj.latents.to(policy.device), traj.log_probs.to(policy.device), traj.sigmas, traj.sde_mask,
-                 source, text, null, rewards, {}, "test", means=None if traj.means is None else traj.means.to(policy.device))
+    return Group(task, 0, 0, traj.latents, traj.log_probs, traj.sigmas, traj.sde_mask,
+                 source.cpu(), text.cpu(), null.cpu(), rewards, {}, "test", means=traj.means)
 
 
 def _groups(policy: EditPolicy, record_means: bool = False) -> list[Group]:
