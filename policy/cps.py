@@ -3,8 +3,10 @@ matching whose noise coefficient stays exactly on the schedule; pure functions
 on fp32 tensors.
 
 Source: Wang & Yu 2025, "Coefficients-Preserving Sampling for Reinforcement
-Learning with Flow Matching" (arXiv 2509.05952), section 4, and the ``cps``
-option of the Flow-GRPO reference code. Time convention as in
+Learning with Flow Matching" (arXiv 2509.05952), its CPS update
+``x_next = (1 - sigma_next) x0_hat + sqrt(sigma_next^2 - s^2) x1_hat + s eps``
+with ``s = sigma_next sin(eta pi / 2)``, as the ``sde_type="cps"`` option of the
+Flow-GRPO reference code implements it. Time convention as in
 :mod:`policy.sde`: sigma = 1 is noise, sigma = 0 is data.
 """
 from __future__ import annotations
