@@ -129,9 +129,17 @@ class PolicyConfig(BaseModel):
     """The trained adapter."""
 
     @model_validator(mode="after")
-    def _resolve_eta(self) -> "PolicyConfig":
+    def _resolve_and_check(self) -> "PolicyConfig":
         if self.eta is None:
             self.eta = DEFAULT_ETA[self.sampler]
         if self.sampler == "cps" and self.eta > 1.0:
             raise ValueError(f"cps needs eta <= 1, got {self.eta}")
+        window = self.sde_window
+        if window is not None:
+            eligible = max(1, int(self.sde_fraction * self.num_steps))
+            if window.size > eligible or window.start > eligible - window.size:
+                raise ValueError(
+                    f"sde_window (size {window.size}, start {window.start}) does not fit the {eligible} steps "
+                    f"that sde_fraction={self.sde_fraction} leaves of num_steps={self.num_steps}"
+                )
         return self

@@ -62,6 +62,15 @@ def test_policy_steps_follow_the_config():
     assert ode.config.eta == 0.0 and ode.sde_steps() == [False] * 4
 
 
+def test_a_window_that_does_not_fit_the_fraction_is_refused_by_the_config():
+    # 4 steps, fraction 0.75 -> 3 eligible steps: size 3 fits at start 0, not at start 1; size 4 never
+    tiny_policy_config(sde_window=SdeWindowSettings(size=3, start=0))
+    with pytest.raises(ValueError, match="does not fit"):
+        tiny_policy_config(sde_window=SdeWindowSettings(size=3, start=1, position="fixed"))
+    with pytest.raises(ValueError, match="does not fit"):
+        tiny_policy_config(sde_window=SdeWindowSettings(size=4))
+
+
 def _inputs(policy: EditPolicy):
     source = policy.encode_video(structured_clip(5, 32)[None])
     return source, policy.encode_text([CORPUS[1]]), policy.encode_text([""])
