@@ -197,6 +197,7 @@ def make_train_tasks(config: TrainConfig, dataset: PromptDataset, indices: list[
                 prompt_id=row.prompt_id, instruction=row.instruction, video_path=row.video_path,
                 seed=(config.seed * 1_000_003 + step * 1009 + slot) % 2**62,
                 group_size=config.group_size, eta=config.policy.eta,
+                record_means=config.learner.ratio_norm == "grpo_guard",
             )
         )
     return tasks

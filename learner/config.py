@@ -22,14 +22,26 @@ class LearnerConfig(BaseModel):
     clip_range: float = Field(1e-3, gt=0)
     """Ratio clip range eps (Flow-GRPO Wan: 1e-3), for log-probs averaged over elements."""
     kl_coef: float = Field(0.004, ge=0)
-    """KL coefficient beta on the KL to the reference policy (Flow-GRPO: 0.004); 0 skips
-    the reference forward."""
+    """KL coefficient beta on the exact per-step Gaussian KL to the reference policy
+    (averaged over latent elements, like the log-prob; Flow-GRPO: 0.004); 0 skips the
+    reference forward."""
     adv_eps: float = Field(1e-4, gt=0)
     """Added to the reward std in the advantage denominator."""
     adv_std_scope: Literal["group", "global"] = "group"
     """Normalise advantages by each group's std or by the batch's."""
     adv_clip: float | None = 5.0
     """Bound on |advantage| (Flow-GRPO: 5); None disables."""
+    ratio_norm: Literal["none", "grpo_guard"] = "none"
+    """Normalise each step's log-ratio before clipping: ``grpo_guard`` is GRPO-Guard's
+    RatioNorm ``(log r + b) * std`` (workers then also record the transition means);
+    the clip range must be retuned for its scale."""
+    grpo_guard_reweight: bool = True
+    """With ``ratio_norm = grpo_guard``: divide each step's policy loss by ``-dt`` so
+    gradients have one scale across steps (GRPO-Guard's gradient reweighting)."""
+    timesteps_per_forward: int = Field(1, ge=1)
+    """Trained timesteps of a trajectory stacked into one batched forward (and one
+    backward); same loss and gradients as 1 up to float rounding, more memory. 1 keeps
+    the sampling batch, so on-policy ratios are exactly 1."""
     updates_per_step: int = Field(1, ge=1)
     """Optimizer steps per batch of groups: the groups are split into this many
     minibatches; after the first, ratios move off 1 and clipping acts."""

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -11,13 +13,34 @@ from safetensors.torch import save_file
 
 from learner.advantages import group_advantages
 from learner.config import LearnerConfig
-from learner.loss import clipped_policy_loss
+from learner.loss import clipped_ratio_loss, grpo_guard_log_ratio
+from policy.lora_export import export_diffusers_lora
 from policy.policy import EditPolicy
-from policy.sampling import policy_step
-from policy.sde import gaussian_kl_same_std
+from policy.samplers import wan_noise_range
+from policy.sampling import policy_steps
+from policy.sde import StepOutput, gaussian_kl_same_std
 from protocol.rollout import Group
 
 logger = logging.getLogger(__name__)
+
+ONPOLICY_RATIO_TOLERANCE = {"float32": 1e-4, "bfloat16": 1e-2}
+"""Largest |ratio - 1| accepted on on-policy data (the first minibatch of groups
+sampled with the current policy version), per weight dtype. Sampling and
+recomputation share one code path, so with ``timesteps_per_forward = 1`` the
+ratio is exactly 1 on CPU; the bounds leave room for batched timesteps and
+non-deterministic GPU kernels. A larger error is logged as a warning."""
+
+
+@dataclass
+class GradientStats:
+    """What :meth:`Learner.accumulate_gradients` measured (sums over (group, step) terms)."""
+
+    sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("pg_loss", "kl", "ratio_mean", "clip_frac", "approx_kl"), 0.0))
+    terms: int = 0
+    log_ratios: list[torch.Tensor] = field(default_factory=list)
+    """Raw ``logp_theta - logp_old`` of every trained (sample, step), detached."""
+    ratio_error_per_group: list[float] = field(default_factory=list)
+    """max |ratio - 1| over each group's samples and steps (NaN for an untrained group)."""
 
 
 class Learner:
@@ -43,11 +66,13 @@ class Learner:
         (group, step) terms of a minibatch before each optimizer step.
 
         Returns:
-            Metrics: losses, ratio statistics, advantage statistics, grad norm,
-            timings (seconds) and the new ``policy_version``.
+            Metrics: losses, ratio and log-ratio statistics, the on-policy ratio
+            error, advantage statistics, grad norm, timings (seconds) and the new
+            ``policy_version``.
 
         Raises:
-            ValueError: no groups, or a group sampled with a different schedule.
+            ValueError: no groups, no stochastic step in a minibatch, or GRPO-Guard
+                without recorded means.
         """
         if not groups:
             raise ValueError("train_step needs at least one group")
@@ -55,75 +80,160 @@ class Learner:
         start = time.perf_counter()
         rewards = torch.stack([g.rewards for g in groups])
         advantages = group_advantages(rewards, eps=cfg.adv_eps, std_scope=cfg.adv_std_scope, clip=cfg.adv_clip)
-        eta = self.policy.config.eta
-        guidance = self.policy.config.guidance_scale
         order = torch.randperm(len(groups), generator=self.generator).tolist()
-        minibatches = [order[i :: cfg.updates_per_step] for i in range(cfg.updates_per_step)]
-        sums: dict[str, float] = {"pg_loss": 0.0, "kl": 0.0, "ratio_mean": 0.0, "clip_frac": 0.0, "approx_kl": 0.0}
-        ratio_min, ratio_max, terms, grad_norms = float("inf"), float("-inf"), 0, []
-        for minibatch in (mb for mb in minibatches if mb):
+        minibatches = [mb for mb in (order[i :: cfg.updates_per_step] for i in range(cfg.updates_per_step)) if mb]
+        total = GradientStats()
+        onpolicy_errors: list[float] = []
+        grad_norms = []
+        for index, minibatch in enumerate(minibatches):
             self.optimizer.zero_grad(set_to_none=True)
-            steps_per_group = [torch.nonzero(groups[i].sde_mask).flatten().tolist() for i in minibatch]
-            num_terms = sum(len(s) for s in steps_per_group)
-            for i, steps in zip(minibatch, steps_per_group):
-                group = groups[i]
-                g = group.latents.shape[0]
-                source = group.source_latents.expand(g, *group.source_latents.shape[1:])
-                text = group.text_embeds.expand(g, *group.text_embeds.shape[1:])
-                null = group.null_embeds.expand(g, *group.null_embeds.shape[1:])
-                sigmas = group.sigmas.tolist()
-                for t in steps:
-                    out = policy_step(
-                        self.policy, group.latents[:, t], sigmas[t], sigmas[t + 1], source, text, null,
-                        eta, guidance, x_next=group.latents[:, t + 1],
-                    )
-                    pg_loss, stats = clipped_policy_loss(out.log_prob, group.log_probs[:, t], advantages[i], cfg.clip_range)
-                    loss = pg_loss
-                    if cfg.kl_coef > 0:
-                        with torch.no_grad(), self.policy.adapter_disabled():
-                            ref_mean = policy_step(
-                                self.policy, group.latents[:, t], sigmas[t], sigmas[t + 1], source, text, null,
-                                eta, guidance, x_next=group.latents[:, t + 1],
-                            ).mean
-                        kl = gaussian_kl_same_std(out.mean, ref_mean, out.std).mean()
-                        loss = loss + cfg.kl_coef * kl
-                        sums["kl"] += kl.item()
-                    (loss / num_terms).backward()
-                    sums["pg_loss"] += pg_loss.item()
-                    for key in ("ratio_mean", "clip_frac", "approx_kl"):
-                        sums[key] += stats[key].item()
-                    ratio = torch.exp(out.log_prob.detach() - group.log_probs[:, t])
-                    ratio_min, ratio_max = min(ratio_min, ratio.min().item()), max(ratio_max, ratio.max().item())
-                    terms += 1
+            stats = self.accumulate_gradients([groups[i] for i in minibatch], advantages[minibatch])
+            if index == 0:
+                onpolicy_errors = [
+                    e for i, e in zip(minibatch, stats.ratio_error_per_group)
+                    if groups[i].policy_version == self.policy_version and not math.isnan(e)
+                ]
+            for key, value in stats.sums.items():
+                total.sums[key] += value
+            total.terms += stats.terms
+            total.log_ratios += stats.log_ratios
             grad_norms.append(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm).item())
             self.optimizer.step()
         self.policy_version += 1
         zero_spread = int((rewards.std(dim=1) == 0).sum())
-        metrics = {key: value / max(terms, 1) for key, value in sums.items()}
+        log_ratios = torch.cat(total.log_ratios)
+        metrics = {key: value / max(total.terms, 1) for key, value in total.sums.items()}
         metrics.update(
-            ratio_min=ratio_min,
-            ratio_max=ratio_max,
+            ratio_min=log_ratios.exp().min().item(),
+            ratio_max=log_ratios.exp().max().item(),
+            log_ratio_mean=log_ratios.mean().item(),
+            log_ratio_std=log_ratios.std(unbiased=False).item(),
+            onpolicy_ratio_error=max(onpolicy_errors) if onpolicy_errors else float("nan"),
             grad_norm=max(grad_norms),
             adv_mean=advantages.mean().item(),
             adv_std=advantages.std(unbiased=False).item(),
             adv_abs_max=advantages.abs().max().item(),
             groups_zero_spread=float(zero_spread),
-            train_terms=float(terms),
+            train_terms=float(total.terms),
             time_train_s=time.perf_counter() - start,
             policy_version=float(self.policy_version),
         )
+        tolerance = ONPOLICY_RATIO_TOLERANCE[self.policy.config.dtype]
+        if onpolicy_errors and metrics["onpolicy_ratio_error"] > tolerance:
+            logger.warning("on-policy ratio off 1 by %.2e (tolerance %.0e for %s weights)",
+                           metrics["onpolicy_ratio_error"], tolerance, self.policy.config.dtype)
         if zero_spread:
             logger.info("%d of %d groups have equal rewards and carry no policy-gradient signal", zero_spread, len(groups))
         return metrics
 
+    def accumulate_gradients(self, groups: list[Group], advantages: torch.Tensor) -> GradientStats:
+        """Add the gradient of one minibatch's loss to the LoRA parameters' ``.grad``.
+
+        The loss is the mean over the minibatch's (group, stochastic step) terms of
+        ``pg_loss + kl_coef * KL``. ``timesteps_per_forward`` steps of a trajectory
+        share one batched forward and backward; the loss and gradients equal the
+        per-step loop's up to float rounding.
+
+        Args:
+            groups: the minibatch's groups.
+            advantages: ``(len(groups), G)`` fp32.
+
+        Raises:
+            ValueError: no stochastic step in any group, or ``ratio_norm =
+                grpo_guard`` with a group that has no recorded means.
+        """
+        cfg = self.config
+        stats = GradientStats()
+        num_terms = sum(int(g.sde_mask.sum()) for g in groups)
+        if num_terms == 0:
+            raise ValueError("no stochastic (trained) step in these groups")
+        for group, group_advantages_ in zip(groups, advantages):
+            if cfg.ratio_norm == "grpo_guard" and group.means is None:
+                raise ValueError(f"ratio_norm=grpo_guard needs the transition means of group {group.task.group_id}")
+            steps = torch.nonzero(group.sde_mask).flatten().tolist()
+            if not steps:
+                logger.warning("group %s has no stochastic step; it is not trained", group.task.group_id)
+                stats.ratio_error_per_group.append(float("nan"))
+                continue
+            group_error = 0.0
+            for first in range(0, len(steps), cfg.timesteps_per_forward):
+                chunk = steps[first : first + cfg.timesteps_per_forward]
+                outs, ref_means = self._forward(group, chunk)
+                chunk_loss = None
+                for j, (t, out) in enumerate(zip(chunk, outs)):
+                    loss, log_ratio = self._step_loss(group, t, out, group_advantages_, None if ref_means is None else ref_means[j], stats)
+                    chunk_loss = loss if chunk_loss is None else chunk_loss + loss
+                    stats.log_ratios.append(log_ratio)
+                    group_error = max(group_error, (log_ratio.exp() - 1.0).abs().max().item())
+                (chunk_loss / num_terms).backward()
+            stats.ratio_error_per_group.append(group_error)
+        return stats
+
+    def _forward(self, group: Group, chunk: list[int]) -> tuple[list[StepOutput], list[torch.Tensor] | None]:
+        """The policy's steps at ``chunk`` (with grad) and, when the KL term is on,
+        the reference policy's means there (adapter disabled, no grad)."""
+        pc = self.policy.config
+        device = self.policy.device
+        g = group.latents.shape[0]
+        cond = [t.to(device).expand(g, *t.shape[1:]) for t in (group.source_latents, group.text_embeds, group.null_embeds)]
+        sigmas = group.sigmas.tolist()
+        args = (
+            [group.latents[:, t].to(device) for t in chunk], [(sigmas[t], sigmas[t + 1]) for t in chunk], *cond,
+            pc.eta, pc.guidance_scale,
+        )
+        kwargs = dict(
+            x_nexts=[group.latents[:, t + 1].to(device) for t in chunk], sampler=pc.sampler,
+            noise_range=wan_noise_range(sigmas) if pc.sampler == "flow_sde_wan" else None,
+        )
+        outs = policy_steps(self.policy, *args, **kwargs)
+        if self.config.kl_coef <= 0:
+            return outs, None
+        with torch.no_grad(), self.policy.adapter_disabled():
+            ref_means = [out.mean for out in policy_steps(self.policy, *args, **kwargs)]
+        return outs, ref_means
+
+    def _step_loss(
+        self, group: Group, t: int, out: StepOutput, advantages: torch.Tensor, ref_mean: torch.Tensor | None, stats: GradientStats
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss of one (group, step) term; adds its statistics to ``stats``; returns
+        the loss and the raw log-ratio (detached)."""
+        cfg = self.config
+        if out.log_prob is None:
+            raise ValueError(f"step {t} of group {group.task.group_id} is deterministic and cannot be trained")
+        device = out.log_prob.device
+        old_log_prob = group.log_probs[:, t].to(device)
+        log_ratio = out.log_prob - old_log_prob
+        used = log_ratio
+        if cfg.ratio_norm == "grpo_guard":
+            used = grpo_guard_log_ratio(out.log_prob, old_log_prob, out.mean, group.means[:, t].to(device), out.std)
+        pg_loss, clip_stats = clipped_ratio_loss(used, advantages.to(device), cfg.clip_range)
+        if cfg.ratio_norm == "grpo_guard" and cfg.grpo_guard_reweight:
+            pg_loss = pg_loss / float(group.sigmas[t] - group.sigmas[t + 1])
+        loss = pg_loss
+        if ref_mean is not None:
+            kl = gaussian_kl_same_std(out.mean, ref_mean, out.std).mean()
+            loss = loss + cfg.kl_coef * kl
+            stats.sums["kl"] += kl.item()
+        raw = log_ratio.detach().cpu()
+        stats.sums["pg_loss"] += pg_loss.item()
+        stats.sums["clip_frac"] += clip_stats["clip_frac"].item()
+        stats.sums["ratio_mean"] += raw.exp().mean().item()
+        stats.sums["approx_kl"] += (0.5 * raw**2).mean().item()
+        stats.terms += 1
+        return loss, raw
+
     def save_adapter(self, directory: str | Path) -> Path:
         """Write the LoRA adapter in peft format (``adapter_model.safetensors`` and
-        ``adapter_config.json``) and return the directory."""
+        ``adapter_config.json``) and in the diffusers format that a Wan pipeline's
+        ``load_lora_weights`` reads (``pytorch_lora_weights.safetensors``, see
+        :func:`policy.lora_export.export_diffusers_lora`); return the directory."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = self.policy.adapter_state()
         save_file(state, str(directory / "adapter_model.safetensors"), metadata={"format": "pt", "policy_version": str(self.policy_version)})
         peft_config = self.policy.transformer.peft_config["default"]
         peft_config.save_pretrained(str(directory))
+        export_diffusers_lora(self.policy, directory)
         (directory / "editrl_adapter.json").write_text(json.dumps({"policy_version": self.policy_version}))
         return directory
+

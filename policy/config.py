@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from policy.samplers import DEFAULT_ETA, SamplerName
 
 
 class TinyModelConfig(BaseModel):
@@ -49,11 +51,44 @@ class LoraSettings(BaseModel):
     """Projection names adapted inside every attn1 (self) and attn2 (cross) block."""
 
 
+class SdeWindowSettings(BaseModel):
+    """Only ``size`` consecutive steps are stochastic and trained, the rest are ODE
+    steps (the fast variants of Flow-GRPO, MixGRPO's sliding window)."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    size: int = Field(2, ge=1)
+    """k, the number of consecutive stochastic steps (within the ``sde_fraction`` steps)."""
+    position: Literal["fixed", "random", "scheduled"] = "random"
+    """Where the window sits: at ``start`` (fixed); uniformly at random per group,
+    drawn from the group's seed (random, Flow-GRPO-Fast); or sliding ``stride`` steps
+    later every ``every`` policy versions from ``start`` until the last admissible
+    position (scheduled, MixGRPO)."""
+    start: int = Field(0, ge=0)
+    """First step of a fixed window, or of a scheduled one at policy version 0."""
+    stride: int = Field(1, ge=0)
+    """Steps a scheduled window moves each time it moves."""
+    every: int = Field(1, ge=1)
+    """Policy versions between two moves of a scheduled window."""
+    shared_initial_noise: bool = True
+    """All G samples of a group start from the same initial noise and share the ODE
+    steps before the window (computed once); they branch inside the window."""
+
+
 class PolicyConfig(BaseModel):
     """Everything that defines the policy and how it samples."""
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
+    kind: Literal["concat", "vace", "t2v"] = "concat"
+    """How the source video conditions the DiT: ``concat`` concatenates its latent with
+    the noisy latent on the channel axis (a text-to-video checkpoint is widened with
+    zero-initialised input channels); ``vace`` feeds it to a ``WanVACETransformer3DModel``
+    as the VACE context (mask all ones); ``t2v`` ignores it (plain text-to-video GRPO,
+    the instruction is the prompt)."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Weights of the DiT and the text encoder (bf16 is meant for GPUs); the VAE, the
+    LoRA parameters, latents and all step math stay fp32."""
     checkpoint: str | None = None
     """Diffusers-format model directory (transformer/, vae/, text_encoder/, tokenizer/,
     scheduler/); relative paths resolve against the project root. None builds the tiny
@@ -73,13 +108,38 @@ class PolicyConfig(BaseModel):
     checkpoint's own scheduler config decides for a loaded model."""
     guidance_scale: float = Field(2.0, ge=1.0)
     """Classifier-free guidance on the instruction only (VIVA: 2.0); 1.0 disables CFG."""
-    eta: float = Field(0.7, ge=0.0)
-    """Flow-SDE noise scale (Flow-GRPO: 0.7)."""
+    sampler: SamplerName = "flow_sde"
+    """Rule of the stochastic steps: ``flow_sde`` (Flow-GRPO, ``s = eta sqrt(sigma / (1 - sigma))``),
+    ``flow_sde_wan`` (the Wan linear level ``s = eta (sigma_T + (sigma_1 - sigma_T) sigma)``),
+    ``cps`` (coefficients-preserving sampling) or ``ode`` (no stochastic step: sampling
+    only, nothing to train). Non-stochastic steps are always Euler steps."""
+    eta: float | None = Field(None, ge=0.0)
+    """Noise scale of the sampler; None takes the sampler's default (flow_sde 0.7,
+    flow_sde_wan 1.0, cps 0.7); 0 makes sampling deterministic. CPS needs eta <= 1."""
     sde_fraction: float = Field(0.9, gt=0.0, le=1.0)
     """Fraction of the T steps, from the first, that are stochastic and trained; the rest
     are deterministic Euler steps. 0.9 with T = 10 skips the last step, whose tiny std
     makes log-probs explode (Flow-GRPO timestep_fraction 0.99)."""
+    sde_window: SdeWindowSettings | None = None
+    """Only a window of consecutive steps (inside the ``sde_fraction`` steps) is
+    stochastic and trained; None: all ``sde_fraction`` steps are."""
     max_text_tokens: int = Field(32, ge=4)
     """Instruction tokens kept (padded/truncated) for the text encoder."""
     lora: LoraSettings = LoraSettings()
     """The trained adapter."""
+
+    @model_validator(mode="after")
+    def _resolve_and_check(self) -> "PolicyConfig":
+        if self.eta is None:
+            self.eta = DEFAULT_ETA[self.sampler]
+        if self.sampler == "cps" and self.eta > 1.0:
+            raise ValueError(f"cps needs eta <= 1, got {self.eta}")
+        window = self.sde_window
+        if window is not None:
+            eligible = max(1, int(self.sde_fraction * self.num_steps))
+            if window.size > eligible or window.start > eligible - window.size:
+                raise ValueError(
+                    f"sde_window (size {window.size}, start {window.start}) does not fit the {eligible} steps "
+                    f"that sde_fraction={self.sde_fraction} leaves of num_steps={self.num_steps}"
+                )
+        return self

@@ -2,11 +2,12 @@
 
 The layout on disk is the diffusers one used by Wan2.1 checkpoints::
 
-    <dir>/transformer/   WanTransformer3DModel
+    <dir>/transformer/   WanTransformer3DModel (or WanVACETransformer3DModel)
     <dir>/vae/           AutoencoderKLWan
     <dir>/text_encoder/  UMT5EncoderModel
-    <dir>/tokenizer/     any tokenizer AutoTokenizer reads
-    <dir>/scheduler/     FlowMatchEulerDiscreteScheduler
+    <dir>/tokenizer/     any tokenizer AutoTokenizer reads (Wan: T5TokenizerFast)
+    <dir>/scheduler/     FlowMatchEulerDiscreteScheduler, or the UniPCMultistepScheduler
+                         with flow sigmas that Wan2.1 ships (only its flow shift is used)
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel, WanVACETransformer3DModel
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
@@ -31,7 +32,7 @@ PAD, UNK = "<pad>", "<unk>"
 class PolicyComponents:
     """The networks of a video-editing policy."""
 
-    transformer: WanTransformer3DModel
+    transformer: WanTransformer3DModel | WanVACETransformer3DModel
     vae: AutoencoderKLWan
     text_encoder: UMT5EncoderModel
     tokenizer: PreTrainedTokenizerFast
@@ -52,7 +53,9 @@ def build_word_tokenizer(corpus: list[str]) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token=PAD, unk_token=UNK)
 
 
-def build_tiny_components(config: TinyModelConfig, corpus: list[str], shift: float = 3.0, seed: int = 0) -> PolicyComponents:
+def build_tiny_components(
+    config: TinyModelConfig, corpus: list[str], shift: float = 3.0, seed: int = 0, kind: str = "concat"
+) -> PolicyComponents:
     """Build a small Wan-architecture policy with random weights, for CPU runs and tests.
 
     Args:
@@ -60,6 +63,11 @@ def build_tiny_components(config: TinyModelConfig, corpus: list[str], shift: flo
         corpus: texts the word tokenizer is trained on (the instructions).
         shift: flow shift of the scheduler's sigma schedule.
         seed: torch seed for the random initialisation.
+        kind: ``concat`` (DiT input 2C channels), ``t2v`` (C channels) or ``vace``
+            (a ``WanVACETransformer3DModel`` with one VACE block at layer 0).
+
+    Raises:
+        ValueError: inconsistent VAE sizes or an unknown kind.
     """
     torch.manual_seed(seed)
     c = config.latent_channels
@@ -77,11 +85,10 @@ def build_tiny_components(config: TinyModelConfig, corpus: list[str], shift: flo
         scale_factor_temporal=2 ** sum(config.vae_temporal_downsample),
         scale_factor_spatial=2**num_down,
     )
-    transformer = WanTransformer3DModel(
+    dit = dict(
         patch_size=(1, 2, 2),
         num_attention_heads=config.dit_heads,
         attention_head_dim=config.dit_head_dim,
-        in_channels=2 * c,
         out_channels=c,
         text_dim=config.text_dim,
         freq_dim=64,
@@ -89,6 +96,15 @@ def build_tiny_components(config: TinyModelConfig, corpus: list[str], shift: flo
         num_layers=config.dit_layers,
         rope_max_seq_len=64,
     )
+    if kind == "concat":
+        transformer = WanTransformer3DModel(in_channels=2 * c, **dit)
+    elif kind == "t2v":
+        transformer = WanTransformer3DModel(in_channels=c, **dit)
+    elif kind == "vace":
+        spatial = 2**num_down
+        transformer = WanVACETransformer3DModel(in_channels=c, vace_layers=[0], vace_in_channels=2 * c + spatial * spatial, **dit)
+    else:
+        raise ValueError(f"unknown policy kind {kind!r}")
     tokenizer = build_word_tokenizer(corpus)
     text_encoder = UMT5EncoderModel(
         UMT5Config(
@@ -132,23 +148,103 @@ def widen_for_source_conditioning(transformer: WanTransformer3DModel, latent_cha
     return transformer
 
 
-def load_components(path: str | Path) -> PolicyComponents:
+def cast_weights(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Cast a model's floating-point weights to ``dtype`` in place, keeping the
+    modules the model class lists in ``_keep_in_fp32_modules`` (norms, time
+    embedding, ... of Wan's DiT) in fp32, as ``from_pretrained(torch_dtype=...)`` does."""
+    if dtype == torch.float32:
+        return module
+    keep = set(getattr(module, "_keep_in_fp32_modules", None) or [])
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        if tensor.is_floating_point():
+            tensor.data = tensor.data.to(torch.float32 if keep & set(name.split(".")) else dtype)
+    return module
+
+
+def vae_spatial_factor(vae: AutoencoderKLWan) -> int:
+    """Pixels per latent cell along height and width (8 for Wan2.1's VAE), computed as
+    diffusers' Wan pipelines do."""
+    return 2 ** len(vae.config.temperal_downsample)
+
+
+def check_kind(transformer: torch.nn.Module, vae: AutoencoderKLWan, kind: str) -> None:
+    """Check that a transformer fits a policy kind and the VAE's latent channels C.
+
+    ``concat`` needs a ``WanTransformer3DModel`` with 2C input channels, ``t2v`` one
+    with C, ``vace`` a ``WanVACETransformer3DModel`` with C input channels and
+    ``2 C + s^2`` VACE channels (s the VAE's spatial factor).
+
+    Raises:
+        ValueError: the transformer does not fit.
+    """
+    c = vae.config.z_dim
+    in_channels = transformer.config.in_channels
+    is_vace = isinstance(transformer, WanVACETransformer3DModel)
+    if kind == "vace":
+        expected = 2 * c + vae_spatial_factor(vae) ** 2
+        if not is_vace or in_channels != c or transformer.config.vace_in_channels != expected:
+            raise ValueError(f"kind 'vace' needs a WanVACETransformer3DModel with in_channels={c} and vace_in_channels={expected}")
+        return
+    wanted = {"concat": 2 * c, "t2v": c}.get(kind)
+    if wanted is None:
+        raise ValueError(f"unknown policy kind {kind!r}")
+    if is_vace or in_channels != wanted:
+        raise ValueError(f"kind {kind!r} needs a WanTransformer3DModel with in_channels={wanted}, got "
+                         f"{type(transformer).__name__} with in_channels={in_channels}")
+
+
+def load_flow_scheduler(path: Path) -> FlowMatchEulerDiscreteScheduler:
+    """The flow-matching sigma schedule of a checkpoint's ``scheduler/`` folder.
+
+    A ``FlowMatchEulerDiscreteScheduler`` config loads as is. Wan2.1's diffusers
+    checkpoints ship a ``UniPCMultistepScheduler`` with ``use_flow_sigmas``; the
+    policy's samplers are its own, so only its ``flow_shift`` and
+    ``num_train_timesteps`` are taken, into a FlowMatchEuler schedule with that shift.
+
+    Raises:
+        ValueError: any other scheduler class (its sigmas would be silently wrong).
+    """
+    config = json.loads((path / "scheduler_config.json").read_text())
+    name = config.get("_class_name")
+    if name == "FlowMatchEulerDiscreteScheduler":
+        return FlowMatchEulerDiscreteScheduler.from_pretrained(path, local_files_only=True)
+    if name == "UniPCMultistepScheduler" and config.get("use_flow_sigmas"):
+        shift = float(config.get("flow_shift", 1.0))
+        logger.info("using the flow shift %.2f of the checkpoint's UniPC scheduler for a flow-matching schedule", shift)
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=config.get("num_train_timesteps", 1000), shift=shift)
+    raise ValueError(f"scheduler {name!r} in {path} is not a flow-matching schedule")
+
+
+def load_components(path: str | Path, kind: str = "concat") -> PolicyComponents:
     """Load a diffusers-format Wan model directory from local disk (no network).
+
+    ``kind`` decides the transformer: ``concat`` loads a ``WanTransformer3DModel``
+    and widens a text-to-video one for source conditioning
+    (:func:`widen_for_source_conditioning`); ``t2v`` loads it as it is; ``vace``
+    loads a ``WanVACETransformer3DModel``. The weights load in fp32 (cast later).
 
     Raises:
         FileNotFoundError: the directory or one of its five subfolders is missing.
+        ValueError: the transformer does not fit the kind (:func:`check_kind`) or
+            the scheduler is not a flow-matching one.
     """
     path = Path(path)
     for sub in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"):
         if not (path / sub).is_dir():
             raise FileNotFoundError(f"checkpoint {path} has no {sub}/ folder")
     vae = AutoencoderKLWan.from_pretrained(path / "vae", local_files_only=True)
-    transformer = WanTransformer3DModel.from_pretrained(path / "transformer", local_files_only=True)
-    transformer = widen_for_source_conditioning(transformer, vae.config.z_dim)
+    transformer_cls = WanVACETransformer3DModel if kind == "vace" else WanTransformer3DModel
+    saved_cls = json.loads((path / "transformer" / "config.json").read_text()).get("_class_name")
+    if saved_cls != transformer_cls.__name__:
+        raise ValueError(f"kind {kind!r} needs a {transformer_cls.__name__} checkpoint, {path} has {saved_cls}")
+    transformer = transformer_cls.from_pretrained(path / "transformer", local_files_only=True)
+    if kind == "concat":
+        transformer = widen_for_source_conditioning(transformer, vae.config.z_dim)
+    check_kind(transformer, vae, kind)
     text_encoder = UMT5EncoderModel.from_pretrained(path / "text_encoder", local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
-    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path / "scheduler", local_files_only=True)
-    logger.info("loaded checkpoint %s", path)
+    scheduler = load_flow_scheduler(path / "scheduler")
+    logger.info("loaded checkpoint %s (%s, kind %s)", path, type(transformer).__name__, kind)
     return PolicyComponents(transformer, vae, text_encoder, tokenizer, scheduler)
 
 
@@ -161,9 +257,10 @@ def save_components(components: PolicyComponents, path: str | Path) -> None:
     components.text_encoder.save_pretrained(path / "text_encoder")
     components.tokenizer.save_pretrained(path / "tokenizer")
     components.scheduler.save_pretrained(path / "scheduler")
+    is_vace = isinstance(components.transformer, WanVACETransformer3DModel)
     index = {
-        "_class_name": "WanPipeline",
-        "transformer": ["diffusers", "WanTransformer3DModel"],
+        "_class_name": "WanVACEPipeline" if is_vace else "WanPipeline",
+        "transformer": ["diffusers", type(components.transformer).__name__],
         "vae": ["diffusers", "AutoencoderKLWan"],
         "text_encoder": ["transformers", "UMT5EncoderModel"],
         "tokenizer": ["transformers", type(components.tokenizer).__name__],

@@ -1,7 +1,9 @@
 """The editing policy: a source-conditioned Wan DiT with a LoRA adapter.
 
-Conditioning (VIVA-style): the noisy latent and the source video's latent are
-concatenated on the channel axis; the instruction enters through the DiT's
+Conditioning (``PolicyConfig.kind``): ``concat`` (VIVA-style) concatenates the
+noisy latent and the source video's latent on the channel axis; ``vace`` gives
+the source video to a Wan VACE transformer as its context; ``t2v`` is plain
+text-to-video (no source). The instruction enters through the DiT's
 cross-attention. Classifier-free guidance drops the instruction only (the
 unconditional branch still sees the source video).
 """
@@ -18,11 +20,21 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from policy.config import PolicyConfig
-from policy.model import PolicyComponents, build_tiny_components, load_components
+from policy.model import (
+    PolicyComponents,
+    build_tiny_components,
+    cast_weights,
+    check_kind,
+    load_components,
+    vae_spatial_factor,
+)
+from policy.schedule import stochastic_steps
 
 logger = logging.getLogger(__name__)
 
 ADAPTER_NAME = "default"
+
+MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 class AdapterMismatchError(RuntimeError):
@@ -46,9 +58,11 @@ class EditPolicy:
     def __init__(self, components: PolicyComponents, config: PolicyConfig, device: str = "cpu"):
         self.config = config
         self.device = torch.device(device)
-        self.transformer = components.transformer.to(self.device)
+        self.model_dtype = MODEL_DTYPES[config.dtype]
+        check_kind(components.transformer, components.vae, config.kind)
+        self.transformer = cast_weights(components.transformer.to(self.device), self.model_dtype)
         self.vae = components.vae.to(self.device)
-        self.text_encoder = components.text_encoder.to(self.device)
+        self.text_encoder = cast_weights(components.text_encoder.to(self.device), self.model_dtype)
         self.tokenizer = components.tokenizer
         self.scheduler = components.scheduler
         for module in (self.transformer, self.vae, self.text_encoder):
@@ -64,6 +78,9 @@ class EditPolicy:
             ),
             adapter_name=ADAPTER_NAME,
         )
+        for name, param in self.transformer.named_parameters():
+            if "lora_" in name:  # adapter weights (and their AdamW state) stay fp32 under bf16 weights
+                param.data = param.data.float()
         self.num_lora_modules = sum(1 for name, _ in self.transformer.named_modules() if name.endswith(".lora_A"))
         if self.num_lora_modules == 0:
             raise AdapterMismatchError(f"LoRA attached to no module (targets {lora.target_modules})")
@@ -71,15 +88,16 @@ class EditPolicy:
         vae_config = self.vae.config
         self._latents_mean = torch.tensor(vae_config.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
         self._latents_std = torch.tensor(vae_config.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
+        self._vace_inactive: torch.Tensor | None = None
 
     @classmethod
     def from_config(cls, config: PolicyConfig, corpus: list[str], root: str | Path = ".", device: str = "cpu", seed: int = 0) -> "EditPolicy":
         """Load ``config.checkpoint`` (relative to ``root``) or build the tiny model in code."""
         if config.checkpoint is None:
-            components = build_tiny_components(config.tiny, corpus, shift=config.shift, seed=seed)
+            components = build_tiny_components(config.tiny, corpus, shift=config.shift, seed=seed, kind=config.kind)
         else:
             path = Path(config.checkpoint)
-            components = load_components(path if path.is_absolute() else Path(root) / path)
+            components = load_components(path if path.is_absolute() else Path(root) / path, kind=config.kind)
         return cls(components, config, device=device)
 
     # ---- schedule -------------------------------------------------------
@@ -88,11 +106,18 @@ class EditPolicy:
         self.scheduler.set_timesteps(self.config.num_steps)
         return [float(s) for s in self.scheduler.sigmas]
 
-    def sde_steps(self) -> list[bool]:
-        """For each of the T steps, whether it is stochastic and trained (the first
-        ``int(sde_fraction * T)`` steps; at least one)."""
-        num = max(1, int(self.config.sde_fraction * self.config.num_steps))
-        return [i < num for i in range(self.config.num_steps)]
+    def sde_steps(self, seed: int = 0, policy_version: int = 0) -> list[bool]:
+        """For each of the T steps, whether it is stochastic and trained: the first
+        ``int(sde_fraction * T)`` steps (at least one), or the configured SDE window
+        inside them (placed by the group's ``seed`` or the ``policy_version``; see
+        :func:`policy.schedule.stochastic_steps`). All False with the ``ode`` sampler."""
+        c = self.config
+        if c.sampler == "ode":
+            return [False] * c.num_steps
+        w = c.sde_window
+        if w is None:
+            return stochastic_steps(c.num_steps, c.sde_fraction)
+        return stochastic_steps(c.num_steps, c.sde_fraction, w.size, w.position, w.start, w.stride, w.every, policy_version, seed)
 
     # ---- encoders -------------------------------------------------------
     @torch.no_grad()
@@ -133,7 +158,7 @@ class EditPolicy:
     def velocity(
         self,
         x: torch.Tensor,
-        sigma: float,
+        sigma: float | torch.Tensor,
         source_latents: torch.Tensor,
         text_embeds: torch.Tensor,
         null_embeds: torch.Tensor,
@@ -141,30 +166,73 @@ class EditPolicy:
     ) -> torch.Tensor:
         """Guided velocity ``v = v_null + w (v_text - v_null)`` at noise level ``sigma``.
 
-        Both branches run in one batched forward; gradients flow through both.
+        Both branches run in one batched forward; gradients flow through both. The
+        source video enters as the policy kind says (channel concat, VACE context,
+        or not at all for ``t2v``), identically in both branches.
 
         Args:
             x: ``(B, C, f, h, w)`` noisy latents.
-            sigma: noise level in [0, 1]; the DiT sees timestep ``1000 * sigma``.
-            source_latents: ``(B, C, f, h, w)`` source-video latents.
+            sigma: noise level in [0, 1], a float or a ``(B,)`` tensor of per-sample
+                levels; the DiT sees timestep ``1000 * sigma``.
+            source_latents: ``(B, C, f, h, w)`` source-video latents (unused by ``t2v``).
             text_embeds, null_embeds: ``(B, L, D)`` instruction and empty-instruction embeddings.
             guidance_scale: w; 1.0 skips the null branch.
 
         Returns:
             ``(B, C, f, h, w)`` fp32.
         """
-        model_dtype = self.transformer.dtype
-        hidden = torch.cat([x, source_latents], dim=1)
-        timestep_value = sigma * self.scheduler.config.num_train_timesteps
+        dtype = self.model_dtype
+        scale = self.scheduler.config.num_train_timesteps
+        if isinstance(sigma, torch.Tensor):
+            timestep = sigma.to(x.device, torch.float32) * scale
+        else:
+            timestep = torch.full((x.shape[0],), sigma * scale, device=x.device)
+        hidden, extra = self._conditioned_input(x, source_latents)
         if guidance_scale == 1.0:
-            timestep = torch.full((x.shape[0],), timestep_value, device=x.device)
-            return self.transformer(hidden.to(model_dtype), timestep, text_embeds.to(model_dtype), return_dict=False)[0].float()
-        hidden2 = torch.cat([hidden, hidden], dim=0).to(model_dtype)
-        text2 = torch.cat([text_embeds, null_embeds], dim=0).to(model_dtype)
-        timestep = torch.full((hidden2.shape[0],), timestep_value, device=x.device)
-        out = self.transformer(hidden2, timestep, text2, return_dict=False)[0].float()
+            out = self.transformer(hidden.to(dtype), timestep, text_embeds.to(dtype), return_dict=False, **extra)[0]
+            return out.float()
+        extra = {key: torch.cat([value, value], dim=0) for key, value in extra.items()}
+        hidden2 = torch.cat([hidden, hidden], dim=0).to(dtype)
+        text2 = torch.cat([text_embeds, null_embeds], dim=0).to(dtype)
+        out = self.transformer(hidden2, torch.cat([timestep, timestep]), text2, return_dict=False, **extra)[0].float()
         v_text, v_null = out.chunk(2, dim=0)
         return v_null + guidance_scale * (v_text - v_null)
+
+    def _conditioned_input(self, x: torch.Tensor, source_latents: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """The DiT's hidden states and extra keyword inputs for this policy kind."""
+        kind = self.config.kind
+        if kind == "concat":
+            return torch.cat([x, source_latents.to(x.dtype)], dim=1), {}
+        if kind == "t2v":
+            return x, {}
+        return x, {"control_hidden_states": self.vace_context(source_latents).to(self.model_dtype)}
+
+    def vace_context(self, source_latents: torch.Tensor) -> torch.Tensor:
+        """VACE context of a whole-video edit, as ``WanVACEPipeline`` builds it for a
+        source video with an all-ones mask: ``[inactive, reactive, mask]`` on the
+        channel axis, where ``inactive`` is the normalised latent of an all-zero
+        (grey) video, ``reactive`` the source latent and ``mask`` ones of
+        ``scale_factor_spatial^2`` channels.
+
+        Args:
+            source_latents: ``(B, C, f, h, w)`` fp32 normalised source latents.
+
+        Returns:
+            ``(B, 2 C + s^2, f, h, w)`` fp32.
+        """
+        b, _, f, h, w = source_latents.shape
+        if self._vace_inactive is None or self._vace_inactive.shape[2:] != (f, h, w):
+            c = self.config
+            with torch.no_grad():
+                zeros = torch.zeros(1, 3, c.num_frames, c.height, c.width, device=source_latents.device)
+                z = self.vae.encode(zeros).latent_dist.mode().float()
+            self._vace_inactive = (z - self._latents_mean.to(z)) / self._latents_std.to(z)
+            if self._vace_inactive.shape[2:] != (f, h, w):
+                raise ValueError(f"source latents {tuple(source_latents.shape)} do not match the configured video size")
+        spatial = vae_spatial_factor(self.vae)
+        mask = source_latents.new_ones(b, spatial * spatial, f, h, w)
+        inactive = self._vace_inactive.to(source_latents).expand(b, -1, -1, -1, -1)
+        return torch.cat([inactive, source_latents, mask], dim=1)
 
     # ---- the adapter ----------------------------------------------------
     def lora_parameters(self) -> list[torch.nn.Parameter]:

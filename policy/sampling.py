@@ -1,4 +1,5 @@
-"""Sampling groups of stochastic denoising trajectories with per-step log-probs."""
+"""Sampling groups of denoising trajectories with per-step log-probs, and the one
+policy step that sampling and the learner's recomputation share."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,7 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from policy.policy import EditPolicy
-from policy.sde import StepOutput, flow_sde_step
+from policy.samplers import sampler_step, wan_noise_range
+from policy.sde import StepOutput
 
 
 @dataclass
@@ -21,6 +23,64 @@ class Trajectories:
     """``(T + 1,)`` the schedule."""
     sde_mask: torch.Tensor
     """``(T,)`` bool: which steps were stochastic (and are trained)."""
+    means: torch.Tensor | None = None
+    """``(G, T, C, f, h, w)`` transition means at sampling time, when asked for
+    (GRPO-Guard's ratio normalisation needs them); None otherwise."""
+
+
+def policy_steps(
+    policy: EditPolicy,
+    xs: list[torch.Tensor],
+    sigma_pairs: list[tuple[float, float]],
+    source_latents: torch.Tensor,
+    text_embeds: torch.Tensor,
+    null_embeds: torch.Tensor,
+    eta: float,
+    guidance_scale: float,
+    noises: list[torch.Tensor | None] | None = None,
+    x_nexts: list[torch.Tensor | None] | None = None,
+    *,
+    sampler: str = "flow_sde",
+    noise_range: tuple[float, float] | None = None,
+) -> list[StepOutput]:
+    """k guided steps of the policy (possibly at k different sigmas) in one batched
+    forward; the one code path of rollout sampling (k = 1) and the learner's
+    recomputation, so on-policy ratios are exactly 1 when the batch is the same.
+
+    Args:
+        xs: k latents ``(B, C, f, h, w)`` (the same B for all).
+        sigma_pairs: k ``(sigma, sigma_next)``.
+        source_latents, text_embeds, null_embeds: ``(B, ...)`` conditioning, shared by the k steps.
+        eta, guidance_scale: sampler noise scale and CFG scale.
+        noises: k standard-normal tensors (or None) to sample stochastic steps.
+        x_nexts: k recorded next latents (or None) to score instead of sampling.
+        sampler: see :mod:`policy.samplers`; ``noise_range`` is the ``(s_max, s_min)`` of ``flow_sde_wan``.
+
+    Returns:
+        k :class:`policy.sde.StepOutput`, in order.
+
+    Raises:
+        ValueError: mismatched list lengths, or a step's own errors.
+    """
+    k = len(xs)
+    noises = noises if noises is not None else [None] * k
+    x_nexts = x_nexts if x_nexts is not None else [None] * k
+    if not k or len(sigma_pairs) != k or len(noises) != k or len(x_nexts) != k:
+        raise ValueError("xs, sigma_pairs, noises and x_nexts need the same non-zero length")
+    batch = xs[0].shape[0]
+    if k == 1:
+        sigma = sigma_pairs[0][0]
+        x = xs[0]
+        source, text, null = source_latents, text_embeds, null_embeds
+    else:
+        sigma = torch.tensor([pair[0] for pair in sigma_pairs], dtype=torch.float32).repeat_interleave(batch)
+        x = torch.cat(xs, dim=0)
+        source, text, null = (t.repeat(k, *([1] * (t.ndim - 1))) for t in (source_latents, text_embeds, null_embeds))
+    v = policy.velocity(x, sigma, source, text, null, guidance_scale)
+    return [
+        sampler_step(sampler, x_i, v_i, s, s_next, eta, noise=n, x_next=xn, noise_range=noise_range)
+        for x_i, v_i, (s, s_next), n, xn in zip(xs, v.split(batch, dim=0), sigma_pairs, noises, x_nexts)
+    ]
 
 
 def policy_step(
@@ -35,15 +95,23 @@ def policy_step(
     guidance_scale: float,
     noise: torch.Tensor | None = None,
     x_next: torch.Tensor | None = None,
+    *,
+    sampler: str = "flow_sde",
+    noise_range: tuple[float, float] | None = None,
 ) -> StepOutput:
-    """One guided Flow-SDE step of the policy; the one code path shared by rollout
-    sampling and the learner's recomputation, so on-policy ratios are exactly 1.
+    """One guided step of the policy: :func:`policy_steps` with k = 1.
 
     Shapes: every tensor ``(B, ...)`` with B the group's samples; see
-    :func:`policy.sde.flow_sde_step` for ``noise``/``x_next``.
+    :func:`policy.samplers.sampler_step` for ``noise``/``x_next``/``noise_range``.
     """
-    v = policy.velocity(x, sigma, source_latents, text_embeds, null_embeds, guidance_scale)
-    return flow_sde_step(x, v, sigma, sigma_next, eta, noise=noise, x_next=x_next)
+    return policy_steps(
+        policy, [x], [(sigma, sigma_next)], source_latents, text_embeds, null_embeds, eta, guidance_scale,
+        [noise], [x_next], sampler=sampler, noise_range=noise_range,
+    )[0]
+
+
+def _expand(t: torch.Tensor, n: int) -> torch.Tensor:
+    return t.expand(n, *t.shape[1:])
 
 
 @torch.no_grad()
@@ -58,6 +126,10 @@ def sample_trajectories(
     eta: float,
     guidance_scale: float,
     generator: torch.Generator,
+    *,
+    sampler: str = "flow_sde",
+    shared_initial_noise: bool = False,
+    record_means: bool = False,
 ) -> Trajectories:
     """Sample ``group_size`` trajectories for one (source, instruction) prompt.
 
@@ -65,33 +137,59 @@ def sample_trajectories(
         source_latents: ``(1, C, f, h, w)``.
         text_embeds, null_embeds: ``(1, L, D)``.
         sigmas: T + 1 decreasing noise levels from 1 to 0.
-        sde_mask: T flags; stochastic steps use ``eta``, the others the Euler step.
-        eta: Flow-SDE noise scale (0 makes every step deterministic).
+        sde_mask: T flags; stochastic steps use ``sampler``, the others the Euler step.
+        eta: the sampler's noise scale (0 makes every step deterministic).
         generator: the group's generator: it draws the initial noise and every
             step's noise, so a group is reproducible from its seed.
+        sampler: see :mod:`policy.samplers`.
+        shared_initial_noise: every sample of the group starts from the same
+            initial noise; the ODE steps before the first stochastic step are then
+            identical for the group and computed once (batch 1), and the samples
+            branch at the SDE window (Flow-GRPO-Fast). False draws one initial
+            noise per sample.
+        record_means: also return each step's transition mean.
 
     Returns:
-        :class:`Trajectories`.
+        :class:`Trajectories`; its ``sde_mask`` marks the steps that were actually
+        stochastic (a requested step whose std is 0, such as CPS's last step,
+        is deterministic and not trained).
     """
     g = group_size
     device = source_latents.device
-    source = source_latents.expand(g, *source_latents.shape[1:])
-    text = text_embeds.expand(g, *text_embeds.shape[1:])
-    null = null_embeds.expand(g, *null_embeds.shape[1:])
-    x = torch.randn(source.shape, generator=generator, dtype=torch.float32).to(device)
-    latents = [x.cpu()]
+    noise_range = wan_noise_range(sigmas) if sampler == "flow_sde_wan" else None
+    stochastic = [bool(m) and eta > 0 and sampler != "ode" for m in sde_mask]
+    shape = (g, *source_latents.shape[1:])
+    if shared_initial_noise:
+        x = torch.randn((1, *shape[1:]), generator=generator, dtype=torch.float32).to(device)
+        branch = stochastic.index(True) if any(stochastic) else len(stochastic)
+    else:
+        x = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+        branch = 0
+    latents = [_expand(x, g).cpu()]
     log_probs = torch.full((g, len(sde_mask)), float("nan"))
-    for t, stochastic in enumerate(sde_mask):
-        step_eta = eta if stochastic else 0.0
-        noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(device) if step_eta > 0 else None
-        out = policy_step(policy, x, sigmas[t], sigmas[t + 1], source, text, null, step_eta, guidance_scale, noise=noise)
+    means = [] if record_means else None
+    taken = []
+    for t, is_stochastic in enumerate(stochastic):
+        if t == branch and x.shape[0] != g:
+            x = _expand(x, g).contiguous()
+        n = x.shape[0]
+        noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(device) if is_stochastic else None
+        out = policy_step(
+            policy, x, sigmas[t], sigmas[t + 1], _expand(source_latents, n), _expand(text_embeds, n), _expand(null_embeds, n),
+            eta if is_stochastic else 0.0, guidance_scale, noise=noise,
+            sampler=sampler if is_stochastic else "ode", noise_range=noise_range,
+        )
         x = out.x_next
-        latents.append(x.cpu())
+        latents.append(_expand(x, g).cpu())
+        if means is not None:
+            means.append(_expand(out.mean, g).cpu())
+        taken.append(out.log_prob is not None)
         if out.log_prob is not None:
             log_probs[:, t] = out.log_prob.cpu()
     return Trajectories(
         latents=torch.stack(latents, dim=1),
         log_probs=log_probs,
         sigmas=torch.tensor(sigmas, dtype=torch.float32),
-        sde_mask=torch.tensor(sde_mask, dtype=torch.bool),
+        sde_mask=torch.tensor(taken, dtype=torch.bool),
+        means=torch.stack(means, dim=1) if means is not None else None,
     )

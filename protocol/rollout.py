@@ -25,6 +25,9 @@ class GroupTask:
     """Flow-SDE noise scale; 0.0 samples deterministic (ODE) trajectories for evaluation."""
     keep_frames: bool = False
     """Return the decoded edited frames (for evaluation samples)."""
+    record_means: bool = False
+    """Also return each step's transition mean (GRPO-Guard's ratio normalisation needs
+    the sampling policy's means)."""
 
 
 @dataclass
@@ -58,6 +61,9 @@ class Group:
     """Seconds spent per phase: encode, sample, decode, reward."""
     frames: object | None = None
     """``uint8 (G, F, H, W, 3)`` numpy edited frames when the task asked for them."""
+    means: torch.Tensor | None = None
+    """``(G, T, C, f, h, w)`` transition means at sampling time when the task asked for
+    them (``record_means``); None otherwise."""
 
 
 @dataclass

@@ -105,10 +105,16 @@ class RolloutWorker:
 
         start = time.perf_counter()
         generator = torch.Generator().manual_seed(task.seed)
-        sde_mask = self.policy.sde_steps() if task.eta > 0 else [False] * self.config.num_steps
+        window = self.config.sde_window
+        if task.eta > 0:
+            sde_mask = self.policy.sde_steps(seed=task.seed, policy_version=self.policy_version)
+        else:
+            sde_mask = [False] * self.config.num_steps
         trajectories = sample_trajectories(
             self.policy, source_latents, text_embeds, self._null_embeds, task.group_size,
             self.policy.sigmas(), sde_mask, task.eta, self.config.guidance_scale, generator,
+            sampler=self.config.sampler, shared_initial_noise=window is not None and window.shared_initial_noise,
+            record_means=task.record_means,
         )
         timings["sample_s"] = time.perf_counter() - start
 
@@ -151,4 +157,5 @@ class RolloutWorker:
             reward_config_version=response.reward_config_version,
             timings=timings,
             frames=edited if task.keep_frames else None,
+            means=trajectories.means,
         )

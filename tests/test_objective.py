@@ -1,11 +1,13 @@
-"""Group advantages and the clipped-ratio loss against hand-worked numbers."""
+"""Group advantages, the clipped-ratio loss and GRPO-Guard's ratio normalisation
+against hand-worked numbers."""
 import math
 
 import pytest
 import torch
 
 from learner.advantages import group_advantages
-from learner.loss import clipped_policy_loss
+from learner.loss import clipped_policy_loss, clipped_ratio_loss, grpo_guard_log_ratio
+from policy.sde import gaussian_log_prob
 
 
 def test_group_advantages_by_hand():
@@ -87,3 +89,37 @@ def test_inside_the_clip_range_is_the_plain_policy_gradient():
     loss.backward()
     torch.testing.assert_close(log_prob.grad, torch.tensor([-1.0, 0.5]))
     assert stats["clip_frac"].item() == 0.0 and stats["ratio_mean"].item() == 1.0
+
+
+def test_grpo_guard_log_ratio_by_hand():
+    # one sample of two elements: mean - old_mean = (0.2, 0) -> mean square 0.02;
+    # std = 0.2 -> b = 0.02 / (2 * 0.04) = 0.25; log r = -1.0 - (-0.8) = -0.2
+    # normalised: (-0.2 + 0.25) * 0.2 = 0.01
+    value = grpo_guard_log_ratio(
+        torch.tensor([-1.0]), torch.tensor([-0.8]), torch.tensor([[0.3, 0.1]]), torch.tensor([[0.1, 0.1]]), 0.2
+    )
+    assert value.item() == pytest.approx(0.01, abs=1e-7)
+
+
+def test_grpo_guard_removes_the_bias_and_the_1_over_std_scale_of_gaussian_log_ratios():
+    # x = old_mean + std * eps: per element log r = (mean - old_mean) eps / std - (mean - old_mean)^2 / (2 std^2),
+    # so the normalised log-ratio is exactly mean((mean - old_mean) * eps),
+    # the same for a large and a tiny std, while the raw log-ratio grows as 1 / std and sits below 0
+    torch.manual_seed(0)
+    old_mean, delta, eps = torch.randn(3, 500), 0.01 * torch.randn(3, 500), torch.randn(3, 500)
+    expected = (delta * eps).mean(dim=1)
+    raw_sizes = []
+    for std in (0.5, 0.005):
+        x = old_mean + std * eps
+        log_prob, old_log_prob = gaussian_log_prob(x, old_mean + delta, std), gaussian_log_prob(x, old_mean, std)
+        normalised = grpo_guard_log_ratio(log_prob, old_log_prob, old_mean + delta, old_mean, std)
+        torch.testing.assert_close(normalised, expected, rtol=1e-3, atol=1e-6)
+        raw_sizes.append((log_prob - old_log_prob).abs().mean().item())
+    assert raw_sizes[1] > 50 * raw_sizes[0]
+
+
+def test_clipped_policy_loss_is_the_ratio_loss_of_the_log_prob_difference():
+    log_prob, old, adv = torch.tensor([0.01, -0.02, 0.0]), torch.tensor([0.0, 0.0, 0.001]), torch.tensor([1.0, -1.0, 2.0])
+    a, stats_a = clipped_policy_loss(log_prob, old, adv, 0.005)
+    b, stats_b = clipped_ratio_loss(log_prob - old, adv, 0.005)
+    assert torch.equal(a, b) and all(torch.equal(stats_a[k], stats_b[k]) for k in stats_a)

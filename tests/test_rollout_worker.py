@@ -11,6 +11,7 @@ import torch
 from conftest import CORPUS, structured_clip, tiny_policy_config
 
 from editrl.reward_process import RewardServerProcess, free_port
+from policy.config import SdeWindowSettings
 from policy.policy import adapter_checksum
 from protocol.rollout import Group, GroupFailure, GroupTask
 from protocol.video import encode_mp4
@@ -113,3 +114,19 @@ def test_nan_reward_fails_the_group_naming_the_item(clip_path):
         [result] = _worker(url).sample([_task(clip_path, group_id="s2-g1")])
     assert isinstance(result, GroupFailure)
     assert "s2-g1/0" in result.reason and "1 of 3" in result.reason
+
+
+def test_worker_samples_the_configured_window_and_records_means(reward_url, clip_path):
+    config = tiny_policy_config(sde_window=SdeWindowSettings(size=1, position="random"))
+    worker = RolloutWorker(0, config, CORPUS, str(ROOT), reward_url, reward_timeout_s=10, reward_max_attempts=2)
+    state = worker.policy.adapter_state()
+    worker.set_adapter(state, 0, adapter_checksum(state))
+    task = GroupTask("s3-g0", "p0", CORPUS[0], clip_path, seed=11, group_size=3, eta=0.7, record_means=True)
+    [group] = worker.sample([task])
+    expected = worker.policy.sde_steps(seed=11, policy_version=0)
+    assert group.sde_mask.tolist() == expected and sum(expected) == 1
+    # the group shares its initial noise and ODE prefix up to the window, then branches
+    first = expected.index(True)
+    for t in range(group.latents.shape[1]):
+        assert all(torch.equal(group.latents[0, t], group.latents[i, t]) for i in (1, 2)) == (t <= first)
+    assert group.means.shape == group.latents[:, 1:].shape

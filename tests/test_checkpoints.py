@@ -1,0 +1,86 @@
+"""Real checkpoint layouts and the three policy kinds: a tiny model saved in the
+Wan2.1 diffusers layout and loaded back, source conditioning that leaves the
+unedited model unchanged at step 0, and the VACE context as diffusers builds it."""
+import json
+
+import pytest
+import torch
+from conftest import CORPUS, structured_clip, tiny_policy_config
+from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler, WanVACEPipeline
+
+from policy.model import build_tiny_components, load_components, save_components
+from policy.policy import EditPolicy
+
+
+def _save_wan_layout(tmp_path, kind: str, seed: int = 1):
+    """A tiny model saved as Wan2.1's diffusers checkpoints are: UniPC flow scheduler included."""
+    config = tiny_policy_config()
+    components = build_tiny_components(config.tiny, CORPUS, shift=config.shift, seed=seed, kind=kind)
+    components.scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    save_components(components, tmp_path / "ckpt")
+    return tmp_path / "ckpt"
+
+
+def test_wan_layout_round_trip_with_its_unipc_scheduler(tmp_path):
+    path = _save_wan_layout(tmp_path, "t2v")
+    assert json.loads((path / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == "UniPCMultistepScheduler"
+    loaded = load_components(path, kind="t2v")
+    # the flow shift of Wan's UniPC config gives the policy's flow-matching schedule
+    assert isinstance(loaded.scheduler, FlowMatchEulerDiscreteScheduler) and loaded.scheduler.config.shift == 3.0
+    loaded.scheduler.set_timesteps(4)
+    expected = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    expected.set_timesteps(4)
+    torch.testing.assert_close(loaded.scheduler.sigmas, expected.sigmas)
+    policy = EditPolicy(loaded, tiny_policy_config(kind="t2v"))
+    assert policy.num_lora_modules == 16
+
+
+def test_concat_kind_widens_a_text_to_video_checkpoint_without_changing_it_at_step_0(tmp_path):
+    path = _save_wan_layout(tmp_path, "t2v")
+    t2v = EditPolicy.from_config(tiny_policy_config(kind="t2v", checkpoint=str(path)), CORPUS)
+    concat = EditPolicy.from_config(tiny_policy_config(kind="concat", checkpoint=str(path)), CORPUS)
+    assert concat.transformer.config.in_channels == 8 and t2v.transformer.config.in_channels == 4
+    torch.manual_seed(0)
+    x, source = torch.randn(2, 4, 3, 8, 8), torch.randn(2, 4, 3, 8, 8)
+    text, null = t2v.encode_text(CORPUS[:2]), t2v.encode_text(["", ""])
+    with torch.no_grad():
+        expected = t2v.velocity(x, 0.6, source, text, null, 2.0)
+        torch.testing.assert_close(concat.velocity(x, 0.6, source, text, null, 2.0), expected)
+        torch.testing.assert_close(concat.velocity(x, 0.6, -3 * source, text, null, 2.0), expected)
+
+
+def test_a_checkpoint_of_the_wrong_kind_is_refused(tmp_path):
+    path = _save_wan_layout(tmp_path, "vace")
+    with pytest.raises(ValueError, match="WanTransformer3DModel"):
+        load_components(path, kind="concat")
+    components = build_tiny_components(tiny_policy_config().tiny, CORPUS, kind="concat")
+    with pytest.raises(ValueError, match="in_channels"):
+        EditPolicy(components, tiny_policy_config(kind="t2v"))
+
+
+def test_vace_kind_round_trip_and_its_context_matches_the_diffusers_pipeline(tmp_path):
+    path = _save_wan_layout(tmp_path, "vace")
+    assert json.loads((path / "model_index.json").read_text())["_class_name"] == "WanVACEPipeline"
+    config = tiny_policy_config(kind="vace", checkpoint=str(path))
+    policy = EditPolicy.from_config(config, CORPUS)
+    # 2 blocks + 1 VACE block, x 2 attentions x 4 projections
+    assert policy.num_lora_modules == 24
+
+    frames = structured_clip(5, 32)
+    source = policy.encode_video(frames[None])
+    pipe = WanVACEPipeline(policy.tokenizer, policy.text_encoder, policy.vae, FlowMatchEulerDiscreteScheduler(shift=3.0), policy.transformer)
+    video = torch.from_numpy(frames).float().div(127.5).sub(1.0).permute(3, 0, 1, 2)[None]
+    with torch.no_grad():
+        latents = pipe.prepare_video_latents(video, torch.ones_like(video), [[]])
+        masks = pipe.prepare_masks(torch.ones_like(video), [[]])
+    torch.testing.assert_close(policy.vace_context(source), torch.cat([latents, masks], dim=1), rtol=1e-5, atol=1e-5)
+
+    # the source video conditions the output
+    x = torch.randn_like(source)
+    text, null = policy.encode_text([CORPUS[0]]), policy.encode_text([""])
+    with torch.no_grad():
+        v = policy.velocity(x, 0.5, source, text, null, 2.0)
+        assert not torch.allclose(v, policy.velocity(x, 0.5, torch.zeros_like(source), text, null, 2.0))
+    again = EditPolicy.from_config(config, CORPUS)
+    with torch.no_grad():
+        torch.testing.assert_close(again.velocity(x, 0.5, source, text, null, 2.0), v)
