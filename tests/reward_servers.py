@@ -65,26 +65,43 @@ def app_server(app) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def process_server(tmp_path: Path, config: dict, env: dict[str, str] | None = None, name: str = "server") -> Iterator[str]:
-    """``python -m reward_server --config <config>`` on a free port; PYTHONPATH is this worktree."""
-    port = free_port()
-    config_path = tmp_path / f"{name}_{port}.yaml"
-    config_path.write_text(yaml.safe_dump(config))
-    log_path = tmp_path / f"{name}_{port}.log"
-    full_env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})}
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "reward_server", "--config", str(config_path), "--port", str(port)],
-            cwd=REPO_ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
+def process_servers(tmp_path: Path, specs: list[tuple[str, dict, dict[str, str] | None]]) -> Iterator[list[str]]:
+    """``python -m reward_server --config <config>`` per (name, config, env), started together; yields their URLs.
+
+    PYTHONPATH is this worktree; each process is stopped through its Popen handle.
+    """
+    procs: list[subprocess.Popen] = []
+    started: list[tuple[str, subprocess.Popen, Path]] = []
     try:
-        wait_healthy(url, proc=proc, log=log_path)
-        yield url
+        for name, config, env in specs:
+            port = free_port()
+            config_path = tmp_path / f"{name}_{port}.yaml"
+            config_path.write_text(yaml.safe_dump(config))
+            log_path = tmp_path / f"{name}_{port}.log"
+            full_env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})}
+            with log_path.open("wb") as log:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "reward_server", "--config", str(config_path), "--port", str(port)],
+                    cwd=REPO_ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT,
+                )
+            procs.append(proc)
+            started.append((f"http://127.0.0.1:{port}", proc, log_path))
+        for url, proc, log_path in started:
+            wait_healthy(url, proc=proc, log=log_path)
+        yield [url for url, _, _ in started]
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=15)
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=15)
+
+
+@contextlib.contextmanager
+def process_server(tmp_path: Path, config: dict, env: dict[str, str] | None = None, name: str = "server") -> Iterator[str]:
+    """One ``python -m reward_server`` process (see :func:`process_servers`); yields its URL."""
+    with process_servers(tmp_path, [(name, config, env)]) as (url,):
+        yield url
