@@ -25,6 +25,7 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -46,6 +47,8 @@ from reward_server.scoring import Scorer, UndecodableInputs
 from reward_server.state import open_state
 
 logger = logging.getLogger(__name__)
+
+REPLICA_ID = f"{socket.gethostname()}:{os.getpid()}"
 
 
 class ActiveConfig(BaseModel):
@@ -73,6 +76,8 @@ class ActiveConfig(BaseModel):
     """``PUT`` only: False when the config was already active."""
     sync_error: str | None = None
     """Why this replica could not apply the registry's latest change, if it could not."""
+    replica: str = REPLICA_ID
+    """The answering server process (``host:pid``), to tell replicas apart."""
 
 
 def _view(runtime: Runtime, sync_error: str | None, changed: bool | None = None) -> ActiveConfig:

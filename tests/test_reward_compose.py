@@ -143,3 +143,17 @@ def test_cache_answers_retries_and_joins_concurrent_duplicates():
     assert 'reward_cache_joins_total{backend="gemini"} 2.0' in metrics
     assert response.status_code == 422  # a changed reference is a new item, and this one is not an image
     assert response.json()["detail"][0]["loc"] == ["body", "items", 0, "reference", "data"]
+
+
+def test_shipped_example_configs_validate():
+    from reward_server.config import load_server_config
+    from reward_servers import REPO_ROOT
+
+    paths = sorted((REPO_ROOT / "configs").glob("reward_server*.yaml"))
+    server_configs = [p for p in paths if p.name != "reward_server_serve.yaml"]
+    assert {p.name for p in server_configs} >= {"reward_server.yaml", "reward_server_gemini.yaml",
+                                                 "reward_server_revise.yaml", "reward_server_redis.yaml"}
+    for path in server_configs:
+        reward = load_server_config(path).reward
+        reward.check_dimensions({key: spec.dimension_names() for key, spec in reward.backends.items()})
+    assert load_server_config(REPO_ROOT / "configs" / "reward_server.yaml") == ServerConfig()
