@@ -32,6 +32,8 @@ class Learner:
         )
         self.policy_version = 0
         self.generator = torch.Generator().manual_seed(seed)
+        # reward-config versions of the last update's groups (one, unless a swap happened mid-step)
+        self.last_reward_config_versions: list[str] = []
 
     def train_step(self, groups: list[Group]) -> dict[str, float]:
         """One Edit-GRPO update (VIVA eq. 5-6) on complete groups.
@@ -44,7 +46,10 @@ class Learner:
 
         Returns:
             Metrics: losses, ratio statistics, advantage statistics, grad norm,
-            timings (seconds) and the new ``policy_version``.
+            timings (seconds) and the new ``policy_version``. The reward-config
+            versions of the groups are logged with the step and kept in
+            ``last_reward_config_versions`` (a warning when one update mixes
+            rewards of several configs, e.g. across a runtime swap).
 
         Raises:
             ValueError: no groups, or a group sampled with a different schedule.
@@ -112,6 +117,12 @@ class Learner:
             time_train_s=time.perf_counter() - start,
             policy_version=float(self.policy_version),
         )
+        versions = sorted({g.reward_config_version for g in groups})
+        self.last_reward_config_versions = versions
+        if len(versions) > 1:
+            logger.warning("policy version %d: one update mixes rewards of reward configs %s", self.policy_version, versions)
+        logger.info("policy version %d trained on %d groups scored by reward config %s",
+                    self.policy_version, len(groups), ", ".join(versions))
         if zero_spread:
             logger.info("%d of %d groups have equal rewards and carry no policy-gradient signal", zero_spread, len(groups))
         return metrics
