@@ -22,7 +22,6 @@ from reward_server.backends.vlm_questions import margin_from_logprobs, to_score
 from reward_server.config import ServerConfig
 from reward_media import brighter, camera_pan, item
 from reward_servers import app_server
-from rollout_workers.reward_client import RewardClient
 from standins import VLLMStandIn
 from tiny_vlm import build_tiny_qwen_vl
 
