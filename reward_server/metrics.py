@@ -20,12 +20,15 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.batch_size = Histogram("reward_batch_size", "Items per backend call, all backends.", buckets=BATCH_BUCKETS, registry=r)
+        self.batch_size = Histogram(
+            "reward_batch_size", "Items per backend call, all backends.", buckets=BATCH_BUCKETS, registry=r
+        )
         self.batch_seconds = Histogram(
             "reward_batch_seconds", "Seconds per backend call, all backends.", buckets=LATENCY_BUCKETS, registry=r
         )
         self.backend_batch_size = Histogram(
-            "reward_backend_batch_size", "Items per backend call.", labelnames=("backend",), buckets=BATCH_BUCKETS, registry=r
+            "reward_backend_batch_size", "Items per backend call.", labelnames=("backend",),
+            buckets=BATCH_BUCKETS, registry=r,
         )
         self.backend_seconds = Histogram(
             "reward_backend_latency_seconds", "Seconds per backend call.", labelnames=("backend",),
@@ -35,17 +38,23 @@ class Metrics:
             "reward_request_latency_seconds", "Seconds to answer POST /v1/score, decoding and queueing included.",
             buckets=LATENCY_BUCKETS, registry=r,
         )
-        self.items_scored = Counter("reward_items_scored", "Items that got a reward.", labelnames=("backend",), registry=r)
+        self.items_scored = Counter(
+            "reward_items_scored", "Items that got a reward.", labelnames=("backend",), registry=r
+        )
         self.item_errors = Counter(
             "reward_item_errors", "Items returned with ok=False, counted under the backend(s) at fault.",
             labelnames=("backend",), registry=r,
         )
         self.backend_errors = Counter(
-            "reward_backend_errors", "Items a backend failed to score (cache hits excluded).", labelnames=("backend",), registry=r
+            "reward_backend_errors", "Items a backend failed to score (cache hits excluded).",
+            labelnames=("backend",), registry=r,
         )
-        self.cache_hits = Counter("reward_cache_hits", "Backend scores found in the score cache.", labelnames=("backend",), registry=r)
+        self.cache_hits = Counter(
+            "reward_cache_hits", "Backend scores found in the score cache.", labelnames=("backend",), registry=r
+        )
         self.cache_misses = Counter(
-            "reward_cache_misses", "Backend scores not in the cache (scored, or joined).", labelnames=("backend",), registry=r
+            "reward_cache_misses", "Backend scores not in the cache (scored, or joined).",
+            labelnames=("backend",), registry=r,
         )
         self.cache_joins = Counter(
             "reward_cache_joins", "Cache misses answered by a scoring already in flight for the same item.",
