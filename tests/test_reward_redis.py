@@ -136,3 +136,21 @@ def test_replicas_share_scores_and_follow_a_config_change(tmp_path, redis_url, r
             metrics_b = httpx.get(f"{url_b}/metrics").text
             assert 'reward_cache_hits_total{backend="pixel"} 1.0' in metrics_b
             assert 'reward_backend_batch_size_count{backend="pixel"}' not in metrics_b  # b never ran the pixel backend
+
+
+def test_an_unreachable_redis_degrades_to_scoring_without_the_cache(caplog):
+    from reward_servers import free_port
+
+    async def main():
+        client = aioredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=0.2)
+        cache = RedisCache(client, "nowhere", ttl_s=30, claim_ttl_s=1)
+        try:
+            assert await cache.get_many(["k"]) == [None]
+            await cache.put_many({"k": {"dimensions": {"a": 1.0}}})  # logged, not raised
+            assert await cache.claim("k") is True  # score it here rather than wait for nobody
+            await cache.release("k")
+        finally:
+            await client.aclose()
+
+    asyncio.run(main())
+    assert "score cache lookup failed" in caplog.text and "score cache store failed" in caplog.text
