@@ -55,6 +55,8 @@ class Learner:
         )
         self.policy_version = 0
         self.generator = torch.Generator().manual_seed(seed)
+        # reward-config versions of the last update's groups (one, unless a swap happened mid-step)
+        self.last_reward_config_versions: list[str] = []
 
     def train_step(self, groups: list[Group]) -> dict[str, float]:
         """One Edit-GRPO update (VIVA eq. 5-6) on complete groups.
@@ -68,7 +70,9 @@ class Learner:
         Returns:
             Metrics: losses, ratio and log-ratio statistics, the on-policy ratio
             error, advantage statistics, grad norm, timings (seconds) and the new
-            ``policy_version``.
+            ``policy_version``. The reward-config versions of the groups are kept
+            in ``last_reward_config_versions`` (a warning when one update mixes
+            rewards of several configs, e.g. across a runtime swap).
 
         Raises:
             ValueError: no groups, no stochastic step in a minibatch, or GRPO-Guard
@@ -122,6 +126,10 @@ class Learner:
         if onpolicy_errors and metrics["onpolicy_ratio_error"] > tolerance:
             logger.warning("on-policy ratio off 1 by %.2e (tolerance %.0e for %s weights)",
                            metrics["onpolicy_ratio_error"], tolerance, self.policy.config.dtype)
+        versions = sorted({g.reward_config_version for g in groups})
+        self.last_reward_config_versions = versions
+        if len(versions) > 1:
+            logger.warning("policy version %d: one update mixes rewards of reward configs %s", self.policy_version, versions)
         if zero_spread:
             logger.info("%d of %d groups have equal rewards and carry no policy-gradient signal", zero_spread, len(groups))
         return metrics

@@ -1,8 +1,9 @@
 """Schemas of the reward server's HTTP API (``POST /v1/score``).
 
-Videos travel as base64 mp4 inside JSON; nothing is pickled on the wire.
-Scores are on a 0-10 scale per dimension; the scalar ``reward`` is the reward
-config's aggregate of the dimensions, also 0-10.
+Videos travel as base64 mp4 inside JSON, reference images as base64 PNG or
+JPEG; nothing is pickled on the wire. Scores are on a 0-10 scale per dimension;
+the scalar ``reward`` is the reward config's aggregate of the dimensions, also
+0-10.
 """
 from __future__ import annotations
 
@@ -11,6 +12,14 @@ import binascii
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+def _check_base64(value: str) -> str:
+    try:
+        base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError(f"not valid base64: {exc}") from exc
+    return value
 
 
 class VideoPayload(BaseModel):
@@ -26,11 +35,7 @@ class VideoPayload(BaseModel):
     @field_validator("data")
     @classmethod
     def _is_base64(cls, value: str) -> str:
-        try:
-            base64.b64decode(value, validate=True)
-        except (binascii.Error, ValueError) as exc:
-            raise ValueError(f"not valid base64: {exc}") from exc
-        return value
+        return _check_base64(value)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "VideoPayload":
@@ -38,6 +43,34 @@ class VideoPayload(BaseModel):
 
     def to_bytes(self) -> bytes:
         return base64.b64decode(self.data)
+
+
+class ImagePayload(BaseModel):
+    """One still image inside a request (a reference image for the edit)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["png", "jpeg"] = "png"
+    """Encoding of ``data``."""
+    data: str = Field(min_length=1)
+    """Standard base64 of the image file's bytes."""
+
+    @field_validator("data")
+    @classmethod
+    def _is_base64(cls, value: str) -> str:
+        return _check_base64(value)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, format: Literal["png", "jpeg"] = "png") -> "ImagePayload":
+        return cls(format=format, data=base64.b64encode(data).decode("ascii"))
+
+    def to_bytes(self) -> bytes:
+        return base64.b64decode(self.data)
+
+
+EditCategory = Literal["local_change", "remove", "add", "global_style"]
+"""Edit categories of the judge rubrics (RVEDiT appendix): change an object or
+region, remove something, add something, or restyle the whole video."""
 
 
 class ScoreItem(BaseModel):
@@ -53,6 +86,11 @@ class ScoreItem(BaseModel):
     """The unedited source video."""
     edited: VideoPayload
     """The policy's edited video; same frame count as the source."""
+    reference: ImagePayload | None = None
+    """Optional reference image (e.g. the object to insert or the target style);
+    judges that use it add a ``reference_similarity`` dimension."""
+    category: EditCategory | None = None
+    """Optional edit category for category rubrics; inferred from the instruction when omitted."""
 
 
 class ScoreRequest(BaseModel):
@@ -90,6 +128,13 @@ class ItemScore(BaseModel):
     """Why scoring failed, when ``ok`` is False."""
     backends: dict[str, str] = Field(default_factory=dict)
     """Backend name -> backend version that produced the dimensions."""
+    cached: bool = False
+    """True when every backend's scores for this item came from the score cache."""
+    reasons: dict[str, str] = Field(default_factory=dict)
+    """Backend name -> the judge's short justification, where the backend gives one."""
+    backend_errors: dict[str, str] = Field(default_factory=dict)
+    """Backend name -> why that backend failed on this item (with ``allow_partial``
+    the reward can still be ok from the other backends)."""
 
 
 class ScoreResponse(BaseModel):
@@ -97,4 +142,7 @@ class ScoreResponse(BaseModel):
 
     request_id: str
     reward_config_version: str
+    """Version of the reward config that scored every item of this request."""
     results: list[ItemScore]
+    backends: dict[str, str] = Field(default_factory=dict)
+    """Backend name -> version of every backend of that reward config."""

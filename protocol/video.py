@@ -1,6 +1,6 @@
-"""Video <-> bytes with PyAV (H.264 in mp4), used on the wire and on disk.
+"""Video <-> bytes with PyAV (H.264 in mp4), used on the wire and on disk; still images with Pillow.
 
-Frames are always ``uint8`` arrays of shape ``(F, H, W, 3)`` in RGB order.
+Frames are always ``uint8`` arrays of shape ``(F, H, W, 3)`` in RGB order, images ``(H, W, 3)``.
 """
 from __future__ import annotations
 
@@ -8,10 +8,19 @@ import io
 
 import av
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 
 class VideoDecodeError(ValueError):
     """Raised when bytes are not a decodable video with at least one frame."""
+
+
+class ImageDecodeError(ValueError):
+    """Raised when bytes are not a decodable still image."""
+
+
+# Largest accepted reference image, in pixels (guards against decompression bombs).
+MAX_IMAGE_PIXELS = 4096 * 4096
 
 
 def encode_mp4(frames: np.ndarray, fps: int = 8, crf: int = 10) -> bytes:
@@ -84,3 +93,29 @@ def read_video(path: str) -> np.ndarray:
     """Read a video file from disk; see :func:`decode_video` (errors name the path)."""
     with open(path, "rb") as handle:
         return decode_video(handle.read(), what=str(path))
+
+
+def decode_image(data: bytes, what: str = "image") -> np.ndarray:
+    """Decode a PNG or JPEG file into an RGB array.
+
+    Args:
+        data: the file's bytes.
+        what: a name for the image used in error messages.
+
+    Returns:
+        ``uint8`` array ``(H, W, 3)``.
+
+    Raises:
+        ImageDecodeError: empty, not an image, or larger than ``MAX_IMAGE_PIXELS``.
+    """
+    if not data:
+        raise ImageDecodeError(f"{what}: empty image bytes")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise ImageDecodeError(f"{what}: image of {image.width}x{image.height} pixels is too large")
+            return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
+    except ImageDecodeError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageDecodeError(f"{what}: cannot decode image ({exc})") from exc

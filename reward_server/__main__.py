@@ -1,4 +1,8 @@
-"""``python -m reward_server --config configs/reward_server.yaml [--host H] [--port P]``."""
+"""``python -m reward_server --config configs/reward_server.yaml [--host H] [--port P] [--redis-url URL]``.
+
+The same as ``editrl reward-server``. Binds 127.0.0.1 unless the config or
+``--host`` says otherwise.
+"""
 from __future__ import annotations
 
 import argparse
@@ -14,6 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="YAML ServerConfig (defaults when omitted)")
     parser.add_argument("--host", help="override config.host")
     parser.add_argument("--port", type=int, help="override config.port")
+    parser.add_argument("--redis-url", help="override config.redis_url (shared cache and config registry)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -21,7 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         config = load_server_config(args.config) if args.config else ServerConfig()
-        overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+        overrides = {
+            k: v for k, v in (("host", args.host), ("port", args.port), ("redis_url", args.redis_url)) if v is not None
+        }
         if overrides:
             config = ServerConfig.model_validate({**config.model_dump(), **overrides})
     except (OSError, ValueError) as exc:

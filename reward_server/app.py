@@ -4,213 +4,228 @@ Routes:
 
 * ``GET /healthz`` -> ``{"status": "ok"}``.
 * ``POST /v1/score``: :class:`protocol.reward.ScoreRequest` ->
-  :class:`protocol.reward.ScoreResponse`. Videos are decoded in a worker thread;
-  an undecodable one is HTTP 422 naming the item and field. Decoded items go
-  through a :class:`reward_server.batching.DynamicBatcher`, so items of concurrent
-  requests share backend calls. Items the backend or the aggregation could not
-  score come back with ``ok=False``, an ``error`` and ``reward=None`` (the
-  response is still 200).
-* ``GET /v1/config``: the active reward config.
+  :class:`protocol.reward.ScoreResponse`, scored on the reward config active
+  when the request arrived (see :mod:`reward_server.scoring`). An undecodable
+  video or image is HTTP 422 naming the item and field; an item a backend or
+  the aggregation could not score comes back ``ok: false`` with the reason
+  (the response is still 200).
+* ``GET /v1/config``: the active reward config, its revision and backend versions.
+* ``PUT /v1/config`` (admin: ``Authorization: Bearer <token>``): make a new
+  reward config active without a restart (see :mod:`reward_server.runtime`); with
+  Redis every replica follows (see :mod:`reward_server.config_store`).
 * ``GET /metrics``: Prometheus text exposition of a registry private to the app.
 
 Bodies larger than ``max_request_bytes`` get HTTP 413 (FastAPI's ``max_body_size``
-checks both the Content-Length header and the bytes actually received);
-malformed JSON and schema violations get FastAPI's 422 naming the field.
+checks the Content-Length header and the bytes actually received); malformed
+JSON and schema violations get FastAPI's 422 naming the field. OpenAPI is at
+``/openapi.json``. Only JSON travels: nothing is pickled.
 """
 from __future__ import annotations
 
+import hmac
 import logging
-import math
+import os
+import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
-from fastapi import FastAPI, HTTPException, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from starlette.concurrency import run_in_threadpool
+from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ConfigDict
+from redis.exceptions import RedisError
 
-from protocol.reward import ItemScore, ScoreRequest, ScoreResponse
-from protocol.video import VideoDecodeError, decode_video
-from reward_server.backends import Backend, PixelInput, PixelResult, get_backend
-from reward_server.batching import DynamicBatcher
-from reward_server.config import AggregationError, ServerConfig
+from protocol.reward import ScoreRequest, ScoreResponse
+from reward_server.backends import Backend
+from reward_server.config import ServerConfig
+from reward_server.config_store import ConfigConflict
+from reward_server.metrics import Metrics
+from reward_server.reward_config import DimensionError, RewardConfig
+from reward_server.runtime import BackendPool, ConfigBuildError, Runtime, RuntimeManager
+from reward_server.scoring import Scorer, UndecodableInputs
+from reward_server.state import open_state
 
 logger = logging.getLogger(__name__)
 
-_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+REPLICA_ID = f"{socket.gethostname()}:{os.getpid()}"
 
 
-class _Metrics:
-    """The app's Prometheus collectors, in a registry of their own."""
+class ActiveConfig(BaseModel):
+    """Body of ``GET /v1/config`` and ``PUT /v1/config``."""
 
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.batch_size = Histogram(
-            "reward_batch_size", "Items per backend scoring call.", buckets=_BATCH_BUCKETS, registry=self.registry
-        )
-        self.batch_seconds = Histogram(
-            "reward_batch_seconds", "Seconds per backend scoring call.", buckets=_LATENCY_BUCKETS, registry=self.registry
-        )
-        self.request_latency = Histogram(
-            "reward_request_latency_seconds",
-            "Seconds to answer POST /v1/score, decoding and queueing included.",
-            buckets=_LATENCY_BUCKETS,
-            registry=self.registry,
-        )
-        self.items_scored = Counter(
-            "reward_items_scored", "Items that got a reward.", labelnames=("backend",), registry=self.registry
-        )
-        self.item_errors = Counter(
-            "reward_item_errors", "Items returned with ok=False.", labelnames=("backend",), registry=self.registry
-        )
+    model_config = ConfigDict(use_attribute_docstrings=True)
 
-    def on_batch(self, size: int, seconds: float) -> None:
-        self.batch_size.observe(size)
-        self.batch_seconds.observe(seconds)
-
-
-class _UndecodableVideos(Exception):
-    def __init__(self, errors: list[dict[str, Any]]) -> None:
-        super().__init__("; ".join(error["msg"] for error in errors))
-        self.errors = errors
+    version: str
+    """Version of the active reward config."""
+    revision: int
+    """Increasing number of the change that made it active (shared by replicas with Redis)."""
+    backends: dict[str, str]
+    """Backend label -> backend version."""
+    backend: str | None = None
+    """The backend's name when the config has exactly one."""
+    backend_version: str | None = None
+    """That backend's version when the config has exactly one."""
+    aggregation: str
+    """``weighted_mean`` or ``geometric_mean``."""
+    weights: dict[str, float]
+    """Weights of ``weighted_mean``."""
+    config: RewardConfig
+    """The whole reward config."""
+    changed: bool | None = None
+    """``PUT`` only: False when the config was already active."""
+    sync_error: str | None = None
+    """Why this replica could not apply the registry's latest change, if it could not."""
+    replica: str = REPLICA_ID
+    """The answering server process (``host:pid``), to tell replicas apart."""
 
 
-def _decode_items(request: ScoreRequest) -> list[PixelInput]:
-    """Decode every video of the request; collect all failures into one exception."""
-    inputs: list[PixelInput] = []
-    errors: list[dict[str, Any]] = []
-    for index, item in enumerate(request.items):
-        frames = {}
-        for field in ("source", "edited"):
-            what = f"items[{index}].{field} (item_id={item.item_id})"
-            try:
-                frames[field] = decode_video(getattr(item, field).to_bytes(), what=what)
-            except VideoDecodeError as exc:
-                errors.append(
-                    {"loc": ["body", "items", index, field, "data"], "msg": str(exc), "type": "video_decode_error"}
-                )
-        if len(frames) == 2:
-            inputs.append(
-                PixelInput(instruction=item.instruction, source=frames["source"], edited=frames["edited"], item_id=item.item_id)
-            )
-    if errors:
-        raise _UndecodableVideos(errors)
-    return inputs
-
-
-def _finite_or_none(dimensions: dict[str, float | None]) -> dict[str, float | None]:
-    return {k: (v if v is None or math.isfinite(v) else None) for k, v in dimensions.items()}
+def _view(runtime: Runtime, sync_error: str | None, changed: bool | None = None) -> ActiveConfig:
+    single = runtime.backends[0] if len(runtime.backends) == 1 else None
+    return ActiveConfig(
+        version=runtime.config.version, revision=runtime.revision, backends=runtime.versions,
+        backend=single.backend.name if single else None, backend_version=single.backend.version if single else None,
+        aggregation=runtime.config.aggregation, weights=dict(runtime.config.weights), config=runtime.config,
+        changed=changed, sync_error=sync_error,
+    )
 
 
 def create_app(config: ServerConfig, backend: Backend | None = None) -> FastAPI:
     """Build the reward server app for ``config``.
 
     Args:
-        config: server and reward configuration.
-        backend: the scoring backend; defaults to ``get_backend(config.reward.backend)``.
+        config: server and initial reward configuration.
+        backend: a ready backend to serve the initial config's single backend
+            with instead of building it from its spec (embedding and tests).
 
     Raises:
-        ValueError: the reward weights name a dimension the backend does not produce.
+        ValueError: the reward config weights a dimension its backends do not
+            produce, or ``backend`` is given for a config with several backends.
     """
-    backend = backend if backend is not None else get_backend(config.reward.backend)
-    unknown = sorted(set(config.reward.weights) - set(backend.dimensions))
-    if unknown:
-        raise ValueError(
-            f"reward weights name dimensions {unknown} that backend {backend.name!r} "
-            f"does not produce (it produces {list(backend.dimensions)})"
-        )
-    reward_config = config.reward
-    metrics = _Metrics()
-    batcher: DynamicBatcher[PixelInput, PixelResult] = DynamicBatcher(
-        backend.score_batch,
-        max_batch_size=config.max_batch_size,
-        max_wait_s=config.max_wait_s,
-        on_batch=metrics.on_batch,
-        name=f"{backend.name}-batcher",
-    )
-    backends_field = {backend.name: backend.version}
+    reward = config.reward
+    produced = {key: spec.dimension_names() for key, spec in reward.backends.items()}
+    injected = {}
+    if backend is not None:
+        if len(reward.backends) != 1:
+            raise ValueError("an injected backend needs a reward config with exactly one backend")
+        (key, spec), = reward.backends.items()
+        produced = {key: tuple(backend.dimensions)}
+        injected = {(key, spec.model_dump_json()): backend}
+    try:
+        reward.check_dimensions(produced)
+    except DimensionError as exc:
+        raise ValueError(f"reward config {reward.version!r}: {exc}") from exc
+    metrics = Metrics()
+    pool = BackendPool(metrics, config.max_batch_size, config.max_wait_s, injected)
+    manager = RuntimeManager(pool, metrics)
+    admin_token = os.environ.get(config.admin_token_env) or None
+    bearer = HTTPBearer(auto_error=False, description=f"the token in ${config.admin_token_env}")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        batcher.start()
-        logger.info(
-            "reward server ready: backend %s (%s), reward config %s, max_batch_size=%d, max_wait_s=%g",
-            backend.name, backend.version, reward_config.version, config.max_batch_size, config.max_wait_s,
-        )
-        try:
-            yield
-        finally:
-            await batcher.stop()
+        async with open_state(config) as state:
+            initial, revision = await state.store.start(reward)
+            try:
+                manager.install(await manager.build(initial, revision))
+            except ConfigBuildError as exc:
+                raise RuntimeError(f"cannot serve reward config {initial.version!r} (revision {revision}): {exc}") from exc
+            state.store.follow(manager.apply)
+            app.state.store = state.store
+            app.state.scorer = Scorer(state.cache, metrics)
+            logger.info(
+                "reward server ready: reward config %s (revision %d), backends %s, cache %s, registry %s",
+                initial.version, revision, manager.current.versions if manager.current else {},
+                type(state.cache).__name__ if state.cache else "off", type(state.store).__name__,
+            )
+            try:
+                yield
+            finally:
+                await state.store.close()
+                await manager.close()
 
-    app = FastAPI(
-        title="editrl reward server",
-        version=backend.version,
-        lifespan=lifespan,
-        max_body_size=config.max_request_bytes,
-    )
+    app = FastAPI(title="editrl reward server", version="2", lifespan=lifespan, max_body_size=config.max_request_bytes)
     app.state.config = config
-    app.state.backend = backend
+    app.state.manager = manager
     app.state.metrics_registry = metrics.registry
 
-    def to_item_score(result: PixelResult, item_id: str) -> ItemScore:
-        if not result.ok:
-            return ItemScore(item_id=item_id, ok=False, error=result.error, backends=backends_field)
-        dimensions = result.dimensions or {}
-        try:
-            reward = reward_config.aggregate(dimensions)
-        except AggregationError as exc:
-            return ItemScore(
-                item_id=item_id, ok=False, dimensions=_finite_or_none(dimensions), error=str(exc), backends=backends_field
-            )
-        return ItemScore(item_id=item_id, ok=True, reward=reward, dimensions=dimensions, backends=backends_field)
+    def current() -> Runtime:
+        if manager.current is None:
+            raise HTTPException(status_code=503, detail="the reward server is starting")
+        return manager.current
+
+    def require_admin(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if admin_token is None:
+            raise HTTPException(status_code=403, detail=f"admin routes are disabled: ${config.admin_token_env} is not set")
+        if credentials is None or not hmac.compare_digest(credentials.credentials.encode(), admin_token.encode()):
+            raise HTTPException(status_code=401, detail="missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/v1/config")
-    async def get_config() -> dict[str, Any]:
-        return {
-            "version": reward_config.version,
-            "backend": backend.name,
-            "backend_version": backend.version,
-            "aggregation": reward_config.aggregation,
-            "weights": dict(reward_config.weights),
-        }
+    @app.get("/v1/config", response_model=ActiveConfig, response_model_exclude_none=True)
+    async def get_config() -> ActiveConfig:
+        return _view(current(), manager.sync_error)
+
+    @app.put(
+        "/v1/config", response_model=ActiveConfig, response_model_exclude_none=True,
+        dependencies=[Depends(require_admin)],
+        responses={401: {"description": "missing or wrong token"}, 403: {"description": "admin routes disabled"},
+                   409: {"description": "another definition is active under this version"},
+                   503: {"description": "the config registry (Redis) is unreachable"}},
+    )
+    async def put_config(new: RewardConfig, request: Request) -> ActiveConfig:
+        store = request.app.state.store
+        async with manager.lock:
+            active = current()
+            if new == active.config:
+                return _view(active, manager.sync_error, changed=False)
+            if new.version == active.config.version:
+                raise HTTPException(409, detail=f"version {new.version!r} is active with a different definition; "
+                                                "give the new definition a new version")
+            try:
+                runtime = await manager.build(new, revision=0)
+            except ConfigBuildError as exc:
+                raise HTTPException(422, detail=[{"loc": ["body", *exc.loc], "msg": str(exc), "type": "config_error"}]) from exc
+            try:
+                revision, _ = await store.publish(new)
+            except (ConfigConflict, RedisError, OSError) as exc:
+                for held in runtime.backends:
+                    await manager.pool.release(held)
+                if isinstance(exc, ConfigConflict):
+                    raise HTTPException(409, detail=str(exc)) from exc
+                raise HTTPException(503, detail=f"config registry unreachable: {exc}") from exc
+            runtime.revision = revision
+            manager.install(runtime)
+            logger.info("reward config %s active (revision %d) by PUT /v1/config", new.version, revision)
+            return _view(runtime, None, changed=True)
 
     @app.get("/metrics")
     async def get_metrics() -> Response:
         return Response(content=generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/v1/score", response_model=ScoreResponse)
-    async def score(request: ScoreRequest) -> ScoreResponse:
+    @app.post("/v1/score", response_model=ScoreResponse, responses={413: {"description": "request body too large"}})
+    async def score(score_request: ScoreRequest, request: Request) -> ScoreResponse:
         started = time.perf_counter()
         try:
-            try:
-                inputs = await run_in_threadpool(_decode_items, request)
-            except _UndecodableVideos as exc:
-                logger.info("request %s rejected: %s", request.request_id, exc)
-                raise HTTPException(status_code=422, detail=exc.errors) from exc
-            try:
-                results = await batcher.submit(inputs)
-            except Exception as exc:  # noqa: BLE001 - the backend failed the whole batch
-                message = f"backend {backend.name!r} failed on the batch: {type(exc).__name__}: {exc}"
-                results = [PixelResult(item_id=item.item_id, error=message) for item in inputs]
-            scores = [to_item_score(result, item.item_id) for result, item in zip(results, request.items)]
+            async with current().use() as runtime:
+                try:
+                    scores = await request.app.state.scorer.score(runtime, score_request)
+                except UndecodableInputs as exc:
+                    logger.info("request %s rejected: %s", score_request.request_id, exc)
+                    raise HTTPException(status_code=422, detail=exc.errors) from exc
         finally:
             metrics.request_latency.observe(time.perf_counter() - started)
-        failed = sum(not s.ok for s in scores)
-        metrics.items_scored.labels(backend=backend.name).inc(len(scores) - failed)
-        metrics.item_errors.labels(backend=backend.name).inc(failed)
-        for item_score in scores:
-            if not item_score.ok:
-                logger.warning("request %s item %s failed: %s", request.request_id, item_score.item_id, item_score.error)
+        failed = [s for s in scores if not s.ok]
+        for item_score in failed:
+            logger.warning("request %s item %s failed: %s", score_request.request_id, item_score.item_id, item_score.error)
         logger.info(
-            "request %s: %d items (%d failed) in %.3f s",
-            request.request_id, len(scores), failed, time.perf_counter() - started,
+            "request %s: %d items (%d failed) on %s in %.3f s",
+            score_request.request_id, len(scores), len(failed), runtime.config.version, time.perf_counter() - started,
         )
-        return ScoreResponse(request_id=request.request_id, reward_config_version=reward_config.version, results=scores)
+        return ScoreResponse(
+            request_id=score_request.request_id, reward_config_version=runtime.config.version,
+            results=scores, backends=runtime.versions,
+        )
 
     return app

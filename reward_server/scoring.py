@@ -1,0 +1,279 @@
+"""One ``POST /v1/score`` request through the cache, the backends and the aggregation.
+
+For every backend of the request's runtime and every item: look the item up in
+the score cache; join a scoring of the same item already in flight in this
+process; with a shared cache, claim the item so that other replicas wait for
+this one's result; score what is left through the backend's executor; store the
+successes. Videos are decoded only for items some backend has to score. Then
+each item's dimensions are merged under their config names and aggregated; a
+failure is an explicit ``ok: false`` with the reason, never a zero.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from protocol.reward import ItemScore, ScoreItem, ScoreRequest
+from protocol.video import ImageDecodeError, VideoDecodeError, decode_image, decode_video
+from reward_server.backends import BackendResult, ScoreInput
+from reward_server.cache import ScoreCache, cache_key, content_digest
+from reward_server.metrics import Metrics
+from reward_server.reward_config import AggregationError
+from reward_server.runtime import ActiveBackend, Runtime
+
+logger = logging.getLogger(__name__)
+
+
+class UndecodableInputs(Exception):
+    """Videos or images of the request cannot be decoded; ``errors`` are FastAPI-style 422 details."""
+
+    def __init__(self, errors: list[dict[str, Any]]) -> None:
+        super().__init__("; ".join(error["msg"] for error in errors))
+        self.errors = errors
+
+
+@dataclass
+class _Wire:
+    """One request item's raw bytes and digests."""
+
+    item: ScoreItem
+    source: bytes
+    edited: bytes
+    reference: bytes | None
+    digests: tuple[str, str, str | None]
+
+
+def decode_item(index: int, wire: _Wire) -> tuple[ScoreInput | None, list[dict[str, Any]]]:
+    """Decode one item's videos (and reference image); errors name ``items[i].field``."""
+    item, errors, frames = wire.item, [], {}
+    for field, data in (("source", wire.source), ("edited", wire.edited)):
+        what = f"items[{index}].{field} (item_id={item.item_id})"
+        try:
+            frames[field] = decode_video(data, what=what)
+        except VideoDecodeError as exc:
+            errors.append({"loc": ["body", "items", index, field, "data"], "msg": str(exc), "type": "video_decode_error"})
+    reference = None
+    if wire.reference is not None:
+        try:
+            reference = decode_image(wire.reference, what=f"items[{index}].reference (item_id={item.item_id})")
+        except ImageDecodeError as exc:
+            errors.append({"loc": ["body", "items", index, "reference", "data"], "msg": str(exc), "type": "image_decode_error"})
+    if errors:
+        return None, errors
+    return ScoreInput(
+        instruction=item.instruction, source=frames["source"], edited=frames["edited"], item_id=item.item_id,
+        reference=reference, category=item.category, source_bytes=wire.source, edited_bytes=wire.edited,
+    ), []
+
+
+def _wire_items(request: ScoreRequest) -> list[_Wire]:
+    wires = []
+    for item in request.items:
+        source, edited = item.source.to_bytes(), item.edited.to_bytes()
+        reference = item.reference.to_bytes() if item.reference is not None else None
+        digests = (content_digest(source), content_digest(edited), content_digest(reference) if reference else None)
+        wires.append(_Wire(item, source, edited, reference, digests))
+    return wires
+
+
+def _decode_all(wires: list[_Wire], needed: list[int]) -> dict[int, ScoreInput]:
+    inputs, errors = {}, []
+    for index in needed:
+        decoded, problems = decode_item(index, wires[index])
+        errors.extend(problems)
+        if decoded is not None:
+            inputs[index] = decoded
+    if errors:
+        raise UndecodableInputs(errors)
+    return inputs
+
+
+class Scorer:
+    """Scores requests on a runtime with a score cache.
+
+    Args:
+        cache: the score cache, or None to score everything.
+        metrics: the app's collectors.
+    """
+
+    def __init__(self, cache: ScoreCache | None, metrics: Metrics) -> None:
+        self.cache = cache
+        self.metrics = metrics
+        self._flights: dict[str, asyncio.Future[BackendResult]] = {}
+
+    async def score(self, runtime: Runtime, request: ScoreRequest) -> list[ItemScore]:
+        """Per-item scores of ``request`` in request order.
+
+        Raises:
+            UndecodableInputs: a video or the reference image of an item that had
+                to be scored cannot be decoded (HTTP 422 naming the item and field).
+        """
+        wires = await asyncio.to_thread(_wire_items, request)
+        keys = {
+            active.key: [cache_key(active.fingerprint, w.item.instruction, w.item.category, *w.digests) for w in wires]
+            for active in runtime.backends
+        }
+        found: dict[str, list[dict[str, Any] | None]] = {}
+        for active in runtime.backends:
+            found[active.key] = await self.cache.get_many(keys[active.key]) if self.cache is not None else [None] * len(wires)
+            hits = sum(entry is not None for entry in found[active.key])
+            self.metrics.cache_hits.labels(backend=active.label).inc(hits)
+            self.metrics.cache_misses.labels(backend=active.label).inc(len(wires) - hits)
+        needed = sorted({i for a in runtime.backends for i, entry in enumerate(found[a.key]) if entry is None})
+        inputs = await asyncio.to_thread(_decode_all, wires, needed) if needed else {}
+        per_backend = await asyncio.gather(*(
+            self._resolve(active, keys[active.key], found[active.key], inputs) for active in runtime.backends
+        ))
+        return [self._compose(runtime, i, wire.item.item_id, per_backend) for i, wire in enumerate(wires)]
+
+    async def _resolve(
+        self, active: ActiveBackend, keys: list[str], found: list[dict[str, Any] | None], inputs: dict[int, ScoreInput]
+    ) -> list[tuple[BackendResult, bool]]:
+        """(result, from the cache) per item for one backend."""
+        results: list[BackendResult | None] = [None] * len(keys)
+        cached = [entry is not None for entry in found]
+        for i, entry in enumerate(found):
+            if entry is not None:
+                results[i] = _from_entry(entry)
+        mine: dict[str, list[int]] = {}
+        joined: dict[str, list[int]] = {}
+        loop = asyncio.get_running_loop()
+        for i, key in enumerate(keys):
+            if results[i] is not None:
+                continue
+            if key in mine:
+                mine[key].append(i)
+            elif key in joined:
+                joined[key].append(i)
+            elif key in self._flights:
+                joined[key] = [i]
+                self.metrics.cache_joins.labels(backend=active.label).inc()
+            else:
+                mine[key] = [i]
+                self._flights[key] = loop.create_future()
+        futures = {key: self._flights[key] for key in joined}
+        try:
+            computed = await self._compute(active, {key: inputs[indices[0]] for key, indices in mine.items()})
+        except BaseException as exc:
+            for key in mine:
+                future = self._flights.pop(key)
+                if not future.done():
+                    future.set_result(BackendResult(error=f"scoring interrupted: {type(exc).__name__}"))
+            raise
+        for key, indices in mine.items():
+            self._flights.pop(key).set_result(computed[key])
+            for i in indices:
+                results[i] = computed[key]
+        for key, indices in joined.items():
+            result = await asyncio.shield(futures[key])
+            for i in indices:
+                results[i] = result
+        return [(result, hit) for result, hit in zip(results, cached)]  # type: ignore[misc]
+
+    async def _compute(self, active: ActiveBackend, todo: dict[str, ScoreInput]) -> dict[str, BackendResult]:
+        """Score ``todo`` (cache key -> item); with a shared cache, items claimed by another replica are awaited."""
+        if not todo:
+            return {}
+        shared = self.cache is not None and self.cache.shared
+        claimed, elsewhere = list(todo), []
+        if shared:
+            claims = await asyncio.gather(*(self.cache.claim(key) for key in todo))  # type: ignore[union-attr]
+            claimed = [key for key, ok in zip(todo, claims) if ok]
+            elsewhere = [key for key, ok in zip(todo, claims) if not ok]
+
+        async def own() -> dict[str, BackendResult]:
+            try:
+                return await self._run(active, {key: todo[key] for key in claimed})
+            finally:
+                if shared:
+                    await asyncio.gather(*(self.cache.release(key) for key in claimed))  # type: ignore[union-attr]
+
+        async def wait(key: str) -> tuple[str, BackendResult | None]:
+            entry = await self.cache.wait_for(key)  # type: ignore[union-attr]
+            return key, (_from_entry(entry) if entry is not None else None)
+
+        done, *waited = await asyncio.gather(own(), *(wait(key) for key in elsewhere))
+        leftover = {}
+        for key, result in waited:
+            if result is None:
+                leftover[key] = todo[key]  # the other replica failed or vanished: score it here
+            else:
+                done[key] = result
+                self.metrics.cache_joins.labels(backend=active.label).inc()
+        if leftover:
+            done.update(await self._run(active, leftover))
+        return done
+
+    async def _run(self, active: ActiveBackend, todo: dict[str, ScoreInput]) -> dict[str, BackendResult]:
+        """Score through the executor, count failures, store successes."""
+        if not todo:
+            return {}
+        items = list(todo.values())
+        try:
+            results = await active.executor.submit(items)
+        except Exception as exc:  # noqa: BLE001 - the backend failed the whole call
+            message = f"backend {active.label!r} failed on the batch: {type(exc).__name__}: {exc}"
+            results = [BackendResult(item_id=item.item_id, error=message) for item in items]
+        out = dict(zip(todo, results))
+        self.metrics.backend_errors.labels(backend=active.label).inc(sum(not r.ok for r in results))
+        if self.cache is not None:
+            storable = {key: _to_entry(r) for key, r in out.items() if r.ok and _finite(r.dimensions)}
+            await self.cache.put_many(storable)
+        return out
+
+    def _compose(
+        self, runtime: Runtime, index: int, item_id: str, per_backend: list[list[tuple[BackendResult, bool]]]
+    ) -> ItemScore:
+        config = runtime.config
+        dimensions: dict[str, float | None] = {}
+        reasons: dict[str, str] = {}
+        errors: dict[str, str] = {}
+        all_cached = True
+        for active, results in zip(runtime.backends, per_backend):
+            result, hit = results[index]
+            all_cached = all_cached and hit
+            if result.ok:
+                for name, value in (result.dimensions or {}).items():
+                    dimensions[config.dimension_name(active.key, name)] = value
+                if result.reason:
+                    reasons[active.label] = result.reason
+            else:
+                errors[active.label] = result.error or "no result"
+                for name in active.backend.dimensions:
+                    dimensions[config.dimension_name(active.key, name)] = None
+        common = dict(item_id=item_id, backends=runtime.versions, cached=all_cached, reasons=reasons, backend_errors=errors)
+        labels = [active.label for active in runtime.backends]
+        error = "; ".join(f"{label}: {message}" for label, message in errors.items()) or None
+        if errors and not config.allow_partial:
+            for label in errors:
+                self.metrics.item_errors.labels(backend=label).inc()
+            return ItemScore(ok=False, error=error, dimensions=_finite_or_none(dimensions), **common)
+        try:
+            reward = config.aggregate(dimensions)
+        except AggregationError as exc:
+            for label in labels:
+                self.metrics.item_errors.labels(backend=label).inc()
+            message = f"{exc}; {error}" if error else str(exc)
+            return ItemScore(ok=False, error=message, dimensions=_finite_or_none(dimensions), **common)
+        for label in labels:
+            self.metrics.items_scored.labels(backend=label).inc()
+        return ItemScore(ok=True, reward=reward, dimensions=dimensions, **common)
+
+
+def _from_entry(entry: dict[str, Any]) -> BackendResult:
+    return BackendResult(dimensions=dict(entry["dimensions"]), reason=entry.get("reason"))
+
+
+def _to_entry(result: BackendResult) -> dict[str, Any]:
+    return {"dimensions": result.dimensions, "reason": result.reason}
+
+
+def _finite(dimensions: dict[str, float | None] | None) -> bool:
+    return dimensions is not None and all(v is None or math.isfinite(v) for v in dimensions.values())
+
+
+def _finite_or_none(dimensions: dict[str, float | None]) -> dict[str, float | None]:
+    return {k: (v if v is None or math.isfinite(v) else None) for k, v in dimensions.items()}
