@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -36,6 +37,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.address:
         overrides["ray_address"] = args.address
     config = load_train_config(args.config, overrides)
+    # SIGTERM (e.g. a cancelled job) unwinds like Ctrl-C, so the reward server and Ray are stopped.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     run_dir = Path(args.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     _setup_logging(run_dir / "train.log")

@@ -51,14 +51,30 @@ def follow(instruction: str, source: np.ndarray, edited: np.ndarray) -> float | 
 SOURCE_GRAY = gray_video(np.full((2, 8), 100))
 
 
+def sigmoid(z: float) -> float:
+    return 1.0 / (1.0 + math.exp(-z))
+
+
 # ---------------------------------------------------------------- overshoot rule
 @pytest.mark.parametrize(
     "u, expected",
-    [(-1.0, 0.0), (0.0, 0.0), (0.5, 5.0), (1.0, 10.0), (1.5, 10.0), (2.0, 5.0), (2.5, 0.0), (4.0, 0.0)],
+    [
+        (-1.0, 10 * 0.0024726232 / 0.8807970780),  # 10 sigmoid(-6) / sigmoid(2) = 0.0281
+        (0.0, 10 * math.exp(-2)),                   # sigmoid(-a) / sigmoid(a) = e^-a: 1.3534
+        (0.5, 5 / 0.8807970780),                    # 10 * 0.5 / sigmoid(2) = 5.6767
+        (1.0, 10.0), (1.5, 10.0), (2.0, 5.0), (2.5, 0.0), (4.0, 0.0),
+    ],
 )
 def test_overshoot_score(u, expected):
-    # u <= 1.5: 10 * clip(u, 0, 1); u > 1.5: 10 * max(0, 1 - (u - 1.5)); e.g. u = 2 -> 10 * 0.5 = 5
-    assert overshoot_score(u) == pytest.approx(expected)
+    # u <= 1: 10 sigmoid(4 (u - 0.5)) / sigmoid(2); 1 < u <= 1.5: 10;
+    # u > 1.5: 10 * max(0, 1 - (u - 1.5)); e.g. u = 2 -> 10 * 0.5 = 5
+    assert overshoot_score(u) == pytest.approx(expected, rel=1e-6)
+
+
+def test_overshoot_score_ranks_every_shortfall():
+    # strictly increasing below the target, so GRPO can rank edits that all fall short
+    values = [overshoot_score(u) for u in (-2.0, -1.0, -0.5, 0.0, 0.25, 0.5, 0.75, 1.0)]
+    assert all(a < b for a, b in zip(values, values[1:]))
 
 
 # ---------------------------------------------------------------- brighten / darken
@@ -66,10 +82,10 @@ def test_overshoot_score(u, expected):
     "shift, columns, expected",
     [
         (51, 6, 10.0),   # dY = 0.2 * 6/8 = 0.15 -> u = 1 -> 10
-        (51, 3, 5.0),    # dY = 0.2 * 3/8 = 0.075 -> u = 0.5 -> 5
+        (51, 3, 5 / 0.8807970780),  # dY = 0.2 * 3/8 = 0.075 -> u = 0.5 -> 10 * 0.5 / sigmoid(2)
         (102, 6, 5.0),   # dY = 0.4 * 6/8 = 0.3 -> u = 2 -> 10 * (1 - 0.5) = 5
-        (-51, 6, 0.0),   # dY = -0.15 -> u = -1 -> clipped to 0
-        (0, 0, 0.0),     # unchanged video -> u = 0 -> 0
+        (-51, 6, 10 * 0.0024726232 / 0.8807970780),  # dY = -0.15 -> u = -1 -> 10 sigmoid(-6) / sigmoid(2)
+        (0, 0, 10 * math.exp(-2)),  # unchanged video -> u = 0 -> 10 e^-2
     ],
 )
 def test_brighten(shift, columns, expected):
@@ -80,12 +96,14 @@ def test_brighten(shift, columns, expected):
 def test_darken():
     # dY = -0.2 * 6/8 = -0.15, t = -0.15 -> u = 1 -> 10
     assert follow("Make it darker", SOURCE_GRAY, gray_video(columns_shifted(100, -51, 6))) == pytest.approx(10.0, abs=1e-4)
-    # dY = -0.2 * 4/8 = -0.1 -> u = 2/3 -> 6.667
+    # dY = -0.2 * 4/8 = -0.1 -> u = 2/3 -> 10 sigmoid(4 (2/3 - 1/2)) / sigmoid(2) = 10 * 0.66077 / 0.88080 = 7.502
     assert follow("Turn it into night", SOURCE_GRAY, gray_video(columns_shifted(100, -51, 4))) == pytest.approx(
-        20 / 3, abs=1e-3
+        10 * sigmoid(2 / 3) / sigmoid(2), abs=1e-3
     )
-    # brightening when asked to darken: u = -1 -> 0
-    assert follow("Make it darker", SOURCE_GRAY, gray_video(columns_shifted(100, 51, 6))) == pytest.approx(0.0)
+    # brightening when asked to darken: u = -1 -> 10 sigmoid(-6) / sigmoid(2) = 0.028, near but above 0
+    assert follow("Make it darker", SOURCE_GRAY, gray_video(columns_shifted(100, 51, 6))) == pytest.approx(
+        10 * sigmoid(-6) / sigmoid(2), abs=1e-6
+    )
 
 
 # ---------------------------------------------------------------- grayscale / saturate
@@ -99,9 +117,10 @@ def test_grayscale_exact_gray_gives_10():
 
 
 def test_grayscale_half_way():
-    # R 200 -> 150: C_e = 50/255 -> m = 1 - 0.5 = 0.5 -> u = 0.625 -> 6.25
+    # R 200 -> 150: C_e = 50/255 -> m = 1 - 0.5 = 0.5 -> u = 0.625
+    # -> 10 sigmoid(4 * 0.125) / sigmoid(2) = 10 * 0.62246 / 0.88080 = 7.067
     edited = rgb_video(np.full((2, 4), 150), np.full((2, 4), 100), np.full((2, 4), 100))
-    assert follow("Convert to greyscale", COLOR_SOURCE, edited) == pytest.approx(6.25, abs=1e-4)
+    assert follow("Convert to greyscale", COLOR_SOURCE, edited) == pytest.approx(10 * sigmoid(0.5) / sigmoid(2), abs=1e-4)
 
 
 def test_grayscale_of_gray_source_is_not_applicable():
@@ -126,11 +145,11 @@ def test_warm_and_cool():
     cooler = rgb_video(base, base, columns_shifted(100, 51, 6))  # d mean(R - B) = -0.15
     assert follow("Give it a warm golden look", SOURCE_GRAY, warmer) == pytest.approx(10.0, abs=1e-4)
     assert follow("Add an icy blue tint", SOURCE_GRAY, cooler) == pytest.approx(10.0, abs=1e-4)
-    # the opposite change: u = -1 -> 0
-    assert follow("Make it warmer", SOURCE_GRAY, cooler) == pytest.approx(0.0)
-    # half the target: R + 51 on 3 of 8 columns -> 0.075 -> u = 0.5 -> 5
+    # the opposite change: u = -1 -> 10 sigmoid(-6) / sigmoid(2) = 0.028
+    assert follow("Make it warmer", SOURCE_GRAY, cooler) == pytest.approx(10 * sigmoid(-6) / sigmoid(2), abs=1e-6)
+    # half the target: R + 51 on 3 of 8 columns -> 0.075 -> u = 0.5 -> 10 * 0.5 / sigmoid(2) = 5.677
     half_warm = rgb_video(columns_shifted(100, 51, 3), base, base)
-    assert follow("sunset tones please", SOURCE_GRAY, half_warm) == pytest.approx(5.0, abs=1e-4)
+    assert follow("sunset tones please", SOURCE_GRAY, half_warm) == pytest.approx(5 / sigmoid(2), abs=1e-4)
 
 
 # ---------------------------------------------------------------- detection
@@ -263,8 +282,9 @@ def test_score_batch_order_and_explicit_failures():
     assert results[0].ok and set(results[0].dimensions) == {
         "instruction_following", "preservation", "temporal_consistency"
     }
-    # dY = 38/255 = 0.149 -> u = 0.9935 -> 9.935
-    assert results[0].dimensions["instruction_following"] == pytest.approx(10 * (38 / 255) / 0.15, abs=1e-3)
+    # dY = 38/255 = 0.149 -> u = 0.99346 -> 10 sigmoid(4 (u - 0.5)) / sigmoid(2) = 9.969
+    u = (38 / 255) / 0.15
+    assert results[0].dimensions["instruction_following"] == pytest.approx(10 * sigmoid(4 * (u - 0.5)) / sigmoid(2), abs=1e-3)
     assert results[0].dimensions["preservation"] == pytest.approx(10.0, abs=1e-4)
     for bad in results[1:3]:
         assert not bad.ok and bad.dimensions is None

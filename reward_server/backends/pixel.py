@@ -1,4 +1,4 @@
-"""Pixel-metric reward backend (``pixel``, version ``pixel-v1``): pure numpy, CPU only.
+"""Pixel-metric reward backend (``pixel``, version ``pixel-v2``): pure numpy, CPU only.
 
 Every number is computed from the pixels of the source and edited videos; nothing
 is random and no dimension is ever a placeholder constant. Frames are ``uint8``
@@ -23,6 +23,7 @@ Dimensions, each on a 0-10 scale (``None`` means "does not apply to this item"):
 from __future__ import annotations
 
 import logging
+import math
 import re
 
 import numpy as np
@@ -32,7 +33,7 @@ from reward_server.backends.base import BackendResult, ScoreInput
 logger = logging.getLogger(__name__)
 
 BACKEND_NAME = "pixel"
-BACKEND_VERSION = "pixel-v1"
+BACKEND_VERSION = "pixel-v2"
 DIMENSIONS: tuple[str, ...] = ("instruction_following", "preservation", "temporal_consistency")
 
 # Below this standard deviation (in [0, 1] units) a signal counts as constant.
@@ -137,15 +138,24 @@ def _mean(x: np.ndarray) -> float:
 
 
 def overshoot_score(u: float) -> float:
-    """Score of the achieved fraction ``u = m / t`` of the target change.
+    """Score of the achieved fraction ``u = m / t`` of the target change, 0-10.
 
-    ``10 * clip(u, 0, 1)`` for ``u <= 1.5`` (linear credit up to the target, a
-    full-credit plateau from 1 to 1.5), then ``10 * max(0, 1 - (u - 1.5))``: the
-    score falls by 1 point per 0.1 of overshoot and is 0 from ``u = 2.5`` on.
+    Below the target the credit is logistic, ``10 * sigmoid(4 (u - 1/2)) / sigmoid(2)``:
+    10 at ``u = 1``, 5.68 at ``u = 1/2``, ``10 e^-2 = 1.35`` for an unchanged video and
+    close to 0 (but still increasing) for a change in the wrong direction, so that
+    edits falling short are ranked rather than all scored 0. Full credit on the
+    plateau ``1 <= u <= 1.5``; above it the score falls by 1 point per 0.1 of
+    overshoot, ``10 * max(0, 1 - (u - 1.5))``, and is 0 from ``u = 2.5`` on.
     """
+    if u <= 1.0:
+        return 10.0 * _sigmoid(4.0 * (u - 0.5)) / _sigmoid(2.0)
     if u <= 1.5:
-        return 10.0 * float(np.clip(u, 0.0, 1.0))
+        return 10.0
     return 10.0 * max(0.0, 1.0 - (u - 1.5))
+
+
+def _sigmoid(z: float) -> float:
+    return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
 
 
 def edit_measurement(edit_type: str, source: np.ndarray, edited: np.ndarray) -> float | None:
