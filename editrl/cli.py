@@ -9,6 +9,8 @@ from pathlib import Path
 
 import yaml
 
+from editrl.controller import add_scale_parser
+
 
 def _parse_overrides(pairs: list[str]) -> dict:
     overrides = {}
@@ -36,14 +38,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = _parse_overrides(args.set)
     if args.address:
         overrides["ray_address"] = args.address
-    config = load_train_config(args.config, overrides)
+    if args.resume:
+        run_dir = Path(args.resume).resolve()
+        config = load_train_config(run_dir / "config.yaml", overrides)
+    else:
+        run_dir = Path(args.run_dir).resolve()
+        config = load_train_config(args.config, overrides)
     # SIGTERM (e.g. a cancelled job) unwinds like Ctrl-C, so the reward server and Ray are stopped.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    run_dir = Path(args.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     _setup_logging(run_dir / "train.log")
     logging.getLogger("editrl").info("run directory: %s", run_dir)
-    summary = train(config, run_dir)
+    summary = train(config, run_dir, resume=bool(args.resume))
     sys.stdout.write(f"run directory: {run_dir}\n")
     sys.stdout.write(
         f"held-out reward {summary['reward_heldout_initial']:.3f} -> {summary['reward_heldout_final']:.3f} "
@@ -71,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     p_train.add_argument("--config", default="configs/default.yaml", help="YAML preset (TrainConfig)")
     p_train.add_argument("--run-dir", default="runs/default", help="where outputs go")
     p_train.add_argument("--address", help="join this Ray cluster instead of starting a local one")
+    p_train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest checkpoint (its config.yaml)")
     p_train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field, e.g. steps=5 or learner.learning_rate=1e-3")
     p_train.set_defaults(func=cmd_train)
 
@@ -79,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     p_reward.add_argument("--host", help="bind address (default from config: 127.0.0.1)")
     p_reward.add_argument("--port", type=int, help="port (default from config)")
     p_reward.set_defaults(func=cmd_reward_server)
+
+    add_scale_parser(sub)
 
     args = parser.parse_args(argv)
     return args.func(args)

@@ -6,6 +6,7 @@ every run directory as ``config.yaml``.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
@@ -42,6 +43,53 @@ class RolloutConfig(BaseModel):
     """Per-attempt HTTP timeout of scoring requests, seconds."""
     reward_max_attempts: int = Field(5, ge=1)
     """Attempts per scoring request (retries with exponential backoff)."""
+    reward_concurrency: int = Field(4, ge=1)
+    """Scoring requests each worker keeps in flight in pipelined mode."""
+    max_restarts: int = Field(3, ge=0)
+    """Times Ray restarts a crashed rollout actor; its groups are re-issued."""
+
+
+class AutoscaleConfig(BaseModel):
+    """Optional policy that resizes the rollout pool between learner steps."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    min_workers: int = Field(1, ge=1)
+    """Never fewer rollout workers."""
+    max_workers: int = Field(8, ge=1)
+    """Never more rollout workers."""
+    scale_up_learner_idle: float = Field(0.5, ge=0, le=1)
+    """Add a worker when the learner waited for data more than this share of a step."""
+    scale_down_stale: float = Field(0.3, ge=0, le=1)
+    """Remove a worker when more than this share of a step's groups were dropped as stale."""
+    cooldown_steps: int = Field(3, ge=1)
+    """Steps between two resizes."""
+
+
+class RuntimeConfig(BaseModel):
+    """How sampling, scoring and learning are scheduled."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    mode: Literal["pipelined", "sequential"] = "pipelined"
+    """``pipelined``: workers keep sampling while earlier groups are scored and the learner
+    trains; ``sequential``: sample all, score all, train, like single-process reference loops."""
+    max_staleness: int = Field(1, ge=0)
+    """Oldest accepted data, in policy versions (0 = strictly on-policy); older groups are
+    dropped and counted."""
+    prefetch_per_worker: int = Field(2, ge=1)
+    """Groups each worker holds at once in pipelined mode (one sampling, the others queued
+    or being scored)."""
+    checkpoint_every: int = Field(10, ge=0)
+    """Write a checkpoint every this many steps (and at the end); 0 only at the end."""
+    learner_num_cpus: float = Field(1.0, ge=0)
+    """Ray CPUs the learner actor reserves."""
+    learner_num_gpus: float = Field(0.0, ge=0)
+    """Ray GPUs the learner actor reserves (its policy then runs on CUDA)."""
+    controller_name: str = "editrl-controller"
+    """Name of the run's controller actor, the handle of ``editrl scale``."""
+    autoscale: AutoscaleConfig | None = None
+    """Resize the rollout pool automatically; None keeps the size set by config or ``editrl scale``."""
 
 
 class RewardServerSettings(BaseModel):
@@ -100,6 +148,8 @@ class TrainConfig(BaseModel):
     """Prompts."""
     rollout: RolloutConfig = RolloutConfig()
     """Rollout workers."""
+    runtime: RuntimeConfig = RuntimeConfig()
+    """Scheduling, staleness, checkpoints, scaling."""
     reward_server: RewardServerSettings = RewardServerSettings()
     """Reward server."""
     eval: EvalConfig = EvalConfig()

@@ -25,6 +25,8 @@ ROLLOUT_SCHEMA = pa.schema(
         ("prompt_id", pa.string()),
         ("sample", pa.int64()),
         ("policy_version", pa.int64()),
+        ("trained_at_version", pa.int64()),
+        ("staleness", pa.int64()),
         ("worker_id", pa.int64()),
         ("seed", pa.int64()),
         ("reward", pa.float64()),
@@ -40,9 +42,20 @@ ROLLOUT_SCHEMA = pa.schema(
 class MetricsLog:
     """Scalars to TensorBoard event files and to ``metrics.jsonl`` (one object per record)."""
 
-    def __init__(self, run_dir: Path):
-        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
-        self.jsonl = (run_dir / "metrics.jsonl").open("a")
+    def __init__(self, run_dir: Path, resume_step: int | None = None):
+        path = run_dir / "metrics.jsonl"
+        if resume_step is not None and path.exists():
+            # a resumed run rewrites what came after its checkpoint
+            kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= resume_step]
+            path.write_text("".join(line + "\n" for line in kept))
+        purge = None if resume_step is None else resume_step + 1
+        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge)
+        self.jsonl = path.open("a")
+
+    def histogram(self, step: int, name: str, values: list[float]) -> None:
+        """A TensorBoard histogram (e.g. the staleness of a step's groups)."""
+        if values:
+            self.writer.add_histogram(name, np.asarray(values, dtype=np.float64), step)
 
     def log(self, step: int, metrics: dict[str, float], kind: str = "train") -> None:
         """Write ``metrics`` for ``step``; keys are namespaced ``kind/key`` in TensorBoard."""
@@ -65,11 +78,15 @@ class RolloutLog:
     reads them all as one table.
     """
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, resume_step: int | None = None):
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None:
+            for path in directory.glob("step_*.parquet"):
+                if int(path.stem.split("_")[1]) > resume_step:
+                    path.unlink()
 
-    def append(self, step: int, groups: list[Group]) -> None:
+    def append(self, step: int, groups: list[Group], trained_at_version: int) -> None:
         rows: dict[str, list] = {name: [] for name in ROLLOUT_SCHEMA.names}
         for group in groups:
             stochastic = group.log_probs[:, group.sde_mask]
@@ -80,6 +97,8 @@ class RolloutLog:
                 rows["prompt_id"].append(group.task.prompt_id)
                 rows["sample"].append(i)
                 rows["policy_version"].append(group.policy_version)
+                rows["trained_at_version"].append(trained_at_version)
+                rows["staleness"].append(trained_at_version - group.policy_version)
                 rows["worker_id"].append(group.worker_id)
                 rows["seed"].append(group.task.seed)
                 rows["reward"].append(float(group.rewards[i]))

@@ -7,7 +7,12 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import queue
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -15,7 +20,7 @@ import torch
 from editrl.data.dataset import load_clip
 from policy.config import PolicyConfig
 from policy.policy import EditPolicy
-from policy.sampling import sample_trajectories
+from policy.sampling import Trajectories, sample_trajectories
 from protocol.reward import ScoreItem, ScoreRequest, VideoPayload
 from protocol.rollout import Group, GroupFailure, GroupTask
 from protocol.video import VideoDecodeError, encode_mp4
@@ -37,6 +42,10 @@ class RolloutWorker:
         reward_max_attempts: attempts per scoring request.
         torch_threads: CPU threads for torch in this process.
         fps: frame rate written into the mp4s sent for scoring.
+        reward_concurrency: scoring requests in flight at once in pipelined mode.
+        device: torch device of the policy ("cpu" or "cuda").
+        seed: seed of a model built in code (must equal the learner's, so the base
+            weights match).
     """
 
     def __init__(
@@ -50,16 +59,23 @@ class RolloutWorker:
         reward_max_attempts: int = 5,
         torch_threads: int = 1,
         fps: int = 8,
+        reward_concurrency: int = 4,
+        device: str = "cpu",
+        seed: int = 0,
     ):
         torch.set_num_threads(torch_threads)
         self.worker_id = worker_id
         self.config = policy_config
-        self.policy = EditPolicy.from_config(policy_config, corpus, root=root)
+        self.policy = EditPolicy.from_config(policy_config, corpus, root=root, device=device, seed=seed)
         self.policy_version = -1
         self.fps = fps
         self.client = RewardClient(reward_url, timeout_s=reward_timeout_s, max_attempts=reward_max_attempts)
         self._sources: dict[str, tuple[np.ndarray, bytes]] = {}
         self._null_embeds = self.policy.encode_text([""])
+        self._scoring = ThreadPoolExecutor(max_workers=reward_concurrency, thread_name_prefix=f"score-{worker_id}")
+        self._done: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+        self._pending = 0
 
     def ready(self) -> int:
         """Returns the worker id once constructed (used to wait for actors)."""
@@ -82,20 +98,68 @@ class RolloutWorker:
         return self._sources[path]
 
     def sample(self, tasks: list[GroupTask]) -> list[Group | GroupFailure]:
-        """Sample and score each task's group; a group that cannot be completed comes
-        back as a :class:`GroupFailure` with the reason (never with made-up rewards)."""
-        results: list[Group | GroupFailure] = []
-        for task in tasks:
-            try:
-                results.append(self._sample_group(task))
-            except (VideoDecodeError, ValueError, FileNotFoundError, RewardServerError) as exc:
-                logger.error("worker %d: group %s (prompt %s) failed: %s", self.worker_id, task.group_id, task.prompt_id, exc)
-                results.append(GroupFailure(task=task, worker_id=self.worker_id, reason=str(exc)))
-        return results
+        """Sample and score each task's group, one after the other (sequential mode,
+        evaluation); a group that cannot be completed comes back as a
+        :class:`GroupFailure` with the reason (never with made-up rewards)."""
+        return [self._score(task, *self._sample_or_fail(task)) for task in tasks]
 
-    def _sample_group(self, task: GroupTask) -> Group:
+    def submit(self, task: GroupTask) -> str:
+        """Sample one group now and score it in the background (pipelined mode): the
+        worker is free to sample the next group while this one waits for its
+        rewards. Completed groups are fetched with :meth:`collect`. Returns the group id."""
+        sampled, error = self._sample_or_fail(task)
+        with self._lock:
+            self._pending += 1
+        self._scoring.submit(self._score_into_queue, task, sampled, error)
+        return task.group_id
+
+    def collect(self, timeout_s: float = 0.0) -> list[Group | GroupFailure]:
+        """Groups whose scoring finished since the last call; waits up to ``timeout_s``
+        seconds for the first one when none is ready. Thread-safe."""
+        results = []
+        try:
+            results.append(self._done.get(timeout=timeout_s) if timeout_s > 0 else self._done.get_nowait())
+        except queue.Empty:
+            return results
+        while True:
+            try:
+                results.append(self._done.get_nowait())
+            except queue.Empty:
+                return results
+
+    def pending(self) -> int:
+        """Groups submitted and not yet collected."""
+        with self._lock:
+            return self._pending + self._done.qsize()
+
+    def pid(self) -> int:
+        """The worker's process id (for operators and fault-injection tests)."""
+        return os.getpid()
+
+    def _score_into_queue(self, task: GroupTask, sampled: "_Sampled | None", error: str | None) -> None:
+        result = self._score(task, sampled, error)
+        with self._lock:
+            self._pending -= 1
+        self._done.put(result)
+
+    def _sample_or_fail(self, task: GroupTask) -> tuple["_Sampled | None", str | None]:
         if self.policy_version < 0:
             raise RuntimeError("no adapter loaded: call set_adapter before sampling")
+        try:
+            return self._sample(task), None
+        except (VideoDecodeError, ValueError, FileNotFoundError) as exc:
+            return None, str(exc)
+
+    def _score(self, task: GroupTask, sampled: "_Sampled | None", error: str | None) -> Group | GroupFailure:
+        if sampled is not None:
+            try:
+                return self._scored_group(task, sampled)
+            except (ValueError, RewardServerError) as exc:
+                error = str(exc)
+        logger.error("worker %d: group %s (prompt %s) failed: %s", self.worker_id, task.group_id, task.prompt_id, error)
+        return GroupFailure(task=task, worker_id=self.worker_id, reason=str(error))
+
+    def _sample(self, task: GroupTask) -> "_Sampled":
         timings: dict[str, float] = {}
         start = time.perf_counter()
         frames, source_mp4 = self._source(task.video_path)
@@ -113,49 +177,65 @@ class RolloutWorker:
         trajectories = sample_trajectories(
             self.policy, source_latents, text_embeds, self._null_embeds, task.group_size,
             self.policy.sigmas(), sde_mask, task.eta, self.config.guidance_scale, generator,
-            sampler=self.config.sampler, shared_initial_noise=window is not None and window.shared_initial_noise,
+            sampler=self.config.sampler,
+            shared_initial_noise=task.eta > 0 and window is not None and window.shared_initial_noise,
             record_means=task.record_means,
         )
         timings["sample_s"] = time.perf_counter() - start
 
         start = time.perf_counter()
         edited = self.policy.decode(trajectories.latents[:, -1])
+        edited_mp4 = [encode_mp4(edited[i], fps=self.fps) for i in range(task.group_size)]
         timings["decode_s"] = time.perf_counter() - start
+        return _Sampled(self.policy_version, source_mp4, source_latents.cpu(), text_embeds.cpu(), trajectories,
+                        edited if task.keep_frames else None, edited_mp4, timings)
 
+    def _scored_group(self, task: GroupTask, sampled: "_Sampled") -> Group:
         start = time.perf_counter()
-        source_payload = VideoPayload.from_bytes(source_mp4)
+        source_payload = VideoPayload.from_bytes(sampled.source_mp4)
         items = [
-            ScoreItem(
-                item_id=f"{task.group_id}/{i}",
-                instruction=task.instruction,
-                source=source_payload,
-                edited=VideoPayload.from_bytes(encode_mp4(edited[i], fps=self.fps)),
-            )
-            for i in range(task.group_size)
+            ScoreItem(item_id=f"{task.group_id}/{i}", instruction=task.instruction, source=source_payload,
+                      edited=VideoPayload.from_bytes(mp4))
+            for i, mp4 in enumerate(sampled.edited_mp4)
         ]
         response = self.client.score(ScoreRequest(request_id=task.group_id, items=items))
-        timings["reward_s"] = time.perf_counter() - start
+        timings = {**sampled.timings, "reward_s": time.perf_counter() - start}
 
         failed = [r for r in response.results if not r.ok or r.reward is None or not math.isfinite(r.reward)]
         if failed:
             reasons = "; ".join(f"{r.item_id}: {r.error or 'reward ' + str(r.reward)}" for r in failed[:3])
             raise ValueError(f"{len(failed)} of {task.group_size} items could not be scored ({reasons})")
         dimension_names = sorted({k for r in response.results for k in r.dimensions})
+        trajectories = sampled.trajectories
         return Group(
             task=task,
-            policy_version=self.policy_version,
+            policy_version=sampled.policy_version,
             worker_id=self.worker_id,
             latents=trajectories.latents,
             log_probs=trajectories.log_probs,
             sigmas=trajectories.sigmas,
             sde_mask=trajectories.sde_mask,
-            source_latents=source_latents.cpu(),
-            text_embeds=text_embeds.cpu(),
+            source_latents=sampled.source_latents,
+            text_embeds=sampled.text_embeds,
             null_embeds=self._null_embeds.cpu(),
             rewards=torch.tensor([r.reward for r in response.results], dtype=torch.float32),
             reward_dimensions={k: [r.dimensions.get(k) for r in response.results] for k in dimension_names},
             reward_config_version=response.reward_config_version,
             timings=timings,
-            frames=edited if task.keep_frames else None,
+            frames=sampled.frames,
             means=trajectories.means,
         )
+
+
+@dataclass
+class _Sampled:
+    """A sampled, decoded group waiting for its rewards."""
+
+    policy_version: int
+    source_mp4: bytes
+    source_latents: torch.Tensor
+    text_embeds: torch.Tensor
+    trajectories: Trajectories
+    frames: np.ndarray | None
+    edited_mp4: list[bytes]
+    timings: dict[str, float]

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import tiny_policy_config
 
-from editrl.config import EvalConfig, RolloutConfig, TrainConfig
+from editrl.config import EvalConfig, RolloutConfig, RuntimeConfig, TrainConfig
 from editrl.train import train
 from learner.config import LearnerConfig
 
@@ -23,6 +23,7 @@ def test_two_training_steps_through_ray_and_the_reward_server(tmp_path):
         policy=tiny_policy_config(),
         learner=LearnerConfig(learning_rate=1e-2, torch_threads=1),
         rollout=RolloutConfig(num_workers=2, reward_timeout_s=30),
+        runtime=RuntimeConfig(mode="sequential", checkpoint_every=1),
         eval=EvalConfig(seeds_per_prompt=2, max_prompts=3, num_videos_saved=2),
     )
     run_dir = tmp_path / "run"
@@ -41,7 +42,8 @@ def test_two_training_steps_through_ray_and_the_reward_server(tmp_path):
     train_records = [r for r in records if r["kind"] == "train"]
     assert [r["step"] for r in train_records] == [1, 2]
     assert [r["policy_version"] for r in train_records] == [1.0, 2.0]
-    for key in ("reward_mean", "reward_std", "adv_mean", "clip_frac", "approx_kl", "ratio_mean", "time_train_s", "time_rollout_s"):
+    for key in ("reward_mean", "reward_std", "adv_mean", "clip_frac", "approx_kl", "ratio_mean", "time_train_s", "time_step_s",
+                "time_wait_data_s", "time_sync_s", "learner_idle_ratio", "worker_idle_ratio", "samples_per_s", "staleness_mean"):
         assert key in train_records[0], key
     assert train_records[0]["ratio_min"] == pytest.approx(1.0, abs=1e-4)  # first update is on-policy
     assert [r["step"] for r in records if r["kind"] == "heldout"] == [0, 2]
@@ -51,6 +53,8 @@ def test_two_training_steps_through_ray_and_the_reward_server(tmp_path):
     rollouts = pq.read_table(run_dir / "rollouts").to_pylist()
     assert len(rollouts) == 8
     assert sorted({(r["step"], r["policy_version"]) for r in rollouts}) == [(1, 0), (2, 1)]
+    assert {r["staleness"] for r in rollouts} == {0}  # sequential mode is on-policy
+    assert len({r["group_id"] for r in rollouts}) == 4  # each group trained once
 
     # adapter in peft format, plot, held-out sample videos, resolved config
     adapter = Path(summary["checkpoint"])
@@ -59,3 +63,4 @@ def test_two_training_steps_through_ray_and_the_reward_server(tmp_path):
     assert len(list((run_dir / "samples").glob("heldout_initial_*.mp4"))) == 2
     assert len(list((run_dir / "samples").glob("heldout_final_*.mp4"))) == 2
     assert (run_dir / "config.yaml").is_file()
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_000002"

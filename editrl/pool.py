@@ -1,0 +1,217 @@
+"""The rollout worker pool as the driver sees it: which actors exist, which
+groups each has in flight, adapter publication, restarts and resizing.
+
+Every group a worker is given is remembered until its result comes back. A
+worker that dies (its calls raise ``RayActorError``) hands its in-flight groups
+back to be re-issued; Ray restarts it (``max_restarts``) and the pool sends it
+the current adapter before it samples again. Removing a worker stops giving it
+groups and collects the ones it has before the actor is released.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError
+
+from protocol.rollout import Group, GroupFailure, GroupTask
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Worker:
+    worker_id: int
+    actor: object
+    in_flight: dict[str, GroupTask] = field(default_factory=dict)
+    collect_ref: object | None = None
+    draining: bool = False
+    needs_adapter: bool = False
+
+
+class WorkerPool:
+    """Rollout actors with in-flight bookkeeping.
+
+    Args:
+        make_actor: ``make_actor(worker_id) -> actor handle`` (a started actor).
+        initial: number of workers to start.
+    """
+
+    def __init__(self, make_actor, initial: int):
+        self._make_actor = make_actor
+        self.workers: dict[int, _Worker] = {}
+        self._next_id = 0
+        self._adapter: tuple | None = None
+        self.restarts = 0
+        self._busy_s = 0.0
+        for _ in range(initial):
+            self.add()
+        ray.get([w.actor.ready.remote() for w in self.workers.values()])
+
+    # ---- membership -----------------------------------------------------
+    def add(self) -> int:
+        """Start one worker (it gets the current adapter before any group)."""
+        worker_id = self._next_id
+        self._next_id += 1
+        worker = _Worker(worker_id, self._make_actor(worker_id), needs_adapter=self._adapter is not None)
+        self.workers[worker_id] = worker
+        logger.info("rollout worker %d added (%d active)", worker_id, self.active_count())
+        return worker_id
+
+    def active_count(self) -> int:
+        return sum(1 for w in self.workers.values() if not w.draining)
+
+    def resize(self, target: int) -> None:
+        """Grow to or shrink towards ``target`` active workers; a removed worker
+        finishes the groups it holds, then is released (see :meth:`poll`)."""
+        target = max(1, target)
+        while self.active_count() < target:
+            self.add()
+        active = sorted((w for w in self.workers.values() if not w.draining), key=lambda w: len(w.in_flight))
+        for worker in active[: max(0, self.active_count() - target)]:
+            worker.draining = True
+            logger.info("rollout worker %d draining (%d groups in flight)", worker.worker_id, len(worker.in_flight))
+
+    # ---- adapter --------------------------------------------------------
+    def publish(self, ref, policy_version: int, checksum: str, wait: bool) -> float:
+        """Queue the load of the adapter at ``ref`` (in the object store) on every
+        worker, after the group each is sampling: loads happen between groups.
+        Returns the seconds spent; with ``wait`` it includes every worker's load."""
+        start = time.perf_counter()
+        self._adapter = (ref, policy_version, checksum)
+        refs = [w.actor.set_adapter.remote(ref, policy_version, checksum) for w in self.workers.values()]
+        for w in self.workers.values():
+            w.needs_adapter = False
+        if wait:
+            self._get_each(refs)
+        return time.perf_counter() - start
+
+    def _ensure_adapter(self, worker: _Worker) -> None:
+        if worker.needs_adapter and self._adapter is not None:
+            worker.actor.set_adapter.remote(*self._adapter)
+            worker.needs_adapter = False
+
+    def _get_each(self, refs: list) -> None:
+        for ref in refs:
+            try:
+                ray.get(ref)
+            except RayActorError as exc:
+                logger.error("adapter load failed on a dead worker: %s", exc)
+
+    # ---- groups ---------------------------------------------------------
+    def capacity(self, per_worker: int) -> int:
+        """How many more groups the active workers can take with ``per_worker`` each."""
+        return sum(max(0, per_worker - len(w.in_flight)) for w in self.workers.values() if not w.draining)
+
+    def submit(self, task: GroupTask) -> int:
+        """Give ``task`` to the active worker with the fewest groups; returns its id."""
+        worker = min((w for w in self.workers.values() if not w.draining), key=lambda w: len(w.in_flight))
+        self._ensure_adapter(worker)
+        worker.actor.submit.remote(task)
+        worker.in_flight[task.group_id] = task
+        return worker.worker_id
+
+    def in_flight(self) -> int:
+        return sum(len(w.in_flight) for w in self.workers.values())
+
+    def poll(self, timeout_s: float) -> tuple[list[Group | GroupFailure], list[GroupTask]]:
+        """Results that came back within ``timeout_s``, and tasks lost with a dead
+        worker (to be re-issued). Releases drained workers with nothing in flight."""
+        for worker in self.workers.values():
+            if worker.collect_ref is None and worker.in_flight:
+                worker.collect_ref = worker.actor.collect.remote(0.2)
+        refs = {w.collect_ref: w for w in self.workers.values() if w.collect_ref is not None}
+        results: list[Group | GroupFailure] = []
+        lost: list[GroupTask] = []
+        if refs:
+            ready, _ = ray.wait(list(refs), num_returns=1, timeout=timeout_s)
+            ready += ray.wait([r for r in refs if r not in ready], num_returns=len(refs) - len(ready), timeout=0)[0]
+            for ref in ready:
+                worker = refs[ref]
+                worker.collect_ref = None
+                try:
+                    batch = ray.get(ref)
+                except RayActorError as exc:
+                    lost += self._handle_death(worker, exc)
+                    continue
+                for result in batch:
+                    if worker.in_flight.pop(result.task.group_id, None) is None:
+                        logger.warning("worker %d returned group %s it was not holding; ignored", worker.worker_id, result.task.group_id)
+                        continue
+                    if isinstance(result, Group):
+                        self._busy_s += sum(result.timings.get(k, 0.0) for k in ("encode_s", "sample_s", "decode_s"))
+                    results.append(result)
+        self._release_drained()
+        return results, lost
+
+    def _handle_death(self, worker: _Worker, exc: Exception) -> list[GroupTask]:
+        lost = list(worker.in_flight.values())
+        worker.in_flight.clear()
+        self.restarts += 1
+        logger.error("rollout worker %d died (%s); re-issuing its %d groups: %s", worker.worker_id,
+                     type(exc).__name__, len(lost), ", ".join(t.group_id for t in lost))
+        try:
+            ray.get(worker.actor.ready.remote(), timeout=120)
+            worker.needs_adapter = True
+            logger.info("rollout worker %d restarted", worker.worker_id)
+        except (RayActorError, GetTimeoutError):
+            logger.error("rollout worker %d is gone for good; starting a replacement", worker.worker_id)
+            del self.workers[worker.worker_id]
+            if not worker.draining:
+                self.add()
+        return lost
+
+    def _release_drained(self) -> None:
+        for worker in [w for w in self.workers.values() if w.draining and not w.in_flight]:
+            ray.kill(worker.actor)
+            del self.workers[worker.worker_id]
+            logger.info("rollout worker %d released (%d active)", worker.worker_id, self.active_count())
+
+    def run_sync(self, tasks: list[GroupTask]) -> tuple[list[Group | GroupFailure], list[GroupTask]]:
+        """Sample and score ``tasks`` spread over the active workers, each worker one
+        group after the other (sequential mode, evaluation). Returns results and
+        tasks lost with a dead worker."""
+        active = [w for w in self.workers.values() if not w.draining]
+        calls = []
+        for i, worker in enumerate(active):
+            share = tasks[i :: len(active)]
+            if share:
+                self._ensure_adapter(worker)
+                calls.append((worker, share, worker.actor.sample.remote(share)))
+        results, lost = [], []
+        for worker, share, ref in calls:
+            try:
+                batch = ray.get(ref)
+            except RayActorError as exc:
+                worker.in_flight = {t.group_id: t for t in share}
+                lost += self._handle_death(worker, exc)
+                continue
+            for result in batch:
+                if isinstance(result, Group):
+                    self._busy_s += sum(result.timings.get(k, 0.0) for k in ("encode_s", "sample_s", "decode_s"))
+            results += batch
+        return results, lost
+
+    def pids(self, timeout_s: float = 2.0) -> dict[int, int]:
+        """Process ids of the workers that answer within ``timeout_s`` (a worker still
+        starting or restarting is left out); for operators and fault-injection tests."""
+        refs = {w.actor.pid.remote(): i for i, w in self.workers.items()}
+        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+        pids = {}
+        for ref in ready:
+            try:
+                pids[refs[ref]] = ray.get(ref)
+            except RayActorError:
+                continue
+        return pids
+
+    def busy_seconds(self) -> float:
+        """Seconds the workers spent encoding, sampling and decoding so far (all workers)."""
+        return self._busy_s
+
+    def shutdown(self) -> None:
+        for worker in self.workers.values():
+            ray.kill(worker.actor)
+        self.workers.clear()

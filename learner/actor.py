@@ -1,0 +1,56 @@
+"""Ray actor shell around :class:`learner.learner.Learner`: the learner runs in
+its own process (on a GPU node when asked), so the driver keeps dispatching
+rollouts while it trains."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import ray
+import torch
+
+from learner.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from learner.config import LearnerConfig
+from learner.learner import Learner
+from policy.config import PolicyConfig
+from policy.policy import EditPolicy, adapter_checksum
+from protocol.rollout import Group
+
+
+class LearnerService:
+    """The learner as the driver uses it: update, publish, checkpoint."""
+
+    def __init__(self, policy_config: PolicyConfig, config: LearnerConfig, corpus: list[str], root: str, seed: int, device: str = "cpu"):
+        torch.set_num_threads(config.torch_threads)
+        torch.manual_seed(seed)
+        policy = EditPolicy.from_config(policy_config, corpus, root=root, device=device, seed=seed)
+        self.learner = Learner(policy, config, seed=seed)
+
+    def ready(self) -> int:
+        return self.learner.policy_version
+
+    def train_step(self, groups: list[Group]) -> dict:
+        """One update; see :meth:`learner.learner.Learner.train_step`."""
+        return self.learner.train_step(groups)
+
+    def publish(self) -> list:
+        """``[ref, policy_version, checksum]``: the adapter weights put in the object
+        store once by the learner itself (they travel learner -> workers, not through
+        the driver), with the version and checksum the workers verify."""
+        state = self.learner.policy.adapter_state()
+        return [ray.put(state), self.learner.policy_version, adapter_checksum(state)]
+
+    def save_checkpoint(self, run_dir: str, step: int, driver_state: dict) -> str:
+        return str(save_checkpoint(Path(run_dir), step, self.learner, driver_state))
+
+    def resume(self, run_dir: str) -> dict | None:
+        """Load the newest checkpoint of ``run_dir``; returns its driver state, or None."""
+        path = latest_checkpoint(Path(run_dir))
+        return None if path is None else load_checkpoint(path, self.learner)
+
+    def save_adapter(self, directory: str) -> str:
+        return str(self.learner.save_adapter(directory))
+
+
+def make_learner_actor(num_cpus: float = 1.0, num_gpus: float = 0.0):
+    """:class:`LearnerService` as a Ray actor class with the given resources."""
+    return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(LearnerService)

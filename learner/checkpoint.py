@@ -1,0 +1,93 @@
+"""Atomic checkpoints of the learner (and of the driver state that goes with it).
+
+Layout of a run directory::
+
+    checkpoints/step_000010/   adapter_model.safetensors  (LoRA weights, peft keys)
+                               learner.pt                 (optimizer, RNG, policy version)
+                               driver.json                (step, data cursor, counters)
+    checkpoints/latest         name of the newest complete checkpoint
+
+A checkpoint is written into a temporary folder and renamed into place, then
+``latest`` is replaced atomically: a crash leaves the previous one intact.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+logger = logging.getLogger(__name__)
+
+
+def learner_state(learner) -> dict:
+    """Everything of a :class:`learner.learner.Learner` that an update changes, except
+    the adapter weights: optimizer state, the minibatch RNG and the policy version."""
+    return {
+        "optimizer": learner.optimizer.state_dict(),
+        "generator": learner.generator.get_state(),
+        "policy_version": learner.policy_version,
+        "torch_rng": torch.get_rng_state(),
+    }
+
+
+def save_checkpoint(run_dir: Path, step: int, learner, driver_state: dict, keep: int = 2) -> Path:
+    """Write ``checkpoints/step_<step>`` atomically and point ``latest`` at it.
+
+    Args:
+        run_dir: the run directory.
+        step: the last completed learner step.
+        learner: the :class:`learner.learner.Learner`.
+        driver_state: JSON-serialisable driver state (data cursor, counters).
+        keep: how many newest checkpoints to keep.
+
+    Returns:
+        The checkpoint folder.
+    """
+    root = run_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:06d}"
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    save_file(learner.policy.adapter_state(), str(tmp / "adapter_model.safetensors"))
+    torch.save(learner_state(learner), tmp / "learner.pt")
+    (tmp / "driver.json").write_text(json.dumps({"step": step, **driver_state}))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    pointer = root / ".latest.tmp"
+    pointer.write_text(final.name)
+    os.replace(pointer, root / "latest")
+    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    logger.info("checkpoint %s written", final)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run, or None."""
+    pointer = run_dir / "checkpoints" / "latest"
+    if not pointer.is_file():
+        return None
+    path = run_dir / "checkpoints" / pointer.read_text().strip()
+    return path if path.is_dir() else None
+
+
+def load_checkpoint(path: Path, learner) -> dict:
+    """Restore the learner from ``path`` and return the driver state saved with it.
+
+    Raises:
+        FileNotFoundError: a file of the checkpoint is missing.
+        policy.policy.AdapterMismatchError: the adapter does not fit the policy.
+    """
+    learner.policy.load_adapter_state(load_file(str(path / "adapter_model.safetensors")))
+    state = torch.load(path / "learner.pt", weights_only=False)
+    learner.optimizer.load_state_dict(state["optimizer"])
+    learner.generator.set_state(state["generator"])
+    learner.policy_version = state["policy_version"]
+    torch.set_rng_state(state["torch_rng"])
+    return json.loads((path / "driver.json").read_text())
