@@ -53,11 +53,54 @@ def encode_mp4(frames: np.ndarray, fps: int = 8, crf: int = 10) -> bytes:
         stream.options = {"crf": str(crf), "preset": "medium", "threads": "1"}
         stream.thread_count = 1
         for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+            # our own colour conversion: PyAV's cached scaler gives run-to-run
+            # differences once it has been used for decoding in the same process
+            planes = rgb_to_yuv420p(frame)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(planes, format="yuv420p")):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
     return buffer.getvalue()
+
+
+# ITU-R BT.601, limited ("TV") range, the convention of yuv420p H.264 without colour tags.
+_RGB_TO_YCBCR = np.array(
+    [[65.481, 128.553, 24.966], [-37.797, -74.203, 112.0], [112.0, -93.786, -18.214]], dtype=np.float64
+)
+_YCBCR_OFFSET = np.array([16.0, 128.0, 128.0])
+_YCBCR_TO_RGB = np.linalg.inv(_RGB_TO_YCBCR)
+
+
+def rgb_to_yuv420p(frame: np.ndarray) -> np.ndarray:
+    """``uint8 (H, W, 3)`` RGB -> the ``(H * 3 / 2, W)`` uint8 plane layout of yuv420p
+    (BT.601 limited range; chroma is the mean of each 2x2 block). Deterministic."""
+    height, width, _ = frame.shape
+    ycc = frame.astype(np.float64) / 255.0 @ _RGB_TO_YCBCR.T + _YCBCR_OFFSET
+    y = ycc[..., 0]
+    chroma = ycc[..., 1:].reshape(height // 2, 2, width // 2, 2, 2).mean(axis=(1, 3))
+    u, v = chroma[..., 0], chroma[..., 1]
+    planes = np.concatenate([y.reshape(-1), u.reshape(-1), v.reshape(-1)])
+    return np.clip(np.round(planes), 0, 255).astype(np.uint8).reshape(height * 3 // 2, width)
+
+
+def yuv420p_to_rgb(planes: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Inverse of :func:`rgb_to_yuv420p` (chroma repeated over each 2x2 block)."""
+    flat = planes.reshape(-1).astype(np.float64)
+    y = flat[: height * width].reshape(height, width)
+    quarter = (height // 2) * (width // 2)
+    u = flat[height * width : height * width + quarter].reshape(height // 2, width // 2)
+    v = flat[height * width + quarter : height * width + 2 * quarter].reshape(height // 2, width // 2)
+    u = np.repeat(np.repeat(u, 2, axis=0), 2, axis=1)
+    v = np.repeat(np.repeat(v, 2, axis=0), 2, axis=1)
+    ycc = np.stack([y, u, v], axis=-1) - _YCBCR_OFFSET
+    rgb = ycc @ _YCBCR_TO_RGB.T * 255.0
+    return np.clip(np.round(rgb), 0, 255).astype(np.uint8)
+
+
+def _frame_to_rgb(frame: "av.VideoFrame") -> np.ndarray:
+    if frame.format.name == "yuv420p" and frame.width % 2 == 0 and frame.height % 2 == 0:
+        return yuv420p_to_rgb(frame.to_ndarray(format="yuv420p"), frame.height, frame.width)
+    return frame.to_ndarray(format="rgb24")
 
 
 def decode_video(data: bytes, what: str = "video") -> np.ndarray:
@@ -79,7 +122,7 @@ def decode_video(data: bytes, what: str = "video") -> np.ndarray:
         with av.open(io.BytesIO(data), mode="r") as container:
             if not container.streams.video:
                 raise VideoDecodeError(f"{what}: no video stream")
-            frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+            frames = [_frame_to_rgb(f) for f in container.decode(video=0)]
     except VideoDecodeError:
         raise
     except (av.error.FFmpegError, ValueError, OSError) as exc:  # PyAV raises FFmpegError subclasses
