@@ -48,7 +48,10 @@ class LoraSettings(BaseModel):
     init: Literal["gaussian", "default"] = "gaussian"
     """peft init_lora_weights: 'gaussian' draws A ~ N(0, 1/r), B = 0 (VIVA)."""
     target_modules: list[str] = ["to_q", "to_k", "to_v", "to_out.0"]
-    """Projection names adapted inside every attn1 (self) and attn2 (cross) block."""
+    """Projection names adapted inside the chosen attention blocks."""
+    attention: list[Literal["self", "cross"]] = Field(["self", "cross"], min_length=1)
+    """Which attentions get the adapter: self (attn1) and cross (attn2) as in VIVA; cross
+    alone keeps a small run's updates to instruction-dependent directions."""
 
 
 class SdeWindowSettings(BaseModel):

@@ -41,11 +41,12 @@ class AdapterMismatchError(RuntimeError):
     """Adapter weights that do not fit the policy's LoRA modules."""
 
 
-def lora_target_regex(names: list[str]) -> str:
+def lora_target_regex(names: list[str], attention: tuple[str, ...] = ("self", "cross")) -> str:
     """Regex that peft matches (fully) against module names: the given projections in
-    every self-attention (attn1) and cross-attention (attn2) block."""
+    every self-attention (attn1) and/or cross-attention (attn2) block."""
     alternatives = "|".join(n.replace(".", r"\.") for n in names)
-    return rf".*blocks\.\d+\.attn[12]\.({alternatives})"
+    blocks = "".join(sorted({"self": "1", "cross": "2"}[a] for a in attention))
+    return rf".*blocks\.\d+\.attn[{blocks}]\.({alternatives})"
 
 
 class EditPolicy:
@@ -74,7 +75,7 @@ class EditPolicy:
                 r=lora.rank,
                 lora_alpha=lora.alpha,
                 init_lora_weights=lora.init if lora.init == "gaussian" else True,
-                target_modules=lora_target_regex(lora.target_modules),
+                target_modules=lora_target_regex(lora.target_modules, tuple(lora.attention)),
             ),
             adapter_name=ADAPTER_NAME,
         )
