@@ -8,6 +8,8 @@ from pathlib import Path
 
 import yaml
 
+from editrl.submit import add_submit_parser
+
 
 def _parse_overrides(pairs: list[str]) -> dict:
     overrides = {}
@@ -76,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     p_reward.add_argument("--host", help="bind address (default from config: 127.0.0.1)")
     p_reward.add_argument("--port", type=int, help="port (default from config)")
     p_reward.set_defaults(func=cmd_reward_server)
+
+    add_submit_parser(sub)
 
     args = parser.parse_args(argv)
     return args.func(args)
