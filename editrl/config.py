@@ -36,6 +36,9 @@ class RolloutConfig(BaseModel):
     """Ray CPUs each actor reserves."""
     num_gpus_per_worker: float = Field(0.0, ge=0)
     """Ray GPUs each actor reserves (0 on CPU machines)."""
+    resources: dict[str, float] = {}
+    """Custom Ray resources each actor reserves, e.g. ``{rollout: 1}`` to place the
+    actors on a cluster's rollout worker group (see cluster/README.md)."""
     torch_threads: int = Field(1, ge=1)
     """CPU threads torch uses inside each actor."""
     reward_timeout_s: float = Field(120.0, gt=0)
@@ -54,7 +57,7 @@ class RewardServerSettings(BaseModel):
     config: str = "configs/reward_server.yaml"
     """ServerConfig YAML of the server the run starts (ignored when ``url`` is set)."""
     startup_timeout_s: float = Field(120.0, gt=0)
-    """How long to wait for a started server to answer /healthz, seconds."""
+    """How long to wait for the server (started, or at ``url``) to answer /healthz, seconds."""
 
 
 class EvalConfig(BaseModel):

@@ -24,6 +24,7 @@ from learner.learner import Learner
 from policy.policy import EditPolicy, adapter_checksum
 from protocol.rollout import Group, GroupFailure, GroupTask
 from rollout_workers.actor import make_rollout_actor
+from rollout_workers.reward_client import RewardClient
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,9 @@ def train(config: TrainConfig, run_dir: Path) -> dict:
         reward_url = config.reward_server.url or stack.enter_context(
             RewardServerProcess(resolve(config.reward_server.config), run_dir / "reward_server.log", config.reward_server.startup_timeout_s)
         )
+        if config.reward_server.url:  # e.g. a Serve deployment that may still be starting
+            with RewardClient(reward_url) as client:
+                client.wait_until_healthy(timeout_s=config.reward_server.startup_timeout_s)
         init_ray(config.ray_address, num_cpus=None if config.ray_address else max(2, config.rollout.num_workers), project_root=str(PROJECT_ROOT))
         stack.callback(ray.shutdown)
 
@@ -165,7 +169,7 @@ def train(config: TrainConfig, run_dir: Path) -> dict:
 def start_workers(config: TrainConfig, corpus: list[str], reward_url: str) -> list:
     """Start the rollout actors and wait until each has built its policy."""
     rc = config.rollout
-    actor_cls = make_rollout_actor(num_cpus=rc.num_cpus_per_worker, num_gpus=rc.num_gpus_per_worker)
+    actor_cls = make_rollout_actor(num_cpus=rc.num_cpus_per_worker, num_gpus=rc.num_gpus_per_worker, resources=rc.resources)
     workers = [
         actor_cls.remote(
             i, config.policy, corpus, str(PROJECT_ROOT), reward_url,
