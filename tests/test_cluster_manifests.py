@@ -42,6 +42,7 @@ def test_rayjob_has_a_head_three_worker_groups_and_gcs_fault_tolerance():
     cluster = spec["rayClusterSpec"]
     assert cluster["rayVersion"] == "2.60.0"
     assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    assert cluster["enableInTreeAutoscaling"] is True  # more rollout actors bring more rollout pods
 
     ft = cluster["gcsFaultToleranceOptions"]
     assert ft["redisAddress"] == "editrl-redis:6379"
