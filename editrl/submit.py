@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import shlex
@@ -108,8 +109,8 @@ def add_submit_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``submit`` command to an ``add_subparsers()`` object; returns its parser."""
     p = subparsers.add_parser("submit", help="run editrl train as a Ray job on a cluster (Ray Jobs API)",
                               description="Upload the project and run `editrl train --address auto` as a Ray job.")
-    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS,
-                   help="Ray dashboard / job server URL (default: $RAY_ADDRESS, else %(default)s)")
+    p.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS,
+                   help=f"Ray dashboard / job server URL (default: $RAY_API_SERVER_ADDRESS, else $RAY_ADDRESS, else {DEFAULT_ADDRESS})")
     p.add_argument("--config", default="configs/default.yaml", help="train preset YAML inside the working dir (uploaded with it)")
     p.add_argument("--run-dir", help="run directory as the job sees it; use shared storage (e.g. /data/runs/x)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override forwarded to editrl train")
@@ -130,6 +131,9 @@ def add_submit_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_submit(args: argparse.Namespace) -> int:
     """Submit the job; unless ``--no-wait``, stream its logs to stdout until it ends.
+
+    Like ``ray job submit``, extra HTTP headers for the job server (e.g. for an
+    authenticating proxy) come from ``$RAY_JOB_HEADERS`` as a JSON object.
 
     Returns:
         0 if the job SUCCEEDED (or was submitted, with ``--no-wait``), 1 if it
@@ -158,8 +162,9 @@ def run_submit(args: argparse.Namespace) -> int:
     runtime_env = build_runtime_env(working_dir, parse_pairs(args.env, "--env"))
     resources = {k: float(v) for k, v in parse_pairs(args.entrypoint_resource, "--entrypoint-resource").items()}
 
+    headers = json.loads(os.environ["RAY_JOB_HEADERS"]) if os.environ.get("RAY_JOB_HEADERS") else None
     try:
-        client = JobSubmissionClient(args.address)
+        client = JobSubmissionClient(args.address, headers=headers)
         submission_id = client.submit_job(
             entrypoint=entrypoint, runtime_env=runtime_env, submission_id=args.job_id, metadata=metadata,
             entrypoint_num_cpus=args.entrypoint_num_cpus, entrypoint_num_gpus=args.entrypoint_num_gpus,
