@@ -160,7 +160,10 @@ def run_submit(args: argparse.Namespace) -> int:
         entrypoint = build_entrypoint(config, args.run_dir, args.set, args.train_args)
         metadata = {"editrl_config": config, "editrl_run_dir": args.run_dir or ""}
     runtime_env = build_runtime_env(working_dir, parse_pairs(args.env, "--env"))
-    resources = {k: float(v) for k, v in parse_pairs(args.entrypoint_resource, "--entrypoint-resource").items()}
+    try:
+        resources = {k: float(v) for k, v in parse_pairs(args.entrypoint_resource, "--entrypoint-resource").items()}
+    except ValueError as exc:
+        raise SystemExit(f"--entrypoint-resource expects NAME=AMOUNT with a number: {exc}") from None
 
     headers = json.loads(os.environ["RAY_JOB_HEADERS"]) if os.environ.get("RAY_JOB_HEADERS") else None
     try:
