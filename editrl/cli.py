@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from editrl.controller import add_scale_parser
+from editrl.submit import add_submit_parser
 
 
 def _parse_overrides(pairs: list[str]) -> dict:
@@ -88,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     p_reward.set_defaults(func=cmd_reward_server)
 
     add_scale_parser(sub)
+    add_submit_parser(sub)
 
     args = parser.parse_args(argv)
     return args.func(args)

@@ -37,6 +37,9 @@ class RolloutConfig(BaseModel):
     """Ray CPUs each actor reserves."""
     num_gpus_per_worker: float = Field(0.0, ge=0)
     """Ray GPUs each actor reserves (0 on CPU machines)."""
+    resources: dict[str, float] = {}
+    """Custom Ray resources each actor reserves, e.g. ``{rollout: 1}`` to place the
+    actors on a cluster's rollout worker group (see cluster/README.md)."""
     torch_threads: int = Field(1, ge=1)
     """CPU threads torch uses inside each actor."""
     reward_timeout_s: float = Field(120.0, gt=0)
@@ -86,6 +89,9 @@ class RuntimeConfig(BaseModel):
     """Ray CPUs the learner actor reserves."""
     learner_num_gpus: float = Field(0.0, ge=0)
     """Ray GPUs the learner actor reserves (its policy then runs on CUDA)."""
+    learner_resources: dict[str, float] = {}
+    """Custom Ray resources the learner actor reserves, e.g. ``{learner: 1}`` to place it
+    on a cluster's learner group."""
     controller_name: str = "editrl-controller"
     """Name of the run's controller actor, the handle of ``editrl scale``."""
     autoscale: AutoscaleConfig | None = None
@@ -102,7 +108,7 @@ class RewardServerSettings(BaseModel):
     config: str = "configs/reward_server.yaml"
     """ServerConfig YAML of the server the run starts (ignored when ``url`` is set)."""
     startup_timeout_s: float = Field(120.0, gt=0)
-    """How long to wait for a started server to answer /healthz, seconds."""
+    """How long to wait for the server (started, or at ``url``) to answer /healthz, seconds."""
 
 
 class EvalConfig(BaseModel):

@@ -35,6 +35,7 @@ from editrl.tasks import TaskSource, eval_tasks
 from learner.actor import make_learner_actor
 from protocol.rollout import Group, GroupFailure, GroupTask
 from rollout_workers.actor import make_rollout_actor
+from rollout_workers.reward_client import RewardClient
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,9 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False) -> dict:
         reward_url = config.reward_server.url or stack.enter_context(
             RewardServerProcess(resolve(config.reward_server.config), run_dir / "reward_server.log", config.reward_server.startup_timeout_s)
         )
+        if config.reward_server.url:  # e.g. a Serve deployment that may still be starting
+            with RewardClient(reward_url) as client:
+                client.wait_until_healthy(timeout_s=config.reward_server.startup_timeout_s)
         rc, rt = config.rollout, config.runtime
         # Ray CPUs are scheduling tokens: a local instance gets enough for the learner, the
         # workers and room to scale up at runtime, whatever the machine's core count.
@@ -94,10 +98,10 @@ class Run:
         self.config, self.run_dir = config, run_dir
         self.train_set, self.heldout_set = train_set, heldout_set
         rc, rt = config.rollout, config.runtime
-        self.learner = make_learner_actor(rt.learner_num_cpus, rt.learner_num_gpus).options(
+        self.learner = make_learner_actor(rt.learner_num_cpus, rt.learner_num_gpus, rt.learner_resources).options(
             name=f"{rt.controller_name}-learner", namespace=NAMESPACE
         ).remote(config.policy, config.learner, corpus, str(PROJECT_ROOT), config.seed, "cuda" if rt.learner_num_gpus else "cpu")
-        actor_cls = make_rollout_actor(rc.num_cpus_per_worker, rc.num_gpus_per_worker, rc.max_restarts)
+        actor_cls = make_rollout_actor(rc.num_cpus_per_worker, rc.num_gpus_per_worker, rc.max_restarts, rc.resources)
         device = "cuda" if rc.num_gpus_per_worker else "cpu"
         self.pool = WorkerPool(
             lambda worker_id: actor_cls.remote(

@@ -51,6 +51,6 @@ class LearnerService:
         return str(self.learner.save_adapter(directory))
 
 
-def make_learner_actor(num_cpus: float = 1.0, num_gpus: float = 0.0):
+def make_learner_actor(num_cpus: float = 1.0, num_gpus: float = 0.0, resources: dict[str, float] | None = None):
     """:class:`LearnerService` as a Ray actor class with the given resources."""
-    return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(LearnerService)
+    return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, resources=resources or None)(LearnerService)

@@ -42,11 +42,13 @@ class _RolloutActor(RolloutWorker):
         return super().pid()
 
 
-def make_rollout_actor(num_cpus: float = 1.0, num_gpus: float = 0.0, max_restarts: int = 0):
-    """The rollout worker as a Ray actor class with the given resources; a crashed
-    actor is restarted up to ``max_restarts`` times (its constructor runs again, so
-    it holds no adapter until the driver sends the current one)."""
+def make_rollout_actor(num_cpus: float = 1.0, num_gpus: float = 0.0, max_restarts: int = 0,
+                       resources: dict[str, float] | None = None):
+    """The rollout worker as a Ray actor class with the given resources (``resources``:
+    custom ones, e.g. ``{"rollout": 1}`` to land on a cluster's rollout group); a
+    crashed actor is restarted up to ``max_restarts`` times (its constructor runs
+    again, so it holds no adapter until the driver sends the current one)."""
     return ray.remote(
-        num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts,
+        num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts, resources=resources or None,
         concurrency_groups={"compute": 1, "io": 1},
     )(_RolloutActor)
