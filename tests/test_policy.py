@@ -148,3 +148,14 @@ def test_decode_returns_uint8_frames(tiny_config):
     latents = policy.encode_video(structured_clip(5, 32)[None])
     frames = policy.decode(latents)
     assert frames.dtype == np.uint8 and frames.shape == (1, 5, 32, 32, 3)
+
+
+def test_lora_on_cross_attention_only():
+    from policy.config import LoraSettings
+    from conftest import tiny_policy_config
+
+    policy = EditPolicy.from_config(tiny_policy_config(lora=LoraSettings(rank=4, alpha=8, attention=["cross"])), CORPUS)
+    names = [n for n, _ in policy.transformer.named_modules() if n.endswith("lora_A")]
+    # 2 blocks x 1 attention (attn2) x 4 projections
+    assert policy.num_lora_modules == len(names) == 8
+    assert all(".attn2." in n for n in names)

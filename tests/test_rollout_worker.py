@@ -130,3 +130,17 @@ def test_worker_samples_the_configured_window_and_records_means(reward_url, clip
     for t in range(group.latents.shape[1]):
         assert all(torch.equal(group.latents[0, t], group.latents[i, t]) for i in (1, 2)) == (t <= first)
     assert group.means.shape == group.latents[:, 1:].shape
+
+
+def test_evaluation_groups_do_not_share_noise_under_a_shared_noise_window(reward_url, clip_path):
+    from policy.config import SdeWindowSettings
+
+    config = tiny_policy_config(sde_window=SdeWindowSettings(size=1, position="fixed", start=0, shared_initial_noise=True))
+    worker = RolloutWorker(0, config, CORPUS, str(ROOT), reward_url, reward_timeout_s=10)
+    state = worker.policy.adapter_state()
+    worker.set_adapter(state, 0, adapter_checksum(state))
+    [train_group] = worker.sample([_task(clip_path)])
+    [eval_group] = worker.sample([GroupTask("eval-0", "p0", CORPUS[0], clip_path, seed=5, group_size=3, eta=0.0)])
+    # training samples share the initial noise; deterministic evaluation samples must not
+    assert torch.equal(train_group.latents[0, 0], train_group.latents[1, 0])
+    assert not torch.equal(eval_group.latents[0, -1], eval_group.latents[1, -1])

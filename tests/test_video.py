@@ -1,0 +1,43 @@
+"""mp4 encode/decode: round trip, determinism, colour conversion, bad bytes."""
+import numpy as np
+import pytest
+from conftest import structured_clip
+
+from protocol.video import VideoDecodeError, decode_video, encode_mp4, rgb_to_yuv420p, yuv420p_to_rgb
+
+
+def test_same_frames_give_the_same_bytes_even_after_decoding_other_videos():
+    # the scaler PyAV caches once it has decoded made later encodes drift; ours must not
+    clip = structured_clip(5, 32, seed=1)
+    first = encode_mp4(clip)
+    for seed in range(5):
+        decode_video(encode_mp4(structured_clip(5, 32, seed=seed + 10)))
+    assert encode_mp4(clip) == first
+
+
+def test_round_trip_loses_no_more_than_chroma_subsampling():
+    clip = structured_clip(5, 48)
+    decoded = decode_video(encode_mp4(clip))
+    assert decoded.shape == clip.shape and decoded.dtype == np.uint8
+    # 4:2:0 keeps one chroma sample per 2x2 block: the colour conversion alone costs this much
+    subsampled = np.stack([yuv420p_to_rgb(rgb_to_yuv420p(f), 48, 48) for f in clip])
+    conversion_error = np.abs(subsampled.astype(int) - clip).mean()
+    assert np.abs(decoded.astype(int) - clip).mean() < conversion_error + 1.0
+    luma = np.array([0.299, 0.587, 0.114])
+    assert np.abs(decoded @ luma - clip @ luma).mean() < 1.5  # luma is kept almost exactly
+
+
+def test_bt601_conversion_by_hand():
+    # white (255, 255, 255) -> Y = 16 + 219 = 235, Cb = Cr = 128; black -> Y = 16
+    frame = np.zeros((2, 2, 3), np.uint8)
+    frame[0] = 255
+    planes = rgb_to_yuv420p(frame)
+    assert planes.shape == (3, 2)
+    assert planes[0].tolist() == [235, 235] and planes[1].tolist() == [16, 16]
+    assert planes[2].tolist() == [128, 128]  # one U and one V sample for the 2x2 block
+    assert yuv420p_to_rgb(planes, 2, 2).tolist() == frame.tolist()
+
+
+def test_garbage_is_a_decode_error_naming_the_video():
+    with pytest.raises(VideoDecodeError, match="item-7"):
+        decode_video(b"\x00not a video", what="item-7")
