@@ -24,6 +24,10 @@ class DataConfig(BaseModel):
     """Parquet of training prompts (relative paths resolve against the project root)."""
     heldout_prompts: str = "assets/clips/prompts_heldout.parquet"
     """Parquet of held-out prompts (unseen clips), used only for evaluation."""
+    balance: Literal["none", "edit_type"] = "none"
+    """``edit_type``: every step draws its prompts round-robin over buckets (each checkable
+    edit type, and one bucket for all other edits), so opposite edits (brighter / darker,
+    warm / cool) share each update instead of pulling the adapter one way per step."""
 
 
 class RolloutConfig(BaseModel):

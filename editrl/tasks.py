@@ -10,7 +10,8 @@ from protocol.rollout import GroupTask
 
 
 class TaskSource:
-    """Endless, seeded, epoch-wise shuffled training tasks.
+    """Endless, seeded, epoch-wise shuffled training tasks (optionally round-robin over
+    edit-type buckets, see ``DataConfig.balance``).
 
     The i-th task ever issued has id ``g<i>-<prompt_id>`` and seed ``f(seed, i)``,
     so a run (and a resumed run) issues the same groups in the same order. The
@@ -23,11 +24,25 @@ class TaskSource:
         self.rng = np.random.default_rng(config.seed)
         self.order: list[int] = []
         self.issued = 0
+        buckets: dict[str, list[int]] = {}
+        for index, row in enumerate(dataset.rows):
+            key = row.edit_type if (config.data.balance == "edit_type" and row.checkable) else "other"
+            buckets.setdefault(key, []).append(index)
+        self.buckets = [buckets[k] for k in sorted(buckets)]
+        self.queues: list[list[int]] = [[] for _ in self.buckets]
+
+    def _next_index(self) -> int:
+        if len(self.buckets) == 1:
+            if not self.order:
+                self.order = self.rng.permutation(len(self.dataset)).tolist()
+            return self.order.pop(0)
+        bucket = self.issued % len(self.buckets)
+        if not self.queues[bucket]:
+            self.queues[bucket] = [self.buckets[bucket][i] for i in self.rng.permutation(len(self.buckets[bucket]))]
+        return self.queues[bucket].pop(0)
 
     def next(self) -> GroupTask:
-        if not self.order:
-            self.order = self.rng.permutation(len(self.dataset)).tolist()
-        row = self.dataset[self.order.pop(0)]
+        row = self.dataset[self._next_index()]
         index = self.issued
         self.issued += 1
         return GroupTask(
@@ -42,12 +57,14 @@ class TaskSource:
         )
 
     def state_dict(self) -> dict:
-        return {"rng": self.rng.bit_generator.state, "order": list(self.order), "issued": self.issued}
+        return {"rng": self.rng.bit_generator.state, "order": list(self.order), "issued": self.issued,
+                "queues": [list(q) for q in self.queues]}
 
     def load_state_dict(self, state: dict) -> None:
         self.rng.bit_generator.state = state["rng"]
         self.order = list(state["order"])
         self.issued = int(state["issued"])
+        self.queues = [list(q) for q in state["queues"]]
 
 
 def eval_tasks(config: TrainConfig, dataset: PromptDataset, step: int, keep_frames: int) -> list[GroupTask]:
