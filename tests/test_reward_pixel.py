@@ -306,3 +306,11 @@ def test_deterministic():
     first = score_batch([PixelInput("brighter", source, edited)])[0].dimensions
     second = score_batch([PixelInput("brighter", source.copy(), edited.copy())])[0].dimensions
     assert first == second
+
+
+def test_identical_videos_score_exactly_ten_not_above():
+    # the correlation of a video with itself can round to 1 + 2e-16; scores stay within 0-10
+    rng = np.random.default_rng(3)
+    video = as_float((rng.random((4, 6, 6, 3)) * 255).astype(np.uint8))
+    for score in (preservation(video, video), temporal_consistency(video, video)):
+        assert score <= 10.0 and score == pytest.approx(10.0, abs=1e-9)

@@ -207,7 +207,8 @@ def instruction_following(instruction: str, source: np.ndarray, edited: np.ndarr
 
 
 def _pearson(a: np.ndarray, b: np.ndarray) -> float | None:
-    """Pearson correlation over all elements; None if either side is constant."""
+    """Pearson correlation over all elements, in [-1, 1] (rounding clipped); None if
+    either side is constant."""
     a = np.array(a, dtype=np.float64).ravel()  # always a copy: centred in place below
     b = np.array(b, dtype=np.float64).ravel()
     a -= a.mean()
@@ -216,7 +217,7 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> float | None:
     norm_b = float(np.sqrt(np.dot(b, b) / b.size))
     if norm_a < _FLAT_STD or norm_b < _FLAT_STD:
         return None
-    return float(np.dot(a, b) / a.size / (norm_a * norm_b))
+    return float(np.clip(np.dot(a, b) / a.size / (norm_a * norm_b), -1.0, 1.0))
 
 
 def preservation(source: np.ndarray, edited: np.ndarray) -> float | None:
