@@ -15,6 +15,8 @@ logger = logging.getLogger(__name__)
 
 BENCHMARKS = (
     "pipelined",
+    "sampling_overhead",
+    "learner_batching",
 )
 """Module names under ``bench``, in the order of the issue's items. Each module has
 ``NAME`` (its result file stem), ``ITEM``, ``TITLE`` and ``run(profile) -> BenchResult``."""
