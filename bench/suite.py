@@ -16,6 +16,8 @@ logger = logging.getLogger(__name__)
 BENCHMARKS = (
     "pipelined",
     "sampling_overhead",
+    "weight_sync",
+    "reward_throughput",
     "learner_batching",
 )
 """Module names under ``bench``, in the order of the issue's items. Each module has
