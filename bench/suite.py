@@ -19,6 +19,8 @@ BENCHMARKS = (
     "weight_sync",
     "reward_throughput",
     "learner_batching",
+    "scaling",
+    "gpu",
 )
 """Module names under ``bench``, in the order of the issue's items. Each module has
 ``NAME`` (its result file stem), ``ITEM``, ``TITLE`` and ``run(profile) -> BenchResult``."""
