@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import time
 import traceback
 from types import ModuleType
@@ -53,7 +54,7 @@ def run_one(module_name: str, profile: str) -> BenchResult:
             name=module.NAME, item=module.ITEM, title=module.TITLE, profile=profile, status="failed",
             reason=f"{type(exc).__name__}: {exc}", notes=[traceback.format_exc(limit=5)],
         )
-    env["load_average_end"] = environment.capture()["load_average"]
+    env["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     return result.model_copy(update={
         "environment": env, "duration_s": time.perf_counter() - started,
         "peak_rss_mib": peak_rss_mib(), "gpu_peak_mib": gpu_peak_mib(),
