@@ -78,7 +78,7 @@ SETTINGS = {
 
 def measure_workers(settings: Settings) -> tuple[dict, dict[str, float], list[Measurement], list]:
     """The real 1-vs-N-worker comparison; returns (times, calibration, rows, ratios)."""
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # as the workers: 2 shared cores, more threads only spin against each other
     config = default_train_config(**dict(settings.step_overrides))
     pc = config.policy
     dataset = PromptDataset(PROJECT_ROOT / config.data.train_prompts, pc.num_frames, pc.height, pc.width)
