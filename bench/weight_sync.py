@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import ray
 import torch
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from bench.cluster import default_server_config, ray_session, reward_server, start_workers, wait_ready
 from bench.harness import interleaved, paired_ratio
@@ -33,7 +34,7 @@ from editrl.data.dataset import PromptDataset
 from editrl.train import PromptSampler, make_train_tasks, publish_adapter, run_tasks
 from learner.learner import Learner
 from policy.config import LoraSettings, TinyModelConfig
-from policy.policy import EditPolicy, adapter_checksum
+from policy.policy import ADAPTER_NAME, EditPolicy, adapter_checksum
 
 NAME = "weight_sync"
 ITEM = 3
@@ -57,11 +58,14 @@ class Settings:
     """Dotted-key overrides of the default run's config for the timed steps."""
 
 
-MODELS: dict[str, TinyModelConfig] = {"default": TinyModelConfig(), "wide": WIDE_MODEL, "smoke": SMOKE_MODEL}
+MODELS: dict[str, TinyModelConfig] = {
+    "default": TinyModelConfig(), "wide": WIDE_MODEL, "smoke": SMOKE_MODEL,
+    "smoke_wide": SMOKE_MODEL.model_copy(update={"dit_heads": 4, "dit_head_dim": 16, "dit_ffn_dim": 64}),
+}
 
 SETTINGS = {
     "cpu": Settings("cpu", models=("default", "wide"), ranks=(8, 64)),
-    "smoke": Settings("smoke", models=("smoke",), ranks=(2, 4), publish_repeats=2, publish_warmup=1, step_repeats=1,
+    "smoke": Settings("smoke", models=("smoke", "smoke_wide"), ranks=(1, 4), publish_repeats=2, publish_warmup=1, step_repeats=1,
                       step_warmup=0, step_overrides=(("prompts_per_step", 2), ("group_size", 2), ("policy.num_steps", 2),
                                                      ("policy.height", 32), ("policy.width", 32))),
 }
@@ -76,7 +80,7 @@ def _step_config(settings: Settings):
 
 
 def measure(settings: Settings) -> BenchResult:
-    torch.set_num_threads(2)  # the learner process's threads in a run (learner.torch_threads)
+    torch.set_num_threads(1)  # as the workers: 2 shared cores, more threads only spin against each other
     train_config = _step_config(settings)
     with tempfile.TemporaryDirectory(prefix="bench-sync-") as tmp, \
             reward_server(default_server_config(), Path(tmp)) as url, ray_session(num_cpus=2):
@@ -96,6 +100,11 @@ def measure(settings: Settings) -> BenchResult:
         variants.update(_publish_parts(learners[default_key], workers[default_key]))
         times = interleaved(variants, settings.publish_repeats, settings.publish_warmup)
         phases = _time_steps(train_config, learners[default_key], workers[default_key], settings)
+    matched = _same_adapter_pair({k: _adapter_mib(v) for k, v in learners.items()}, settings)
+    load_times = {}
+    if matched:  # what set_adapter does on a worker, step by step, for the two equal-sized adapters
+        parts = {f"{key}: {name}": fn for key in matched for name, fn in _load_parts(learners[key].policy).items()}
+        load_times = interleaved(parts, settings.publish_repeats * 2, settings.publish_warmup)
 
     step = Stats.of(phases["step_s"])
     measurements = [Measurement(name="default step", group="the default run's step", params={"workers": settings.num_workers},
@@ -103,24 +112,26 @@ def measure(settings: Settings) -> BenchResult:
     sizes = {}
     for key, learner in learners.items():
         model, rank = key.split("/r")
-        adapter_mib = count_parameters(learner.policy.transformer, lora=True) * 4 / 2**20
+        adapter_mib = _adapter_mib(learner)
         sizes[key] = adapter_mib
         publish = Stats.of(times[key]).scaled(1e3)
         measurements.append(Measurement(
             name=key, group="publish_adapter (all workers)",
             params={"model": model, "rank": int(rank), "workers": settings.num_workers,
+                    "lora_modules": learner.policy.num_lora_modules,
                     "dit_parameters_m": round(count_parameters(learner.policy.transformer, lora=False) / 1e6, 3),
                     "adapter_mib": round(adapter_mib, 4)},
             metrics={"publish_ms": publish, "share_of_default_step_pct": 100 * publish.median / 1e3 / step.median},
         ))
     measurements += [Measurement(name=part, group=f"parts of publishing {default_key}", metrics={"time_ms": Stats.of(times[part]).scaled(1e3)})
                      for part in PARTS]
+    measurements += [Measurement(name=name, group="load_adapter_state parts in one process (same adapter size)",
+                                 metrics={"time_ms": Stats.of(values).scaled(1e3)}) for name, values in load_times.items()]
     ratios = []
     for model in settings.models:
         low, high = f"{model}/r{settings.ranks[0]}", f"{model}/r{settings.ranks[-1]}"
         ratios.append(paired_ratio(f"{high} / {low}", high, low, times,
                                    f"{sizes[high] / sizes[low]:.0f}x the adapter values, same model"))
-    matched = _same_adapter_pair(sizes, settings)
     if matched:
         big, small = matched
         ratios.append(paired_ratio(f"{big} / {small}", big, small, times, "same adapter size, larger model"))
@@ -135,13 +146,21 @@ def measure(settings: Settings) -> BenchResult:
             "weight_sync_model_size",
             f"same adapter size on a {dit[matched[0]] / dit[matched[1]]:.0f}x larger DiT: publish time ratio within 1.25x either way",
             max(r, 1 / r), "<=", 1.25, note=f"{matched[0]} / {matched[1]} = {r:.3f}"))
+    notes = []
+    for key in matched or ():
+        part = {name.split(": ", 1)[1]: float(np.median(values)) * 1e3 for name, values in load_times.items() if name.startswith(key + ": ")}
+        notes.append(
+            f"load_adapter_state on {key} ({learners[key].policy.num_lora_modules} adapted modules): "
+            f"{part['load_adapter_state (all of it)']:.1f} ms, of which the peft state-dict walk for the expected keys "
+            f"{part['expected keys (peft state dict of the model)']:.1f} ms, set_peft_model_state_dict "
+            f"{part['set_peft_model_state_dict']:.1f} ms and the checksum {part['checksum']:.1f} ms.")
     return BenchResult(
         name=NAME, item=ITEM, title=TITLE, profile=settings.profile, status="measured",
         settings={**dataclasses.asdict(settings), "default_config": "configs/default.yaml (model built in code)",
                   "prompts_per_step": train_config.prompts_per_step, "group_size": train_config.group_size,
                   "num_steps": train_config.policy.num_steps},
         measurements=measurements, ratios=ratios, targets=targets,
-        notes=[
+        notes=notes + [
             f"Least-squares fit over the {len(learners)} configurations: publish_ms = {intercept:.2f} + {slope:.2f} x adapter_mib.",
             "The publish times are taken with all configurations' actors alive in one Ray instance, interleaved; "
             "the default step is timed afterwards with the default configuration's two actors.",
@@ -166,6 +185,22 @@ def _publish_parts(learner: Learner, workers: list) -> dict[str, Callable[[], ob
         PARTS[1]: lambda: ray.put(state),
         PARTS[2]: lambda: ray.get([w.ready.remote() for w in workers]),
         PARTS[3]: lambda: ray.get([w.set_adapter.remote(ref, version, checksum) for w in workers]),
+    }
+
+
+def _adapter_mib(learner: Learner) -> float:
+    return count_parameters(learner.policy.transformer, lora=True) * 4 / 2**20
+
+
+def _load_parts(policy: EditPolicy) -> dict[str, Callable[[], object]]:
+    """``EditPolicy.load_adapter_state``'s steps one by one, and the whole call."""
+    state = policy.adapter_state()
+    checksum = adapter_checksum(state)
+    return {
+        "checksum": lambda: adapter_checksum(state),
+        "expected keys (peft state dict of the model)": lambda: set(get_peft_model_state_dict(policy.transformer, adapter_name=ADAPTER_NAME)),
+        "set_peft_model_state_dict": lambda: set_peft_model_state_dict(policy.transformer, state, adapter_name=ADAPTER_NAME),
+        "load_adapter_state (all of it)": lambda: policy.load_adapter_state(state, checksum=checksum),
     }
 
 
