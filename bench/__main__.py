@@ -64,6 +64,7 @@ def _summary(results: list[BenchResult], names: set[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would load the machine being measured
     if args.single:
         write_result(run_one(args.single, args.profile), args.results_dir)
         return 0
