@@ -1,14 +1,15 @@
-# Two entry points that work on a fresh machine: `make train` and `make test`.
-# Both create the virtual environment on first use: torch==2.13.0 (CPU wheel)
-# first, then the project with its pinned dependencies.
+# Entry points that work on a fresh machine: `make train`, `make test` and
+# `make bench`. They create the virtual environment on first use:
+# torch==2.13.0 (CPU wheel) first, then the project with its pinned dependencies.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 CONFIG ?= configs/default.yaml
 RUN_DIR ?= runs/default
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
-.PHONY: train test venv clean dataset warm-checkpoint
+.PHONY: train test bench venv clean dataset warm-checkpoint
 
 venv: $(VENV)/.installed
 
@@ -16,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,bench]'
 	touch $@
 
 train: venv
@@ -24,6 +25,11 @@ train: venv
 
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The benchmark suite (under 20 minutes on 2 cores): bench/results/<name>.json and
+# docs/benchmarks.md; `BENCH_ARGS="--only learner_batching"` runs a subset.
+bench: venv
+	PYTHONPATH=$(CURDIR) $(PY) -m bench $(BENCH_ARGS)
 
 # Rebuild the bundled clips and prompt tables (deterministic).
 dataset: venv

@@ -314,3 +314,25 @@ def test_identical_videos_score_exactly_ten_not_above():
     video = as_float((rng.random((4, 6, 6, 3)) * 255).astype(np.uint8))
     for score in (preservation(video, video), temporal_consistency(video, video)):
         assert score <= 10.0 and score == pytest.approx(10.0, abs=1e-9)
+
+
+def test_latency_option_sleeps_once_per_batch_and_keeps_scores_and_cache_keys(monkeypatch):
+    # a benchmarking aid: the backend stands in for a slow judge without changing what it scores
+    from reward_server.backends import build_backend, pixel
+    from reward_server.backends.specs import PixelSpec
+    from reward_server.reward_config import RewardConfig
+
+    sleeps = []
+    monkeypatch.setattr(pixel.time, "sleep", sleeps.append)
+    items = [PixelInput(instruction="make it brighter", source=gray_video([[10, 20], [30, 40]], frames=3),
+                        edited=gray_video([[60, 70], [80, 90]], frames=3), item_id=str(i)) for i in range(3)]
+    plain, slow = build_backend(PixelSpec()), build_backend(PixelSpec(latency_s=0.25))
+    assert PixelSpec().latency_s == 0.0
+    assert [r.dimensions for r in slow.score_batch(items)] == [r.dimensions for r in plain.score_batch(items)]
+    slow.score_batch(items[:1])
+    assert sleeps == [0.25, 0.25]  # one per call, none for the default
+    assert PixelSpec(latency_s=0.25).fingerprint() == PixelSpec().fingerprint()
+    config = RewardConfig.model_validate({"version": "slow-1", "backends": {"pixel": {"type": "pixel", "latency_s": 0.5}}})
+    assert config.backends["pixel"].latency_s == 0.5
+    with pytest.raises(ValueError):
+        PixelSpec(latency_s=-1.0)

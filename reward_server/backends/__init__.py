@@ -25,7 +25,7 @@ def build_backend(spec: BackendSpec) -> Backend:
             a missing checkpoint directory, an engine that is not installed).
     """
     if isinstance(spec, PixelSpec):
-        return PixelBackend()
+        return PixelBackend(latency_s=spec.latency_s)
     if isinstance(spec, GeminiSpec):
         from reward_server.backends.gemini import GeminiBackend
 

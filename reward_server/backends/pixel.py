@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import time
 
 import numpy as np
 
@@ -313,12 +314,25 @@ def score_batch(items: list[PixelInput]) -> list[PixelResult]:
 
 
 class PixelBackend:
-    """The pixel backend behind the :class:`reward_server.backends.Backend` interface."""
+    """The pixel backend behind the :class:`reward_server.backends.Backend` interface.
+
+    Args:
+        latency_s: extra seconds each :meth:`score_batch` call takes (a sleep after
+            scoring), to stand in for a slow judge in benchmarks; 0 adds nothing.
+    """
 
     name = BACKEND_NAME
     version = BACKEND_VERSION
     dimensions = DIMENSIONS
     remote = False
 
+    def __init__(self, latency_s: float = 0.0) -> None:
+        if latency_s < 0:
+            raise ValueError(f"latency_s must be >= 0, got {latency_s}")
+        self.latency_s = latency_s
+
     def score_batch(self, items: list[PixelInput]) -> list[PixelResult]:
-        return score_batch(items)
+        results = score_batch(items)
+        if self.latency_s > 0:
+            time.sleep(self.latency_s)
+        return results

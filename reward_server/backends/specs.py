@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 _OPERATIONAL = frozenset({
     "max_batch_size", "max_wait_s", "max_concurrency", "timeout_s", "http_attempts", "max_tries",
     "backoff_initial_s", "backoff_max_s", "api_key_env", "base_url", "forward_batch_size", "device",
+    "latency_s",
 })
 
 VIVA_DIMENSIONS = ("instruction_following", "edit_quality", "source_preservation", "reference_similarity")
@@ -42,6 +43,10 @@ class PixelSpec(_Spec):
     """Items per call of the batcher; None uses the server's ``max_batch_size``."""
     max_wait_s: float | None = Field(default=None, ge=0.0)
     """Seconds a batch waits to fill; None uses the server's ``max_wait_s``."""
+    latency_s: float = Field(default=0.0, ge=0.0, le=60.0)
+    """Benchmarking aid: extra seconds every backend call takes (a sleep after scoring the
+    batch, in the batcher's worker thread), to stand in for a slow judge; the scores do
+    not change. 0 (the default) adds nothing."""
 
     def dimension_names(self) -> tuple[str, ...]:
         return PIXEL_DIMENSIONS

@@ -1,0 +1,89 @@
+"""The benchmark harness on trivially small settings: the result schema, the report
+and the pipeline model. Nothing here asserts how long anything took."""
+import json
+
+import pytest
+import torch
+
+from bench import gpu, learner_batching, pipelined, sampling_overhead
+from bench.harness import interleaved, paired_ratio
+from bench.pipeline_sim import PipelineParams, bottleneck, capacities, simulate
+from bench.report import render
+from bench.results import SCHEMA_VERSION, BenchResult, Stats, read_results, write_result
+from bench.suite import BENCHMARKS, run_one
+
+
+def test_interleaved_rotates_the_order_and_resets_before_each_call():
+    calls = []
+    times = interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=2, warmup=1,
+                        before={"a": lambda: calls.append("reset")})
+    assert calls == ["reset", "a", "b", "b", "reset", "a", "reset", "a", "b"]
+    assert {name: len(samples) for name, samples in times.items()} == {"a": 2, "b": 2}
+    ratio = paired_ratio("a / b", "a", "b", {"a": [2.0, 6.0], "b": [1.0, 2.0]})
+    assert ratio.stats.samples == [2.0, 3.0] and ratio.stats.median == 2.5
+
+
+def test_stats_quartiles():
+    stats = Stats.of([4.0, 1.0, 3.0, 2.0])
+    assert (stats.median, stats.q1, stats.q3, stats.iqr, stats.min, stats.max) == (2.5, 1.75, 3.25, 1.5, 1.0, 4.0)
+    assert stats.samples == [4.0, 1.0, 3.0, 2.0] and stats.scaled(10).median == 25.0
+
+
+def test_smoke_results_round_trip_through_json_and_the_report(tmp_path, monkeypatch):
+    results = [
+        run_one("sampling_overhead", "smoke"),
+        learner_batching.measure(learner_batching.SETTINGS["smoke"]),
+        pipelined.run("smoke"),
+        gpu.measure(sampling_overhead.SETTINGS["smoke"], learner_batching.SETTINGS["smoke"], "smoke"),  # CPU, tiny sizes
+    ]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    skipped = gpu.run("cpu")
+    for result in results:
+        write_result(result, tmp_path)
+    write_result(skipped.model_copy(update={"name": "gpu_skipped"}), tmp_path)
+    raw = json.loads((tmp_path / "sampling_overhead.json").read_text())
+    assert raw["schema_version"] == SCHEMA_VERSION and raw["status"] == "measured"
+    assert {"date_utc", "packages", "load_average", "cpu_model", "git_commit"} <= set(raw["environment"])
+    assert {m["name"] for m in raw["measurements"]} == {"diffusers_wan_pipeline", "ode", "sde_logprob"}
+    assert set(raw["measurements"][0]["metrics"]["time_ms"]) >= {"median", "q1", "q3", "iqr", "mean", "std", "samples"}
+    assert raw["targets"][0]["comparison"] == "<=" and isinstance(raw["targets"][0]["met"], bool)
+
+    loaded = {r.name: r for r in read_results(tmp_path)}
+    assert [r.item for r in read_results(tmp_path)] == sorted(r.item for r in loaded.values())
+    learner = loaded["learner_batching"]
+    assert learner.measurement("k=3").metrics["max_abs_grad_diff"] < 1e-6  # batched timesteps: same gradients
+    assert loaded["gpu"].status == "measured" and any(m.group == "weight sync (one process)" for m in loaded["gpu"].measurements)
+    assert loaded["gpu_skipped"].status == "skipped" and "no CUDA device" in loaded["gpu_skipped"].reason
+    if not pipelined.runtime_available():
+        slot = loaded["pipelined_vs_sequential"]
+        assert slot.status == "not_measured" and "not yet measured" in slot.reason
+        assert [t.met for t in slot.targets] == [None, None]
+
+    page = render(list(loaded.values()))
+    assert page.startswith("# Benchmarks") and "## Targets" in page
+    assert "## 1. Pipelined vs sequential step" in page and "## 7. GPU section" in page
+    assert "| sde_logprob |" in page and "skipped: no CUDA device" in page
+    assert "## 3. Weight sync" in page  # no result file: the section says so
+
+
+def test_every_benchmark_module_declares_its_result():
+    from bench.suite import load
+
+    items = [load(name).ITEM for name in BENCHMARKS]
+    assert items == list(range(1, 8))
+    assert BenchResult.model_json_schema()["properties"]["status"]["enum"] == ["measured", "not_measured", "skipped", "failed"]
+
+
+@pytest.mark.parametrize("workers, max_staleness, limit", [
+    (1, 1, "workers"), (2, 1, "workers"), (12, 2, "learner"),
+    (12, 1, "staleness window"),  # sampling a step's groups takes longer than training one step
+])
+def test_pipeline_model_never_beats_its_slowest_stage(workers, max_staleness, limit):
+    params = PipelineParams(num_workers=workers, group_size=4, groups_per_step=4, sample_s=4.0, reward_call_s=0.5,
+                            reward_item_s=0.1, reward_max_batch=8, reward_slots=2, learn_group_s=1.0, sync_s=0.1,
+                            max_staleness=max_staleness)
+    result = simulate(params, steps=20, warmup_steps=3)
+    bound = min(capacities(params).values())
+    assert result.samples_per_s <= bound * 1.001
+    assert bottleneck(params, result) == limit  # reached within 10% unless the staleness window limits
+    assert result.stale_dropped == 0 and all(0.0 <= u <= 1.0 + 1e-9 for u in result.utilization.values())
