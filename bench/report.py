@@ -60,9 +60,10 @@ def _summary(results: list[BenchResult]) -> list[str]:
     for r in results:
         if r.status != "measured" and not r.targets:
             rows.append([str(r.item), r.name, "—", r.reason or r.status, "—"])
-        elif not r.targets and r.ratios:
-            first = r.ratios[0]
-            rows.append([str(r.item), r.name, f"(no target) {first.name}: {first.description}", fmt(first.stats.median), "—"])
+        targeted = {t.value for t in r.targets}
+        if r.status == "measured" and not any(x.stats.median in targeted for x in r.ratios):
+            for x in r.ratios:  # ratios that no target judges are reported as they are
+                rows.append([str(r.item), x.name, f"(reported, no target) {x.description}", fmt(x.stats.median), "—"])
         for t in r.targets:
             measured = _target_value(t) if r.status == "measured" else (r.reason or r.status)
             rows.append([str(r.item), t.name, f"{t.description} ({t.comparison} {fmt(t.threshold)}{t.unit})", measured, fmt(t.met)])
