@@ -214,7 +214,7 @@ def test_a_job_runs_in_the_uploaded_working_dir_and_joins_the_cluster(ray_head, 
     assert report["worker"] == {"file": os.path.join(cwd, "editrl", "__init__.py"), "env": "from-submit"}
     uploaded = set(report["uploaded"])
     assert {"job_check.py", "editrl/submit.py", "configs/default.yaml", "bench/keep.py"} <= uploaded
-    assert not {f for f in uploaded if f.split("/")[0] in (".venv", "runs", ".git") or "__pycache__" in f or f.startswith("bench/results")}
+    assert not {f for f in uploaded if f.split("/")[0] in (".venv", "runs", ".git") or "__pycache__" in f or f.startswith("bench/results/")}
 
     info = JobSubmissionClient(url, headers=headers).get_job_info(job_id)
     assert info.status == "SUCCEEDED" and info.metadata == {"editrl_entrypoint": "custom"}
