@@ -346,6 +346,11 @@ class Run:
         stats = reward_stats(groups)
         stats["reward_sem"] = float(rewards.std(ddof=1) / math.sqrt(len(rewards))) if len(rewards) > 1 else float("nan")
         stats["samples"] = float(len(rewards))
+        by_type: dict[str, list[float]] = collections.defaultdict(list)
+        for group in groups:
+            by_type[self.heldout_set.by_id(group.task.prompt_id).edit_type] += group.rewards.tolist()
+        for edit_type, values in sorted(by_type.items()):
+            stats[f"reward_mean/{edit_type}"] = float(np.mean(values))
         for group in groups:
             if group.frames is not None:
                 source = self.heldout_set.clip(self.heldout_set.by_id(group.task.prompt_id))
