@@ -19,7 +19,7 @@ import torch
 
 from editrl.data.dataset import load_clip
 from policy.config import PolicyConfig
-from policy.policy import EditPolicy
+from policy.policy import EditPolicy, PackedAdapter
 from policy.sampling import Trajectories, sample_trajectories
 from protocol.reward import ScoreItem, ScoreRequest, VideoPayload
 from protocol.rollout import Group, GroupFailure, GroupTask
@@ -81,11 +81,19 @@ class RolloutWorker:
         """Returns the worker id once constructed (used to wait for actors)."""
         return self.worker_id
 
-    def set_adapter(self, state: dict[str, torch.Tensor], policy_version: int, checksum: str) -> int:
+    def set_adapter(self, state: "PackedAdapter | dict[str, torch.Tensor]", policy_version: int, checksum: str) -> int:
         """Load the learner's adapter (between groups only: calls are serialised).
 
+        Args:
+            state: the learner's :meth:`EditPolicy.pack_adapter` (what the runtime
+                publishes; under Ray a read-only view of the object store, copied
+                straight into the LoRA parameters) or its ``adapter_state()`` dict.
+            policy_version: the version the adapter belongs to; returned.
+            checksum: :func:`policy.policy.adapter_checksum` of the weights as published.
+
         Raises:
-            AdapterMismatchError: wrong modules or checksum.
+            AdapterMismatchError: wrong keys, shapes, module count or checksum; the
+                previously loaded adapter stays.
         """
         self.policy.load_adapter_state(state, checksum=checksum)
         self.policy_version = policy_version
