@@ -205,7 +205,7 @@ def create_app(config: ServerConfig, backend: Backend | None = None) -> FastAPI:
         return Response(content=generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/v1/score", response_model=ScoreResponse, responses={413: {"description": "request body too large"}})
-    async def score(score_request: ScoreRequest, request: Request) -> ScoreResponse:
+    async def score(score_request: ScoreRequest, request: Request) -> Response:
         started = time.perf_counter()
         try:
             async with current().use() as runtime:
@@ -223,9 +223,11 @@ def create_app(config: ServerConfig, backend: Backend | None = None) -> FastAPI:
             "request %s: %d items (%d failed) on %s in %.3f s",
             score_request.request_id, len(scores), len(failed), runtime.config.version, time.perf_counter() - started,
         )
-        return ScoreResponse(
+        body = ScoreResponse(
             request_id=score_request.request_id, reward_config_version=runtime.config.version,
             results=scores, backends=runtime.versions,
         )
+        # serialised here, once: returning the model would make FastAPI validate it against response_model again
+        return Response(content=body.model_dump_json(), media_type="application/json")
 
     return app
