@@ -75,13 +75,13 @@ class VideoPayload(BaseModel):
     @classmethod
     def _is_base64(cls, value: str) -> str:
         recent = _recent()
-        decoded = recent.get(value)  # a group's source video comes again with every item
+        decoded = recent.pop(value, None)  # a group's source video comes again with every item
         if decoded is None:
             decoded = _decode_base64(value)
             if len(recent) >= 2:
-                recent.pop(next(iter(recent)))
-            if len(decoded) <= _RECENT_MAX_BYTES:
-                recent[value] = decoded
+                recent.pop(next(iter(recent)))  # the least recently used
+        if len(decoded) <= _RECENT_MAX_BYTES:
+            recent[value] = decoded
         _LAST_DECODED.value = (value, decoded)  # for _check_shape of this payload: base64 is decoded once
         return value
 

@@ -232,6 +232,18 @@ def test_raw_frames_score_exactly_like_the_decoded_mp4(server):
     assert [r.dimensions for r in from_raw.results] == [r.dimensions for r in from_mp4.results]
 
 
+def test_responses_carry_server_timing_and_metrics_the_process_cpu(server):
+    url = server
+    item = ScoreItem(item_id="g5/0", instruction="Make the video brighter", source=VideoPayload.from_frames(SOURCE[:2]),
+                     edited=VideoPayload.from_frames(BRIGHTER[:2]))
+    response = httpx.post(f"{url}/v1/score", content=ScoreRequest(request_id="timing", items=[item]).model_dump_json(),
+                          headers={"Content-Type": "application/json"})
+    assert response.status_code == 200
+    match = re.fullmatch(r"app;dur=(\d+\.\d+)", response.headers["server-timing"])
+    assert match and float(match.group(1)) > 0
+    assert metric(httpx.get(f"{url}/metrics").text, "process_cpu_seconds_total") > 0
+
+
 def test_bad_raw_frames_are_422_naming_the_field(server):
     url = server
     frames = SOURCE[:2]
