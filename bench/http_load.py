@@ -26,47 +26,76 @@ class Request:
     inputs: list[ScoreInput]
     """What the server's backend receives for this request's items, in order."""
     mp4s: list[bytes]
-    """Every video of the request as sent (source and edited per item), for decode timings."""
+    """Every distinct video of the request as an mp4 (the source once, then each
+    item's edit), for decode timings."""
 
 
-def build_requests(count: int, items_per_request: int, frames: int, size: int, tag: str, fps: int = 8) -> list[Request]:
-    """``count`` requests of ``items_per_request`` unique items each.
+def build_requests(count: int, items_per_request: int, frames: int, size: int, tag: str, fps: int = 8,
+                   video_format: str = "mp4") -> list[Request]:
+    """``count`` requests shaped like a rollout worker's: one GRPO group each, i.e.
+    ``items_per_request`` unique items sharing one source video.
 
-    Sources are the bundled training clips at ``size`` x ``size``; the edit is the
-    source brightened by 30 grey levels; every item's instruction is its clip's
-    instruction plus a unique suffix (so the server never joins two items in flight
-    and the score cache, disabled anyway, could not answer them).
+    Sources are the bundled training clips at ``size`` x ``size`` (request ``r``
+    uses clip ``r``, cycling); item ``i``'s edit is the source brightened by
+    ``10 (i + 1)`` grey levels; every item's instruction is its clip's instruction
+    plus a unique suffix (so the server never joins two items in flight and the
+    score cache, disabled anyway, could not answer them). ``video_format`` is
+    ``mp4`` (H.264 files, decoded by the server) or ``raw`` (the frames the mp4s
+    decode to, sent as raw ``uint8`` with their shape): both give the backend the
+    same frames, which are also what :attr:`Request.inputs` holds.
     """
+    if video_format not in ("mp4", "raw"):
+        raise ValueError(f"video_format must be 'mp4' or 'raw', got {video_format!r}")
     dataset = PromptDataset(PROJECT_ROOT / "assets" / "clips" / "prompts_train.parquet", frames, size, size)
-    encoded = {}
+    encoded: dict[tuple[str, int], tuple[bytes, np.ndarray]] = {}
+
+    def video(path: str, frames_: np.ndarray, level: int) -> tuple[bytes, np.ndarray]:
+        if (path, level) not in encoded:
+            mp4 = encode_mp4(frames_, fps=fps)
+            encoded[(path, level)] = (mp4, decode_video(mp4))
+        return encoded[(path, level)]
+
+    def wire(mp4: bytes, decoded: np.ndarray) -> VideoPayload:
+        return VideoPayload.from_bytes(mp4) if video_format == "mp4" else VideoPayload.from_frames(decoded)
+
     requests = []
     for r in range(count):
-        items, inputs, mp4s = [], [], []
+        row = dataset[r % len(dataset)]
+        clip = dataset.clip(row)
+        source_mp4, source_frames = video(row.video_path, clip, 0)
+        items, inputs, mp4s = [], [], [source_mp4]
         for i in range(items_per_request):
-            row = dataset[(r * items_per_request + i) % len(dataset)]
-            if row.video_path not in encoded:
-                source = dataset.clip(row)
-                edited = np.clip(source.astype(np.int16) + 30, 0, 255).astype(np.uint8)
-                source_mp4, edited_mp4 = encode_mp4(source, fps=fps), encode_mp4(edited, fps=fps)
-                encoded[row.video_path] = (source_mp4, edited_mp4, decode_video(source_mp4), decode_video(edited_mp4))
-            source_mp4, edited_mp4, source_frames, edited_frames = encoded[row.video_path]
+            level = 10 * (i + 1)
+            edited = np.clip(clip.astype(np.int16) + level, 0, 255).astype(np.uint8)
+            edited_mp4, edited_frames = video(row.video_path, edited, level)
             item_id = f"{tag}-{r}/{i}"
             instruction = f"{row.instruction} [{tag} {r}.{i}]"
-            items.append(ScoreItem(item_id=item_id, instruction=instruction, source=VideoPayload.from_bytes(source_mp4),
-                                   edited=VideoPayload.from_bytes(edited_mp4)))
+            items.append(ScoreItem(item_id=item_id, instruction=instruction, source=wire(source_mp4, source_frames),
+                                   edited=wire(edited_mp4, edited_frames)))
             inputs.append(ScoreInput(instruction=instruction, source=source_frames, edited=edited_frames, item_id=item_id,
-                                     source_bytes=source_mp4, edited_bytes=edited_mp4))
-            mp4s += [source_mp4, edited_mp4]
+                                     source_bytes=source_mp4 if video_format == "mp4" else None,
+                                     edited_bytes=edited_mp4 if video_format == "mp4" else None))
+            mp4s.append(edited_mp4)
         body = ScoreRequest(request_id=f"{tag}-{r}", items=items).model_dump_json().encode()
         requests.append(Request(body=body, inputs=inputs, mp4s=mp4s))
     return requests
 
 
-async def _drive(client: httpx.AsyncClient, bodies: list[bytes], concurrency: int) -> tuple[float, list[float]]:
+def _app_seconds(response: httpx.Response) -> float:
+    """The server's ``Server-Timing: app;dur=<ms>`` in seconds (NaN when absent)."""
+    for part in response.headers.get("server-timing", "").split(","):
+        name, _, params = part.strip().partition(";")
+        if name == "app" and params.startswith("dur="):
+            return float(params[4:]) / 1e3
+    return float("nan")
+
+
+async def _drive(client: httpx.AsyncClient, bodies: list[bytes], concurrency: int) -> tuple[float, list[float], list[float]]:
     queue: asyncio.Queue[bytes] = asyncio.Queue()
     for body in bodies:
         queue.put_nowait(body)
     latencies: list[float] = []
+    app_times: list[float] = []
 
     async def user() -> None:
         while not queue.empty():
@@ -74,6 +103,7 @@ async def _drive(client: httpx.AsyncClient, bodies: list[bytes], concurrency: in
             start = time.perf_counter()
             response = await client.post("/v1/score", content=body, headers={"Content-Type": "application/json"})
             latencies.append(time.perf_counter() - start)
+            app_times.append(_app_seconds(response))
             if response.status_code != 200:
                 raise RuntimeError(f"reward server answered HTTP {response.status_code}: {response.text[:300]}")
             if not all(result["ok"] for result in response.json()["results"]):
@@ -81,7 +111,7 @@ async def _drive(client: httpx.AsyncClient, bodies: list[bytes], concurrency: in
 
     start = time.perf_counter()
     await asyncio.gather(*(user() for _ in range(concurrency)))
-    return time.perf_counter() - start, latencies
+    return time.perf_counter() - start, latencies, app_times
 
 
 class LoadDriver:
@@ -90,11 +120,14 @@ class LoadDriver:
 
     def __init__(self, url: str, max_concurrency: int, timeout_s: float = 300.0) -> None:
         self._loop = asyncio.new_event_loop()
-        limits = httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency)
+        # idle connections are dropped after 2 s, before uvicorn's 5 s keep-alive closes them under a request
+        limits = httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency, keepalive_expiry=2.0)
         self._client = httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits)
 
-    def run(self, requests: list[Request], concurrency: int) -> tuple[float, list[float]]:
-        """Wall seconds for all requests and each request's latency in seconds."""
+    def run(self, requests: list[Request], concurrency: int) -> tuple[float, list[float], list[float]]:
+        """Wall seconds for all requests, each request's latency in seconds as the
+        client saw it, and each request's time inside the server app in seconds
+        (its ``Server-Timing`` header)."""
         return self._loop.run_until_complete(_drive(self._client, [r.body for r in requests], concurrency))
 
     def close(self) -> None:
@@ -102,34 +135,49 @@ class LoadDriver:
         self._loop.close()
 
 
+def server_counters(url: str, backend: str = "pixel") -> dict[str, float]:
+    """Totals so far from the server's ``GET /metrics``: ``calls`` and ``items`` of
+    the backend (``reward_backend_batch_size``), ``backend_s`` (seconds inside its
+    calls, ``reward_backend_latency_seconds``), ``requests`` and ``handler_s``
+    (seconds inside ``POST /v1/score`` handlers after the body was parsed and
+    validated, ``reward_request_latency_seconds``), ``cpu_s`` (CPU seconds of the
+    server process, all threads, ``process_cpu_seconds_total``)."""
+    text = httpx.get(f"{url}/metrics", timeout=30.0).text
+    wanted = {
+        ("reward_backend_batch_size", "_count"): "calls", ("reward_backend_batch_size", "_sum"): "items",
+        ("reward_backend_latency_seconds", "_sum"): "backend_s",
+        ("reward_request_latency_seconds", "_count"): "requests", ("reward_request_latency_seconds", "_sum"): "handler_s",
+        ("process_cpu_seconds", "_total"): "cpu_s",
+    }
+    out = dict.fromkeys(wanted.values(), 0.0)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if family.name.startswith("reward_backend") and sample.labels.get("backend") != backend:
+                continue
+            for suffix in ("_count", "_sum", "_total"):
+                if sample.name == family.name + suffix and (family.name, suffix) in wanted:
+                    out[wanted[(family.name, suffix)]] = sample.value
+    return out
+
+
 def batch_counters(url: str, backend: str = "pixel") -> tuple[float, float]:
     """(backend calls, items scored) so far, from the server's
     ``reward_backend_batch_size`` histogram."""
-    text = httpx.get(f"{url}/metrics", timeout=30.0).text
-    count = total = 0.0
-    for family in text_string_to_metric_families(text):
-        if family.name != "reward_backend_batch_size":
-            continue
-        for sample in family.samples:
-            if sample.labels.get("backend") != backend:
-                continue
-            if sample.name.endswith("_count"):
-                count = sample.value
-            elif sample.name.endswith("_sum"):
-                total = sample.value
-    return count, total
+    counters = server_counters(url, backend)
+    return counters["calls"], counters["items"]
 
 
-def score_directly(backend, requests: list[Request], batches: int) -> tuple[float, list[float]]:
+def score_directly(backend, requests: list[Request], batches: int) -> tuple[float, list[float], float]:
     """Score the requests' items with ``backend.score_batch`` in ``batches`` calls of
-    near-equal size (the server's number of calls for the same items); wall seconds
-    and each call's seconds."""
+    near-equal size (the server's number of calls for the same items); wall seconds,
+    each call's seconds, and this process's CPU seconds for all of it."""
     items = [item for request in requests for item in request.inputs]
     durations = []
+    cpu = time.process_time()
     start = time.perf_counter()
     for chunk in np.array_split(np.arange(len(items)), max(1, batches)):
         if len(chunk):
             call = time.perf_counter()
             backend.score_batch([items[i] for i in chunk])
             durations.append(time.perf_counter() - call)
-    return time.perf_counter() - start, durations
+    return time.perf_counter() - start, durations, time.process_time() - cpu

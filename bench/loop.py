@@ -42,10 +42,13 @@ def make_train_tasks(config: TrainConfig, dataset: PromptDataset, indices: list[
 
 
 def publish_adapter(learner: Learner, workers: list) -> None:
-    """Put the adapter in the object store once and load it on every worker (waits)."""
-    state = learner.policy.adapter_state()
-    ref = ray.put(state)
-    ray.get([w.set_adapter.remote(ref, learner.policy_version, adapter_checksum(state)) for w in workers])
+    """What :meth:`learner.actor.LearnerService.publish` and the pool do: pack the
+    adapter, checksum it once, put it in the object store once and load it on
+    every worker (waits)."""
+    packed = learner.policy.pack_adapter()
+    checksum = adapter_checksum(packed)
+    ref = ray.put(packed)
+    ray.get([w.set_adapter.remote(ref, learner.policy_version, checksum) for w in workers])
 
 
 def run_tasks(workers: list, tasks: list[GroupTask]) -> tuple[list[Group], list[GroupFailure]]:

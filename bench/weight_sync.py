@@ -1,8 +1,10 @@
 """Item 3: publishing the adapter to every rollout worker, as a share of a training step.
 
-``publish`` is :func:`bench.loop.publish_adapter` itself: the learner's adapter
-state (CPU fp32 copy), its SHA-256, one ``ray.put``, and ``set_adapter`` on every
-RolloutWorker actor (checksum check and peft load), waited for. It is timed for
+``publish`` is :func:`bench.loop.publish_adapter` itself, the same steps as
+:meth:`learner.actor.LearnerService.publish` plus the pool's loads: the learner's
+adapter packed into one flat fp32 buffer, its checksum (CRC-32), one ``ray.put``,
+and ``set_adapter`` on every RolloutWorker actor (layout and checksum checks, an
+in-place copy into the LoRA parameters), waited for. It is timed for
 two model widths and two LoRA ranks, all at once in one Ray instance and
 interleaved; the wide model at rank 8 has exactly as many adapter values as the
 default model at rank 64, which separates adapter size from model size.
@@ -24,7 +26,6 @@ from pathlib import Path
 import numpy as np
 import ray
 import torch
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from bench.cluster import default_server_config, ray_session, reward_server, start_workers, wait_ready
 from bench.harness import interleaved, paired_ratio
@@ -34,7 +35,7 @@ from editrl.data.dataset import PromptDataset
 from bench.loop import PromptSampler, make_train_tasks, publish_adapter, run_tasks
 from learner.learner import Learner
 from policy.config import LoraSettings, TinyModelConfig
-from policy.policy import ADAPTER_NAME, EditPolicy, adapter_checksum
+from policy.policy import EditPolicy, adapter_checksum
 
 NAME = "weight_sync"
 ITEM = 3
@@ -67,7 +68,7 @@ SETTINGS = {
     "cpu": Settings("cpu", models=("default", "wide"), ranks=(8, 64)),
     "smoke": Settings("smoke", models=("smoke", "smoke_wide"), ranks=(1, 4), publish_repeats=2, publish_warmup=1, step_repeats=1,
                       step_warmup=0, step_overrides=(("prompts_per_step", 2), ("group_size", 2), ("policy.num_steps", 2),
-                                                     ("policy.height", 32), ("policy.width", 32))),
+                                                     ("policy.height", 32), ("policy.width", 32), ("policy.sde_window", None))),
 }
 
 
@@ -150,10 +151,10 @@ def measure(settings: Settings) -> BenchResult:
     for key in matched or ():
         part = {name.split(": ", 1)[1]: float(np.median(values)) * 1e3 for name, values in load_times.items() if name.startswith(key + ": ")}
         notes.append(
-            f"load_adapter_state on {key} ({learners[key].policy.num_lora_modules} adapted modules): "
-            f"{part['load_adapter_state (all of it)']:.1f} ms, of which the peft state-dict walk for the expected keys "
-            f"{part['expected keys (peft state dict of the model)']:.1f} ms, set_peft_model_state_dict "
-            f"{part['set_peft_model_state_dict']:.1f} ms and the checksum {part['checksum']:.1f} ms.")
+            f"load_adapter_state on {key} ({learners[key].policy.num_lora_modules} adapted modules, "
+            f"{_adapter_mib(learners[key]):.2f} MiB): {part[LOAD_PARTS[2]]:.2f} ms, of which the in-place copy "
+            f"{part[LOAD_PARTS[1]]:.2f} ms and the checksum {part[LOAD_PARTS[0]]:.2f} ms; the rest is the layout "
+            "check against the index built once at start.")
     return BenchResult(
         name=NAME, item=ITEM, title=TITLE, profile=settings.profile, status="measured",
         settings={**dataclasses.asdict(settings), "default_config": "configs/default.yaml (model built in code)",
@@ -171,18 +172,18 @@ def measure(settings: Settings) -> BenchResult:
     )
 
 
-PARTS = ("part: adapter_state + checksum", "part: ray.put", "part: no-op call on all workers", "part: set_adapter on all workers")
+PARTS = ("part: pack_adapter + checksum", "part: ray.put", "part: no-op call on all workers", "part: set_adapter on all workers")
 
 
 def _publish_parts(learner: Learner, workers: list) -> dict[str, Callable[[], object]]:
     """The steps of ``publish_adapter`` timed one by one (each with its own inputs ready)."""
-    state = learner.policy.adapter_state()
-    checksum = adapter_checksum(state)
-    ref = ray.put(state)
+    packed = learner.policy.pack_adapter()
+    checksum = adapter_checksum(packed)
+    ref = ray.put(packed)
     version = learner.policy_version
     return {
-        PARTS[0]: lambda: adapter_checksum(learner.policy.adapter_state()),
-        PARTS[1]: lambda: ray.put(state),
+        PARTS[0]: lambda: adapter_checksum(learner.policy.pack_adapter()),
+        PARTS[1]: lambda: ray.put(packed),
         PARTS[2]: lambda: ray.get([w.ready.remote() for w in workers]),
         PARTS[3]: lambda: ray.get([w.set_adapter.remote(ref, version, checksum) for w in workers]),
     }
@@ -192,15 +193,25 @@ def _adapter_mib(learner: Learner) -> float:
     return count_parameters(learner.policy.transformer, lora=True) * 4 / 2**20
 
 
+LOAD_PARTS = ("checksum", "in-place copy", "load_adapter_state (all of it)")
+
+
 def _load_parts(policy: EditPolicy) -> dict[str, Callable[[], object]]:
-    """``EditPolicy.load_adapter_state``'s steps one by one, and the whole call."""
-    state = policy.adapter_state()
-    checksum = adapter_checksum(state)
+    """What ``set_adapter`` does on a worker, one process: the checksum, the in-place
+    copy into the LoRA parameters, and the whole ``load_adapter_state`` (layout
+    checks, checksum, copy) of a packed adapter held read-only, as Ray hands it over."""
+    packed = policy.pack_adapter()
+    packed.values.flags.writeable = False
+    checksum = adapter_checksum(packed)
+
+    def copy() -> None:
+        with torch.no_grad():
+            policy._copy_packed(packed.values)
+
     return {
-        "checksum": lambda: adapter_checksum(state),
-        "expected keys (peft state dict of the model)": lambda: set(get_peft_model_state_dict(policy.transformer, adapter_name=ADAPTER_NAME)),
-        "set_peft_model_state_dict": lambda: set_peft_model_state_dict(policy.transformer, state, adapter_name=ADAPTER_NAME),
-        "load_adapter_state (all of it)": lambda: policy.load_adapter_state(state, checksum=checksum),
+        LOAD_PARTS[0]: lambda: adapter_checksum(packed),
+        LOAD_PARTS[1]: copy,
+        LOAD_PARTS[2]: lambda: policy.load_adapter_state(packed, checksum=checksum),
     }
 
 

@@ -52,6 +52,10 @@ class RolloutConfig(BaseModel):
     """Attempts per scoring request (retries with exponential backoff)."""
     reward_concurrency: int = Field(4, ge=1)
     """Scoring requests each worker keeps in flight in pipelined mode."""
+    reward_video_format: Literal["mp4", "raw"] = "mp4"
+    """How videos travel to the reward server: ``mp4`` (small requests, the server
+    decodes) or ``raw`` uint8 frames (no encoding or decoding; requests of
+    ``F * H * W * 3`` bytes per video, base64). See docs/reward_server.md."""
     max_restarts: int = Field(3, ge=0)
     """Times Ray restarts a crashed rollout actor; its groups are re-issued."""
 

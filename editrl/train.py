@@ -108,6 +108,7 @@ class Run:
                 worker_id, config.policy, corpus, str(PROJECT_ROOT), reward_url, reward_timeout_s=rc.reward_timeout_s,
                 reward_max_attempts=rc.reward_max_attempts, torch_threads=rc.torch_threads, fps=config.fps,
                 reward_concurrency=rc.reward_concurrency, device=device, seed=config.seed,
+                video_format=rc.reward_video_format,
             ),
             rc.num_workers,
         )

@@ -33,11 +33,13 @@ class LearnerService:
         return self.learner.train_step(groups)
 
     def publish(self) -> list:
-        """``[ref, policy_version, checksum]``: the adapter weights put in the object
+        """``[ref, policy_version, checksum]``: the adapter weights packed into one
+        flat fp32 buffer (:class:`policy.policy.PackedAdapter`) and put in the object
         store once by the learner itself (they travel learner -> workers, not through
-        the driver), with the version and checksum the workers verify."""
-        state = self.learner.policy.adapter_state()
-        return [ray.put(state), self.learner.policy_version, adapter_checksum(state)]
+        the driver; Ray ships the buffer without pickling tensors), with the version
+        and the checksum the workers verify (computed once, here)."""
+        packed = self.learner.policy.pack_adapter()
+        return [ray.put(packed), self.learner.policy_version, adapter_checksum(packed)]
 
     def save_checkpoint(self, run_dir: str, step: int, driver_state: dict) -> str:
         return str(save_checkpoint(Path(run_dir), step, self.learner, driver_state))

@@ -10,14 +10,15 @@ unconditional branch still sees the source video).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from peft.utils import get_peft_model_state_dict
 
 from policy.config import PolicyConfig
 from policy.model import (
@@ -86,6 +87,7 @@ class EditPolicy:
         if self.num_lora_modules == 0:
             raise AdapterMismatchError(f"LoRA attached to no module (targets {lora.target_modules})")
         logger.info("LoRA rank %d attached to %d modules", lora.rank, self.num_lora_modules)
+        self._index_adapter()
         vae_config = self.vae.config
         self._latents_mean = torch.tensor(vae_config.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
         self._latents_std = torch.tensor(vae_config.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
@@ -252,37 +254,155 @@ class EditPolicy:
         finally:
             self.transformer.enable_adapters()
 
-    def adapter_state(self) -> dict[str, torch.Tensor]:
-        """The adapter's weights in peft's key format, as contiguous CPU fp32 copies."""
-        state = get_peft_model_state_dict(self.transformer, adapter_name=ADAPTER_NAME)
-        return {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in state.items()}
+    def _index_adapter(self) -> None:
+        """Map every key of peft's adapter state dict to its LoRA parameter, once.
 
-    def load_adapter_state(self, state: dict[str, torch.Tensor], checksum: str | None = None) -> None:
-        """Load adapter weights produced by :meth:`adapter_state`.
+        The keys, shapes and module count never change after the adapter is
+        attached, so publishing and loading walk this index (one entry per LoRA
+        matrix) instead of the whole model's state dict: their cost depends on
+        the adapter's size, not the model's.
+
+        Raises:
+            AdapterMismatchError: a key of peft's state dict is not a parameter of
+                the transformer, or the keys do not cover ``num_lora_modules`` modules.
+        """
+        by_pointer = {p.data_ptr(): p for n, p in self.transformer.named_parameters() if "lora_" in n}
+        state = get_peft_model_state_dict(self.transformer, adapter_name=ADAPTER_NAME)
+        keys = tuple(sorted(state))
+        params = []
+        for key in keys:
+            param = by_pointer.get(state[key].data_ptr())
+            if param is None:
+                raise AdapterMismatchError(f"adapter key {key} is not a LoRA parameter of the transformer")
+            params.append(param)
+        self._adapter_keys = keys
+        self._adapter_params = tuple(params)
+        self._adapter_shapes = tuple(tuple(p.shape) for p in params)
+        self._adapter_offsets = tuple(np.cumsum([0] + [p.numel() for p in params]).tolist())
+        modules = _adapter_modules(keys)
+        if modules != self.num_lora_modules:
+            raise AdapterMismatchError(f"adapter covers {modules} modules, policy has {self.num_lora_modules}")
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """The adapter's weights in peft's key format (keys sorted), as contiguous CPU
+        fp32 copies."""
+        return {k: p.detach().to("cpu", torch.float32, copy=True).contiguous()
+                for k, p in zip(self._adapter_keys, self._adapter_params)}
+
+    def pack_adapter(self) -> "PackedAdapter":
+        """The adapter's weights as one flat CPU fp32 buffer (see :class:`PackedAdapter`):
+        what the learner publishes (one buffer travels through Ray's object store
+        without a copy per tensor and is checksummed in one pass)."""
+        with torch.no_grad():
+            flat = torch.cat([p.detach().reshape(-1) for p in self._adapter_params])
+        values = flat.to("cpu", torch.float32).numpy()
+        return PackedAdapter(keys=self._adapter_keys, shapes=self._adapter_shapes, values=values)
+
+    def load_adapter_state(self, state: "dict[str, torch.Tensor] | PackedAdapter", checksum: str | None = None) -> None:
+        """Load adapter weights produced by :meth:`adapter_state` or :meth:`pack_adapter`,
+        copying them in place into the LoRA parameters.
+
+        Everything is verified before a single parameter changes, so a rejected
+        adapter leaves the loaded one intact.
+
+        Args:
+            state: peft-format key -> tensor (any float dtype, any shape-compatible
+                layout), or a :class:`PackedAdapter`.
+            checksum: :func:`adapter_checksum` of the weights as published; checked
+                when given.
 
         Raises:
             AdapterMismatchError: the keys do not cover exactly this policy's LoRA
-                modules, or ``checksum`` does not match the weights.
+                modules, a shape differs, or ``checksum`` does not match the weights.
         """
+        if isinstance(state, PackedAdapter):
+            keys, shapes = tuple(state.keys), tuple(tuple(s) for s in state.shapes)
+        else:
+            keys = tuple(sorted(state))
+            shapes = tuple(tuple(state[k].shape) for k in keys)
+        if keys != self._adapter_keys:
+            expected = set(self._adapter_keys)
+            missing, extra = sorted(expected - set(keys))[:3], sorted(set(keys) - expected)[:3]
+            raise AdapterMismatchError(f"adapter keys differ: missing {missing}, unexpected {extra}")
+        if shapes != self._adapter_shapes:
+            bad = [(k, got, want) for k, got, want in zip(keys, shapes, self._adapter_shapes) if got != want]
+            raise AdapterMismatchError(f"adapter shapes differ: {bad[:3]} (key, got, expected)")
+        modules = _adapter_modules(keys)
+        if modules != self.num_lora_modules:
+            raise AdapterMismatchError(f"adapter covers {modules} modules, policy has {self.num_lora_modules}")
+        if isinstance(state, PackedAdapter) and state.values.shape != (self._adapter_offsets[-1],):
+            raise AdapterMismatchError(f"packed adapter holds {state.values.shape} values, expected ({self._adapter_offsets[-1]},)")
         if checksum is not None and adapter_checksum(state) != checksum:
             raise AdapterMismatchError("adapter checksum mismatch")
-        expected = set(get_peft_model_state_dict(self.transformer, adapter_name=ADAPTER_NAME))
-        if set(state) != expected:
-            missing, extra = sorted(expected - set(state))[:3], sorted(set(state) - expected)[:3]
-            raise AdapterMismatchError(f"adapter keys differ: missing {missing}, unexpected {extra}")
-        result = set_peft_model_state_dict(self.transformer, state, adapter_name=ADAPTER_NAME)
-        unexpected = getattr(result, "unexpected_keys", [])
-        if unexpected:
-            raise AdapterMismatchError(f"adapter keys not loaded: {unexpected[:3]}")
-        modules = {k.rsplit(".lora_", 1)[0] for k in state}
-        if len(modules) != self.num_lora_modules:
-            raise AdapterMismatchError(f"adapter covers {len(modules)} modules, policy has {self.num_lora_modules}")
+        with torch.no_grad():
+            if isinstance(state, PackedAdapter):
+                self._copy_packed(state.values)
+            else:
+                for key, param in zip(keys, self._adapter_params):
+                    param.copy_(state[key])
+
+    def _copy_packed(self, values: np.ndarray) -> None:
+        """Copy a flat fp32 buffer (possibly a read-only view of Ray's object store)
+        into the LoRA parameters, slice by slice in key order."""
+        offsets = self._adapter_offsets
+        params = self._adapter_params
+        if all(p.device.type == "cpu" and p.dtype == torch.float32 for p in params):
+            for i, param in enumerate(params):  # numpy views of the parameters: no temporary tensors
+                param.detach().numpy().reshape(-1)[:] = values[offsets[i] : offsets[i + 1]]
+            return
+        flat = torch.from_numpy(np.array(values, dtype=np.float32, copy=True)).to(params[0].device)
+        for i, param in enumerate(params):
+            param.copy_(flat[offsets[i] : offsets[i + 1]].view(param.shape))
 
 
-def adapter_checksum(state: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over the adapter's keys and raw fp32 bytes (order-independent)."""
-    digest = hashlib.sha256()
-    for key in sorted(state):
-        digest.update(key.encode())
-        digest.update(state[key].to(torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()
+@dataclass(frozen=True)
+class PackedAdapter:
+    """An adapter's weights in one flat buffer, as the learner publishes them.
+
+    Attributes:
+        keys: peft-format keys, sorted (``...attn1.to_q.lora_A.weight``).
+        shapes: each key's tensor shape, in the same order.
+        values: ``float32`` ``(N,)``, the tensors' values (C order) one after the
+            other in key order; ``N`` is the sum of the shapes' sizes.
+    """
+
+    keys: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    values: np.ndarray
+
+    def to_state(self) -> dict[str, torch.Tensor]:
+        """peft-format key -> CPU fp32 tensor (copies)."""
+        out, start = {}, 0
+        for key, shape in zip(self.keys, self.shapes):
+            size = int(np.prod(shape, dtype=np.int64))
+            out[key] = torch.from_numpy(np.array(self.values[start : start + size], dtype=np.float32).reshape(shape))
+            start += size
+        return out
+
+
+def _adapter_modules(keys) -> int:
+    """How many modules the keys' LoRA matrices belong to."""
+    return len({k.rsplit(".lora_", 1)[0] for k in keys})
+
+
+def adapter_checksum(state: "dict[str, torch.Tensor] | PackedAdapter") -> str:
+    """CRC-32 over the adapter's layout (sorted keys and shapes) and then its raw fp32
+    bytes in that key order, as ``"crc32:<8 hex digits>"``.
+
+    A dict and the :class:`PackedAdapter` of the same weights give the same value.
+    It detects corrupted or mismatched transfers (any change of up to 32 bits,
+    others with probability 1 - 2^-32), not deliberate tampering; it is one
+    pass over the bytes at memory speed, which keeps publishing cheap.
+    """
+    if isinstance(state, PackedAdapter):
+        keys, shapes = tuple(state.keys), tuple(tuple(s) for s in state.shapes)
+        chunks = [np.ascontiguousarray(state.values, dtype=np.float32)]
+    else:
+        keys = tuple(sorted(state))
+        shapes = tuple(tuple(state[k].shape) for k in keys)
+        chunks = [state[k].detach().to("cpu", torch.float32).contiguous().numpy() for k in keys]
+    header = "\n".join(f"{k}:{','.join(map(str, shape))}" for k, shape in zip(keys, shapes))
+    crc = zlib.crc32(header.encode())
+    for chunk in chunks:
+        crc = zlib.crc32(memoryview(chunk).cast("B"), crc)
+    return f"crc32:{crc:08x}"

@@ -1,7 +1,9 @@
 """Schemas of the reward server's HTTP API (``POST /v1/score``).
 
-Videos travel as base64 mp4 inside JSON, reference images as base64 PNG or
-JPEG; nothing is pickled on the wire. Scores are on a 0-10 scale per dimension;
+Videos travel inside JSON as base64 mp4 files or as base64 raw ``uint8`` RGB
+frames with an explicit shape (no decoding on the server: what a caller that
+holds frames, like a rollout worker, should send when bandwidth allows);
+reference images as base64 PNG or JPEG; nothing is pickled on the wire. Scores are on a 0-10 scale per dimension;
 the scalar ``reward`` is the reward config's aggregate of the dimensions, also
 0-10.
 """
@@ -9,40 +11,148 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
+import threading
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+
+MAX_RAW_VIDEO_BYTES = 1 << 30
+"""Largest raw video accepted (F * H * W * 3 bytes); the request size limit usually binds first."""
 
 
-def _check_base64(value: str) -> str:
+_LAST_DECODED = threading.local()
+"""The bytes the ``data`` validator of the payload being validated in this thread
+decoded (pydantic validates ``data`` and then runs the model validator of the
+same payload right after, in the same thread)."""
+
+_RECENT = threading.local()
+_RECENT_MAX_BYTES = 4 << 20
+"""The last two videos (at most this large) decoded in a thread, by their base64
+text: the items of a group repeat the same source video."""
+
+
+def _recent() -> dict[str, bytes]:
+    if not hasattr(_RECENT, "videos"):
+        _RECENT.videos = {}
+    return _RECENT.videos
+
+
+def _decode_base64(value: str) -> bytes:
     try:
-        base64.b64decode(value, validate=True)
+        return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise ValueError(f"not valid base64: {exc}") from exc
-    return value
 
 
 class VideoPayload(BaseModel):
-    """One video inside a request."""
+    """One video inside a request: an mp4 file, or raw frames.
+
+    * ``format: "mp4"`` (default): ``data`` is the base64 of an H.264 mp4 file;
+      ``shape`` must be absent. The server decodes it (a few ms per video).
+    * ``format: "raw"``: ``data`` is the base64 of ``uint8`` RGB frames in C order,
+      ``shape`` is ``[F, H, W, 3]`` and ``data`` must hold exactly ``F * H * W * 3``
+      bytes. Nothing is decoded; the bytes are larger than an mp4's.
+
+    A mismatch (shape with mp4, no shape with raw, a shape that is not
+    ``[F, H, W, 3]`` with positive sizes, a byte count that differs from the
+    shape's) is a validation error (HTTP 422 at ``.../source`` or ``.../edited``).
+    """
 
     model_config = ConfigDict(extra="forbid")
 
-    format: Literal["mp4"] = "mp4"
-    """Container of ``data``; only mp4 (H.264) is accepted."""
+    format: Literal["mp4", "raw"] = "mp4"
+    """``mp4`` (H.264 in an mp4 container) or ``raw`` (uint8 RGB frames, see ``shape``)."""
     data: str = Field(min_length=1)
-    """Standard base64 of the video file's bytes."""
+    """Standard base64 of the video file's bytes (mp4) or of the frames' bytes (raw)."""
+    shape: tuple[int, int, int, int] | None = None
+    """Raw frames only: ``[F, H, W, 3]`` (frames, height, width, RGB channels)."""
+
+    _bytes: bytes | None = PrivateAttr(default=None)
 
     @field_validator("data")
     @classmethod
     def _is_base64(cls, value: str) -> str:
-        return _check_base64(value)
+        recent = _recent()
+        decoded = recent.pop(value, None)  # a group's source video comes again with every item
+        if decoded is None:
+            decoded = _decode_base64(value)
+            if len(recent) >= 2:
+                recent.pop(next(iter(recent)))  # the least recently used
+        if len(decoded) <= _RECENT_MAX_BYTES:
+            recent[value] = decoded
+        _LAST_DECODED.value = (value, decoded)  # for _check_shape of this payload: base64 is decoded once
+        return value
+
+    @model_validator(mode="after")
+    def _check_shape(self) -> "VideoPayload":
+        last = getattr(_LAST_DECODED, "value", None)
+        _LAST_DECODED.value = None
+        if last is not None and last[0] is self.data:
+            self._bytes = last[1]
+        if self.format == "mp4":
+            if self.shape is not None:
+                raise ValueError("shape is only for format 'raw' (an mp4 carries its own)")
+            return self
+        if self.shape is None:
+            raise ValueError("format 'raw' needs shape [F, H, W, 3]")
+        if self.shape[3] != 3 or min(self.shape) < 1:
+            raise ValueError(f"raw shape must be [F, H, W, 3] with positive sizes, got {list(self.shape)}")
+        needed = math.prod(self.shape)
+        if needed > MAX_RAW_VIDEO_BYTES:
+            raise ValueError(f"raw video of shape {list(self.shape)} is larger than {MAX_RAW_VIDEO_BYTES} bytes")
+        held = len(self.data) // 4 * 3 - (len(self.data) - len(self.data.rstrip("=")))  # valid, padded base64
+        if held != needed:
+            raise ValueError(f"raw data holds {held} bytes, shape {list(self.shape)} needs {needed}")
+        return self
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "VideoPayload":
-        return cls(data=base64.b64encode(data).decode("ascii"))
+        """An mp4 payload of the file ``data``."""
+        payload = cls.model_construct(format="mp4", data=base64.b64encode(data).decode("ascii"), shape=None)
+        payload._bytes = bytes(data)
+        return payload
+
+    @classmethod
+    def from_frames(cls, frames: np.ndarray) -> "VideoPayload":
+        """A raw payload of ``uint8`` ``(F, H, W, 3)`` RGB frames.
+
+        Raises:
+            ValueError: another dtype or shape.
+        """
+        frames = np.ascontiguousarray(frames)
+        if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or frames.size == 0:
+            raise ValueError(f"frames must be non-empty uint8 (F, H, W, 3), got {frames.dtype} {frames.shape}")
+        data = frames.tobytes()
+        payload = cls.model_construct(format="raw", data=base64.b64encode(data).decode("ascii"),
+                                      shape=tuple(int(n) for n in frames.shape))
+        payload._bytes = data
+        return payload
 
     def to_bytes(self) -> bytes:
-        return base64.b64decode(self.data)
+        """The bytes as sent: the mp4 file, or the raw frames' bytes."""
+        if self._bytes is None:
+            self._bytes = base64.b64decode(self.data)
+        return self._bytes
+
+    def to_frames(self) -> np.ndarray:
+        """Raw payloads only: the frames, ``uint8`` ``(F, H, W, 3)``, a read-only view of :meth:`to_bytes`.
+
+        Raises:
+            ValueError: an mp4 payload (decode it with :func:`protocol.video.decode_video`).
+        """
+        if self.format != "raw" or self.shape is None:
+            raise ValueError("only raw payloads hold frames; decode mp4 with protocol.video.decode_video")
+        return np.frombuffer(self.to_bytes(), dtype=np.uint8).reshape(self.shape)
+
+    def identity(self) -> bytes:
+        """What the score cache hashes for this video: the mp4 file's bytes, or for raw
+        frames their shape followed by their bytes (equal bytes of another shape
+        are another video)."""
+        if self.format == "mp4":
+            return self.to_bytes()
+        return f"raw:{','.join(map(str, self.shape or ()))}:".encode() + self.to_bytes()
 
 
 class ImagePayload(BaseModel):
@@ -58,7 +168,8 @@ class ImagePayload(BaseModel):
     @field_validator("data")
     @classmethod
     def _is_base64(cls, value: str) -> str:
-        return _check_base64(value)
+        _decode_base64(value)
+        return value
 
     @classmethod
     def from_bytes(cls, data: bytes, format: Literal["png", "jpeg"] = "png") -> "ImagePayload":
@@ -83,9 +194,9 @@ class ScoreItem(BaseModel):
     instruction: str = Field(min_length=1, max_length=2000)
     """The editing instruction the edited video should follow."""
     source: VideoPayload
-    """The unedited source video."""
+    """The unedited source video (mp4 or raw frames)."""
     edited: VideoPayload
-    """The policy's edited video; same frame count as the source."""
+    """The policy's edited video (mp4 or raw frames); same frame count as the source."""
     reference: ImagePayload | None = None
     """Optional reference image (e.g. the object to insert or the target style);
     judges that use it add a ``reference_similarity`` dimension."""

@@ -15,6 +15,8 @@ Routes:
   Redis every replica follows (see :mod:`reward_server.config_store`).
 * ``GET /metrics``: Prometheus text exposition of a registry private to the app.
 
+Every response carries ``Server-Timing: app;dur=<ms>`` (:class:`ServerTiming`).
+
 Bodies larger than ``max_request_bytes`` get HTTP 413 (FastAPI's ``max_body_size``
 checks the Content-Length header and the bytes actually received); malformed
 JSON and schema violations get FastAPI's 422 naming the field. OpenAPI is at
@@ -90,6 +92,30 @@ def _view(runtime: Runtime, sync_error: str | None, changed: bool | None = None)
     )
 
 
+class ServerTiming:
+    """ASGI middleware: every HTTP response carries ``Server-Timing: app;dur=<ms>``,
+    the milliseconds from the request entering the app to the response starting
+    (body reading, JSON parsing and validation, the handler, serialisation; not
+    the network or uvicorn's own parsing of the headers)."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+
+        async def timed_send(message) -> None:
+            if message["type"] == "http.response.start":
+                duration = f"app;dur={(time.perf_counter() - started) * 1e3:.3f}".encode()
+                message = {**message, "headers": [*message.get("headers", []), (b"server-timing", duration)]}
+            await send(message)
+
+        await self.app(scope, receive, timed_send)
+
+
 def create_app(config: ServerConfig, backend: Backend | None = None) -> FastAPI:
     """Build the reward server app for ``config``.
 
@@ -144,6 +170,7 @@ def create_app(config: ServerConfig, backend: Backend | None = None) -> FastAPI:
                 await manager.close()
 
     app = FastAPI(title="editrl reward server", version="2", lifespan=lifespan, max_body_size=config.max_request_bytes)
+    app.add_middleware(ServerTiming)
     app.state.config = config
     app.state.manager = manager
     app.state.metrics_registry = metrics.registry
@@ -205,7 +232,7 @@ def create_app(config: ServerConfig, backend: Backend | None = None) -> FastAPI:
         return Response(content=generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/v1/score", response_model=ScoreResponse, responses={413: {"description": "request body too large"}})
-    async def score(score_request: ScoreRequest, request: Request) -> ScoreResponse:
+    async def score(score_request: ScoreRequest, request: Request) -> Response:
         started = time.perf_counter()
         try:
             async with current().use() as runtime:
@@ -223,9 +250,11 @@ def create_app(config: ServerConfig, backend: Backend | None = None) -> FastAPI:
             "request %s: %d items (%d failed) on %s in %.3f s",
             score_request.request_id, len(scores), len(failed), runtime.config.version, time.perf_counter() - started,
         )
-        return ScoreResponse(
+        body = ScoreResponse(
             request_id=score_request.request_id, reward_config_version=runtime.config.version,
             results=scores, backends=runtime.versions,
         )
+        # serialised here, once: returning the model would make FastAPI validate it against response_model again
+        return Response(content=body.model_dump_json(), media_type="application/json")
 
     return app

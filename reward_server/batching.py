@@ -122,6 +122,8 @@ class DynamicBatcher(Generic[T, R]):
         assert self._queue is not None
         batch.append(await self._queue.get())
         deadline = time.monotonic() + self.max_wait_s
+        while len(batch) < self.max_batch_size and not self._queue.empty():  # what is queued already, without awaiting
+            batch.append(self._queue.get_nowait())
         while len(batch) < self.max_batch_size:
             remaining = deadline - time.monotonic()
             if remaining <= 0:

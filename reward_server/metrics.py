@@ -4,11 +4,12 @@ Per backend (label ``backend``: the backend's name, or its key in a config with
 several backends): batch sizes and seconds per backend call, cache hits, misses
 and joins (an item already being scored elsewhere), backend failures, and items
 scored or failed. The unlabelled ``reward_batch_size`` and ``reward_batch_seconds``
-count every backend call of the server together.
+count every backend call of the server together. The standard ``process_*``
+collectors (CPU seconds, resident memory, open files) describe the server process.
 """
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -20,6 +21,7 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
         self.batch_size = Histogram(
             "reward_batch_size", "Items per backend call, all backends.", buckets=BATCH_BUCKETS, registry=r
         )

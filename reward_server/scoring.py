@@ -4,7 +4,8 @@ For every backend of the request's runtime and every item: look the item up in
 the score cache; join a scoring of the same item already in flight in this
 process; with a shared cache, claim the item so that other replicas wait for
 this one's result; score what is left through the backend's executor; store the
-successes. Videos are decoded only for items some backend has to score. Then
+successes. Videos are decoded only for items some backend has to score, each
+distinct video of a request once; raw-frame videos are not decoded at all. Then
 each item's dimensions are merged under their config names and aggregated; a
 failure is an explicit ``ok: false`` with the reason, never a zero.
 """
@@ -16,7 +17,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from protocol.reward import ItemScore, ScoreItem, ScoreRequest
+import numpy as np
+
+from protocol.reward import ItemScore, ScoreItem, ScoreRequest, VideoPayload
 from protocol.video import ImageDecodeError, VideoDecodeError, decode_image, decode_video
 from reward_server.backends import BackendResult, ScoreInput
 from reward_server.cache import ScoreCache, cache_key, content_digest
@@ -46,13 +49,46 @@ class _Wire:
     digests: tuple[str, str, str | None]
 
 
-def decode_item(index: int, wire: _Wire) -> tuple[ScoreInput | None, list[dict[str, Any]]]:
-    """Decode one item's videos (and reference image); errors name ``items[i].field``."""
+class _Decoded:
+    """Each distinct video of one request decoded once, keyed by its content digest
+    (a GRPO group sends its source video with every one of its G items)."""
+
+    def __init__(self) -> None:
+        self._videos: dict[str, np.ndarray | tuple[str, VideoDecodeError]] = {}
+
+    def video(self, payload: VideoPayload, data: bytes, digest: str, what: str) -> np.ndarray:
+        """``uint8 (F, H, W, 3)`` frames (read-only for raw payloads, shared between items).
+
+        Raises:
+            VideoDecodeError: the mp4 cannot be decoded (raised again for every item that sends it).
+        """
+        if digest not in self._videos:
+            try:
+                self._videos[digest] = payload.to_frames() if payload.format == "raw" else decode_video(data, what=what)
+            except VideoDecodeError as exc:
+                self._videos[digest] = (what, exc)
+        found = self._videos[digest]
+        if isinstance(found, tuple):
+            first_what, exc = found
+            message = str(exc)
+            raise VideoDecodeError(what + message[len(first_what):] if message.startswith(first_what) else message)
+        return found
+
+
+def decode_item(index: int, wire: _Wire, decoded: _Decoded | None = None) -> tuple[ScoreInput | None, list[dict[str, Any]]]:
+    """Decode one item's videos (and reference image); errors name ``items[i].field``.
+
+    Raw-frame videos are viewed, not decoded; ``decoded`` shares videos between
+    the items of one request. ``source_bytes``/``edited_bytes`` of the result
+    are the mp4 files as sent (None for raw frames).
+    """
     item, errors, frames = wire.item, [], {}
-    for field, data in (("source", wire.source), ("edited", wire.edited)):
+    decoded = decoded if decoded is not None else _Decoded()
+    for field, payload, data, digest in (("source", item.source, wire.source, wire.digests[0]),
+                                         ("edited", item.edited, wire.edited, wire.digests[1])):
         what = f"items[{index}].{field} (item_id={item.item_id})"
         try:
-            frames[field] = decode_video(data, what=what)
+            frames[field] = decoded.video(payload, data, digest, what)
         except VideoDecodeError as exc:
             errors.append({"loc": ["body", "items", index, field, "data"], "msg": str(exc), "type": "video_decode_error"})
     reference = None
@@ -65,27 +101,58 @@ def decode_item(index: int, wire: _Wire) -> tuple[ScoreInput | None, list[dict[s
         return None, errors
     return ScoreInput(
         instruction=item.instruction, source=frames["source"], edited=frames["edited"], item_id=item.item_id,
-        reference=reference, category=item.category, source_bytes=wire.source, edited_bytes=wire.edited,
+        reference=reference, category=item.category,
+        source_bytes=wire.source if item.source.format == "mp4" else None,
+        edited_bytes=wire.edited if item.edited.format == "mp4" else None,
     ), []
 
 
+INLINE_BYTES = 1 << 20
+"""Requests whose videos and images hold at most this many base64 characters in
+all, and need no mp4 decoding, are hashed and viewed on the event loop (well under
+a millisecond) instead of in a worker thread (a round trip through the thread
+pool costs about as much again)."""
+
+
 def _wire_items(request: ScoreRequest) -> list[_Wire]:
+    """Bytes and content digests of every item; each distinct video is hashed once
+    (a group repeats its source video in every item)."""
     wires = []
+    seen: dict[tuple[str, tuple[int, ...] | None, str], tuple[bytes, str]] = {}
+
+    def video(payload: VideoPayload) -> tuple[bytes, str]:
+        key = (payload.format, payload.shape, payload.data)
+        if key not in seen:
+            seen[key] = (payload.to_bytes(), content_digest(payload.identity()))
+        return seen[key]
+
     for item in request.items:
-        source, edited = item.source.to_bytes(), item.edited.to_bytes()
+        (source, source_digest), (edited, edited_digest) = video(item.source), video(item.edited)
         reference = item.reference.to_bytes() if item.reference is not None else None
-        digests = (content_digest(source), content_digest(edited), content_digest(reference) if reference else None)
+        digests = (source_digest, edited_digest, content_digest(reference) if reference else None)
         wires.append(_Wire(item, source, edited, reference, digests))
     return wires
 
 
+def _payload_chars(request: ScoreRequest) -> int:
+    """Base64 characters of all of the request's videos and images."""
+    return sum(len(i.source.data) + len(i.edited.data) + (len(i.reference.data) if i.reference else 0) for i in request.items)
+
+
+def _needs_decoding(wires: list[_Wire], needed: list[int]) -> bool:
+    """Whether any needed item has an mp4 video or a reference image to decode."""
+    return any(wires[i].item.source.format == "mp4" or wires[i].item.edited.format == "mp4" or wires[i].reference is not None
+               for i in needed)
+
+
 def _decode_all(wires: list[_Wire], needed: list[int]) -> dict[int, ScoreInput]:
     inputs, errors = {}, []
+    decoded = _Decoded()
     for index in needed:
-        decoded, problems = decode_item(index, wires[index])
+        item_input, problems = decode_item(index, wires[index], decoded)
         errors.extend(problems)
-        if decoded is not None:
-            inputs[index] = decoded
+        if item_input is not None:
+            inputs[index] = item_input
     if errors:
         raise UndecodableInputs(errors)
     return inputs
@@ -111,7 +178,8 @@ class Scorer:
             UndecodableInputs: a video or the reference image of an item that had
                 to be scored cannot be decoded (HTTP 422 naming the item and field).
         """
-        wires = await asyncio.to_thread(_wire_items, request)
+        inline = _payload_chars(request) <= INLINE_BYTES
+        wires = _wire_items(request) if inline else await asyncio.to_thread(_wire_items, request)
         keys = {
             active.key: [cache_key(active.fingerprint, w.item.instruction, w.item.category, *w.digests) for w in wires]
             for active in runtime.backends
@@ -123,7 +191,12 @@ class Scorer:
             self.metrics.cache_hits.labels(backend=active.label).inc(hits)
             self.metrics.cache_misses.labels(backend=active.label).inc(len(wires) - hits)
         needed = sorted({i for a in runtime.backends for i, entry in enumerate(found[a.key]) if entry is None})
-        inputs = await asyncio.to_thread(_decode_all, wires, needed) if needed else {}
+        if not needed:
+            inputs = {}
+        elif inline and not _needs_decoding(wires, needed):
+            inputs = _decode_all(wires, needed)  # raw frames: views, nothing to decode
+        else:
+            inputs = await asyncio.to_thread(_decode_all, wires, needed)
         per_backend = await asyncio.gather(*(
             self._resolve(active, keys[active.key], found[active.key], inputs) for active in runtime.backends
         ))

@@ -71,7 +71,9 @@ class RewardClient:
         self.max_attempts = max_attempts
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
-        self._client = httpx.Client(base_url=self.base_url, timeout=timeout_s)
+        # an idle connection is dropped after 2 s, before the server's keep-alive timeout (uvicorn: 5 s) can
+        # close it just as a request goes out on it (a read error and a retry)
+        self._client = httpx.Client(base_url=self.base_url, timeout=timeout_s, limits=httpx.Limits(keepalive_expiry=2.0))
 
     def close(self) -> None:
         self._client.close()

@@ -19,7 +19,7 @@ import torch
 
 from editrl.data.dataset import load_clip
 from policy.config import PolicyConfig
-from policy.policy import EditPolicy
+from policy.policy import EditPolicy, PackedAdapter
 from policy.sampling import Trajectories, sample_trajectories
 from protocol.reward import ScoreItem, ScoreRequest, VideoPayload
 from protocol.rollout import Group, GroupFailure, GroupTask
@@ -42,6 +42,10 @@ class RolloutWorker:
         reward_max_attempts: attempts per scoring request.
         torch_threads: CPU threads for torch in this process.
         fps: frame rate written into the mp4s sent for scoring.
+        video_format: how videos travel to the reward server: ``mp4`` (H.264,
+            small, decoded by the server) or ``raw`` (``uint8`` frames with their
+            shape: no encoding here, no decoding there, larger requests; see
+            docs/reward_server.md).
         reward_concurrency: scoring requests in flight at once in pipelined mode.
         device: torch device of the policy ("cpu" or "cuda").
         seed: seed of a model built in code (must equal the learner's, so the base
@@ -62,15 +66,19 @@ class RolloutWorker:
         reward_concurrency: int = 4,
         device: str = "cpu",
         seed: int = 0,
+        video_format: str = "mp4",
     ):
+        if video_format not in ("mp4", "raw"):
+            raise ValueError(f"video_format must be 'mp4' or 'raw', got {video_format!r}")
         torch.set_num_threads(torch_threads)
+        self.video_format = video_format
         self.worker_id = worker_id
         self.config = policy_config
         self.policy = EditPolicy.from_config(policy_config, corpus, root=root, device=device, seed=seed)
         self.policy_version = -1
         self.fps = fps
         self.client = RewardClient(reward_url, timeout_s=reward_timeout_s, max_attempts=reward_max_attempts)
-        self._sources: dict[str, tuple[np.ndarray, bytes]] = {}
+        self._sources: dict[str, tuple[np.ndarray, VideoPayload]] = {}
         self._null_embeds = self.policy.encode_text([""])
         self._scoring = ThreadPoolExecutor(max_workers=reward_concurrency, thread_name_prefix=f"score-{worker_id}")
         self._done: queue.Queue = queue.Queue()
@@ -81,21 +89,35 @@ class RolloutWorker:
         """Returns the worker id once constructed (used to wait for actors)."""
         return self.worker_id
 
-    def set_adapter(self, state: dict[str, torch.Tensor], policy_version: int, checksum: str) -> int:
+    def set_adapter(self, state: "PackedAdapter | dict[str, torch.Tensor]", policy_version: int, checksum: str) -> int:
         """Load the learner's adapter (between groups only: calls are serialised).
 
+        Args:
+            state: the learner's :meth:`EditPolicy.pack_adapter` (what the runtime
+                publishes; under Ray a read-only view of the object store, copied
+                straight into the LoRA parameters) or its ``adapter_state()`` dict.
+            policy_version: the version the adapter belongs to; returned.
+            checksum: :func:`policy.policy.adapter_checksum` of the weights as published.
+
         Raises:
-            AdapterMismatchError: wrong modules or checksum.
+            AdapterMismatchError: wrong keys, shapes, module count or checksum; the
+                previously loaded adapter stays.
         """
         self.policy.load_adapter_state(state, checksum=checksum)
         self.policy_version = policy_version
         return policy_version
 
-    def _source(self, path: str) -> tuple[np.ndarray, bytes]:
+    def _source(self, path: str) -> tuple[np.ndarray, VideoPayload]:
         if path not in self._sources:
             frames = load_clip(path, self.config.num_frames, self.config.height, self.config.width)
-            self._sources[path] = (frames, encode_mp4(frames, fps=self.fps))
+            self._sources[path] = (frames, self._payload(frames))
         return self._sources[path]
+
+    def _payload(self, frames: np.ndarray) -> VideoPayload:
+        """``uint8 (F, H, W, 3)`` frames as sent to the reward server (``video_format``)."""
+        if self.video_format == "raw":
+            return VideoPayload.from_frames(frames)
+        return VideoPayload.from_bytes(encode_mp4(frames, fps=self.fps))
 
     def sample(self, tasks: list[GroupTask]) -> list[Group | GroupFailure]:
         """Sample and score each task's group, one after the other (sequential mode,
@@ -162,7 +184,7 @@ class RolloutWorker:
     def _sample(self, task: GroupTask) -> "_Sampled":
         timings: dict[str, float] = {}
         start = time.perf_counter()
-        frames, source_mp4 = self._source(task.video_path)
+        frames, source_payload = self._source(task.video_path)
         source_latents = self.policy.encode_video(frames[None])
         text_embeds = self.policy.encode_text([task.instruction])
         timings["encode_s"] = time.perf_counter() - start
@@ -185,18 +207,16 @@ class RolloutWorker:
 
         start = time.perf_counter()
         edited = self.policy.decode(trajectories.latents[:, -1])
-        edited_mp4 = [encode_mp4(edited[i], fps=self.fps) for i in range(task.group_size)]
+        edited_payloads = [self._payload(edited[i]) for i in range(task.group_size)]
         timings["decode_s"] = time.perf_counter() - start
-        return _Sampled(self.policy_version, source_mp4, source_latents.cpu(), text_embeds.cpu(), trajectories,
-                        edited if task.keep_frames else None, edited_mp4, timings)
+        return _Sampled(self.policy_version, source_payload, source_latents.cpu(), text_embeds.cpu(), trajectories,
+                        edited if task.keep_frames else None, edited_payloads, timings)
 
     def _scored_group(self, task: GroupTask, sampled: "_Sampled") -> Group:
         start = time.perf_counter()
-        source_payload = VideoPayload.from_bytes(sampled.source_mp4)
         items = [
-            ScoreItem(item_id=f"{task.group_id}/{i}", instruction=task.instruction, source=source_payload,
-                      edited=VideoPayload.from_bytes(mp4))
-            for i, mp4 in enumerate(sampled.edited_mp4)
+            ScoreItem(item_id=f"{task.group_id}/{i}", instruction=task.instruction, source=sampled.source, edited=edited)
+            for i, edited in enumerate(sampled.edited)
         ]
         response = self.client.score(ScoreRequest(request_id=task.group_id, items=items))
         timings = {**sampled.timings, "reward_s": time.perf_counter() - start}
@@ -232,10 +252,12 @@ class _Sampled:
     """A sampled, decoded group waiting for its rewards."""
 
     policy_version: int
-    source_mp4: bytes
+    source: VideoPayload
+    """The source video as sent for scoring."""
     source_latents: torch.Tensor
     text_embeds: torch.Tensor
     trajectories: Trajectories
     frames: np.ndarray | None
-    edited_mp4: list[bytes]
+    edited: list[VideoPayload]
+    """Each sample's edited video as sent for scoring."""
     timings: dict[str, float]

@@ -8,7 +8,7 @@ from conftest import CORPUS, structured_clip
 from learner.config import LearnerConfig
 from learner.learner import Learner
 from policy.model import build_tiny_components, load_components, save_components, widen_for_source_conditioning
-from policy.policy import AdapterMismatchError, EditPolicy, adapter_checksum
+from policy.policy import AdapterMismatchError, EditPolicy, PackedAdapter, adapter_checksum
 from policy.sampling import policy_step, sample_trajectories
 from protocol.rollout import Group, GroupTask
 
@@ -104,6 +104,55 @@ def test_adapter_sync_between_two_policies(tiny_config):
         worker_policy.load_adapter_state(state, checksum="0" * 64)
     with pytest.raises(AdapterMismatchError, match="keys differ"):
         worker_policy.load_adapter_state(dict(list(state.items())[:-2]))
+
+
+def test_packed_adapter_round_trip_and_every_mismatch_is_an_error(tiny_config):
+    learner_policy = EditPolicy.from_config(tiny_config, CORPUS, seed=0)
+    worker_policy = EditPolicy.from_config(tiny_config, CORPUS, seed=0)
+    with torch.no_grad():
+        for p in learner_policy.lora_parameters():
+            p.normal_(0, 0.05)
+    packed = learner_policy.pack_adapter()
+    state = learner_policy.adapter_state()
+    # one layout: the packed buffer is the dict's tensors one after the other, and both checksum alike
+    assert packed.values.dtype == np.float32 and packed.values.shape == (sum(v.numel() for v in state.values()),)
+    assert list(packed.keys) == list(state) and all(torch.equal(packed.to_state()[k], state[k]) for k in state)
+    checksum = adapter_checksum(packed)
+    assert checksum == adapter_checksum(state) and checksum.startswith("crc32:")
+    # a read-only buffer (as Ray's object store hands it out) loads without a copy warning
+    packed.values.flags.writeable = False
+    worker_policy.load_adapter_state(packed, checksum=checksum)
+    assert all(torch.equal(a, b) for a, b in zip(learner_policy.lora_parameters(), worker_policy.lora_parameters()))
+
+    loaded = worker_policy.adapter_state()
+    flipped = packed.values.copy()
+    flipped[7] = np.nextafter(flipped[7], np.float32(1.0))  # one bit of one value
+    with pytest.raises(AdapterMismatchError, match="checksum"):
+        worker_policy.load_adapter_state(PackedAdapter(packed.keys, packed.shapes, flipped), checksum=checksum)
+    with pytest.raises(AdapterMismatchError, match="keys differ"):
+        worker_policy.load_adapter_state(PackedAdapter(packed.keys[:-1], packed.shapes[:-1], packed.values))
+    shapes = ((int(np.prod(packed.shapes[0])),),) + packed.shapes[1:]
+    with pytest.raises(AdapterMismatchError, match="shapes differ"):
+        worker_policy.load_adapter_state(PackedAdapter(packed.keys, shapes, packed.values))
+    with pytest.raises(AdapterMismatchError, match="values"):
+        worker_policy.load_adapter_state(PackedAdapter(packed.keys, packed.shapes, packed.values[:-1]))
+    bad_state = dict(state)
+    first = next(iter(bad_state))
+    bad_state[first] = bad_state[first].reshape(-1)
+    with pytest.raises(AdapterMismatchError, match="shapes differ"):
+        worker_policy.load_adapter_state(bad_state)
+    # a rejected adapter leaves the loaded one intact
+    assert all(torch.equal(loaded[k], v) for k, v in worker_policy.adapter_state().items())
+
+
+def test_adapter_of_another_rank_or_model_is_rejected(tiny_config):
+    policy = EditPolicy.from_config(tiny_config, CORPUS)
+    other_rank = EditPolicy.from_config(tiny_config.model_copy(update={"lora": tiny_config.lora.model_copy(update={"rank": 2, "alpha": 4})}), CORPUS)
+    with pytest.raises(AdapterMismatchError, match="shapes differ"):
+        policy.load_adapter_state(other_rank.pack_adapter())
+    cross_only = EditPolicy.from_config(tiny_config.model_copy(update={"lora": tiny_config.lora.model_copy(update={"attention": ["cross"]})}), CORPUS)
+    with pytest.raises(AdapterMismatchError, match="keys differ"):
+        policy.load_adapter_state(cross_only.adapter_state())
 
 
 def test_checkpoint_round_trip(tiny_config, tmp_path):

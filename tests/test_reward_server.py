@@ -211,6 +211,71 @@ def test_undecodable_video_is_422_naming_the_item(server):
         assert time.monotonic() - started < 2.0
 
 
+def test_raw_frames_score_exactly_like_the_decoded_mp4(server):
+    url = server
+    mp4_items = [
+        ScoreItem(item_id=f"g2/{i}", instruction="Make the video brighter", source=payload(SOURCE), edited=payload(edited))
+        for i, edited in enumerate((BRIGHTER, GRAY))
+    ]
+    raw_items = [
+        ScoreItem(item_id=i.item_id, instruction=i.instruction,
+                  source=VideoPayload.from_frames(decode_video(i.source.to_bytes())),
+                  edited=VideoPayload.from_frames(decode_video(i.edited.to_bytes())))
+        for i in mp4_items
+    ]
+    body = ScoreRequest(request_id="raw-2", items=raw_items).model_dump(mode="json")
+    assert body["items"][0]["source"]["format"] == "raw" and body["items"][0]["source"]["shape"] == list(SOURCE.shape)
+    with RewardClient(url) as client:
+        from_mp4 = client.score(ScoreRequest(request_id="mp4-2", items=mp4_items))
+        from_raw = client.score(ScoreRequest(request_id="raw-2", items=raw_items))
+    assert all(r.ok for r in from_raw.results)
+    assert [r.dimensions for r in from_raw.results] == [r.dimensions for r in from_mp4.results]
+
+
+def test_responses_carry_server_timing_and_metrics_the_process_cpu(server):
+    url = server
+    item = ScoreItem(item_id="g5/0", instruction="Make the video brighter", source=VideoPayload.from_frames(SOURCE[:2]),
+                     edited=VideoPayload.from_frames(BRIGHTER[:2]))
+    response = httpx.post(f"{url}/v1/score", content=ScoreRequest(request_id="timing", items=[item]).model_dump_json(),
+                          headers={"Content-Type": "application/json"})
+    assert response.status_code == 200
+    match = re.fullmatch(r"app;dur=(\d+\.\d+)", response.headers["server-timing"])
+    assert match and float(match.group(1)) > 0
+    assert metric(httpx.get(f"{url}/metrics").text, "process_cpu_seconds_total") > 0
+
+
+def test_bad_raw_frames_are_422_naming_the_field(server):
+    url = server
+    frames = SOURCE[:2]
+    good = VideoPayload.from_frames(frames).model_dump()
+    data = good["data"]
+    cases = {
+        "needs shape": {"format": "raw", "data": data},
+        "must be [F, H, W, 3]": {"format": "raw", "data": data, "shape": [2, 64, 64, 4]},
+        "holds 24576 bytes, shape [2, 64, 65, 3] needs 24960": {"format": "raw", "data": data, "shape": [2, 64, 65, 3]},
+        "positive sizes": {"format": "raw", "data": data, "shape": [0, 64, 64, 3]},
+        "only for format 'raw'": {"format": "mp4", "data": payload(frames).data, "shape": [2, 64, 64, 3]},
+    }
+    for message, edited in cases.items():
+        body = raw_request([{"item_id": "g3/0", "instruction": "make it brighter", "source": good, "edited": edited}])
+        response = httpx.post(f"{url}/v1/score", json=body)
+        assert response.status_code == 422, message
+        (error,) = response.json()["detail"]
+        assert error["loc"][:4] == ["body", "items", 0, "edited"] and message.split(" needs")[0] in error["msg"], (message, error)
+
+
+def test_a_shared_undecodable_source_is_422_for_every_item(server):
+    url = server
+    good = payload(SOURCE[:2]).data
+    junk = base64.b64encode(b"this is not an mp4 file at all").decode()
+    response = httpx.post(f"{url}/v1/score", json=raw_request([raw_item("g4/0", junk, good), raw_item("g4/1", junk, good)]))
+    assert response.status_code == 422
+    errors = response.json()["detail"]
+    assert [e["loc"] for e in errors] == [["body", "items", i, "source", "data"] for i in (0, 1)]
+    assert [e["msg"].split(": ", 1)[0] for e in errors] == [f"items[{i}].source (item_id=g4/{i})" for i in (0, 1)]
+    assert all("cannot decode video" in e["msg"] for e in errors)
+
+
 def test_duplicate_ids_and_malformed_json_are_422(server):
     url = server
     good = payload(SOURCE[:2]).data

@@ -58,6 +58,20 @@ def test_worker_returns_a_complete_scored_group(reward_url, clip_path):
     assert {"encode_s", "sample_s", "decode_s", "reward_s"} <= set(group.timings)
 
 
+def test_worker_sends_raw_frames_and_loads_a_packed_adapter(reward_url, clip_path):
+    raw = RolloutWorker(0, tiny_policy_config(), CORPUS, str(ROOT), reward_url, reward_timeout_s=10, video_format="raw")
+    packed = raw.policy.pack_adapter()
+    raw.set_adapter(packed, 0, adapter_checksum(packed))
+    [group] = raw.sample([_task(clip_path)])
+    assert isinstance(group, Group) and group.rewards.shape == (3,)
+    assert all(0.0 <= r <= 10.0 for r in group.rewards.tolist())
+    # same seed, same frames on the wire, same rewards
+    [again] = raw.sample([_task(clip_path, group_id="s1-g0-again")])
+    assert torch.equal(group.rewards, again.rewards)
+    with pytest.raises(ValueError, match="video_format"):
+        RolloutWorker(0, tiny_policy_config(), CORPUS, str(ROOT), reward_url, video_format="gif")
+
+
 def test_worker_refuses_to_sample_without_an_adapter(reward_url, clip_path):
     worker = RolloutWorker(0, tiny_policy_config(), CORPUS, str(ROOT), reward_url)
     with pytest.raises(RuntimeError, match="no adapter"):
