@@ -4,8 +4,8 @@ the learner updates the LoRA adapter, the adapter goes back to the workers.
 Two schedules share every part but the loop itself:
 
 * ``pipelined``: workers always hold ``prefetch_per_worker`` groups; the learner
-  (its own actor) trains on the first B complete groups whose data is at most
-  ``max_staleness`` policy versions old while the workers keep sampling and
+  (its own actor) trains on B complete groups whose data is at most
+  ``max_staleness`` policy versions old (the oldest first) while the workers keep sampling and
   earlier groups are scored;
 * ``sequential``: sample B groups, score them, train, publish, repeat.
 """
@@ -173,7 +173,9 @@ class Run:
             self.counters["groups_reissued"] += len(lost)
             buffer += self._accept(results)
             if training is None:
-                buffer = self._drop_stale(buffer)
+                # Oldest first (stable: completion order within a version): a group one version
+                # from expiring is trained now, a fresher one can wait a step, so fewer expire.
+                buffer = sorted(self._drop_stale(buffer), key=lambda g: g.policy_version)
                 if len(buffer) >= cfg.prompts_per_step:
                     batch, buffer = buffer[: cfg.prompts_per_step], buffer[cfg.prompts_per_step :]
                     wait_data = time.perf_counter() - waiting_since

@@ -33,7 +33,7 @@ def test_smoke_results_round_trip_through_json_and_the_report(tmp_path, monkeypa
     results = [
         run_one("sampling_overhead", "smoke"),
         learner_batching.measure(learner_batching.SETTINGS["smoke"]),
-        pipelined.run("smoke"),
+        pipelined.not_measured("smoke", "not yet measured: a reason"),
         gpu.measure(sampling_overhead.SETTINGS["smoke"], learner_batching.SETTINGS["smoke"], "smoke"),  # CPU, tiny sizes
     ]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -54,10 +54,9 @@ def test_smoke_results_round_trip_through_json_and_the_report(tmp_path, monkeypa
     assert learner.measurement("k=3").metrics["max_abs_grad_diff"] < 1e-6  # batched timesteps: same gradients
     assert loaded["gpu"].status == "measured" and any(m.group == "weight sync (one process)" for m in loaded["gpu"].measurements)
     assert loaded["gpu_skipped"].status == "skipped" and "no CUDA device" in loaded["gpu_skipped"].reason
-    if not pipelined.runtime_available():
-        slot = loaded["pipelined_vs_sequential"]
-        assert slot.status == "not_measured" and "not yet measured" in slot.reason
-        assert [t.met for t in slot.targets] == [None, None]
+    slot = loaded["pipelined_vs_sequential"]
+    assert slot.status == "not_measured" and "not yet measured" in slot.reason
+    assert [t.met for t in slot.targets] == [None, None]
 
     page = render(list(loaded.values()))
     assert page.startswith("# Benchmarks") and "## Targets" in page
@@ -87,3 +86,28 @@ def test_pipeline_model_never_beats_its_slowest_stage(workers, max_staleness, li
     assert result.samples_per_s <= bound * 1.001
     assert bottleneck(params, result) == limit  # reached within 10% unless the staleness window limits
     assert result.stale_dropped == 0 and all(0.0 <= u <= 1.0 + 1e-9 for u in result.utilization.values())
+
+
+@pytest.mark.slow
+def test_pipelined_smoke_runs_both_schedules_through_the_runtime(tmp_path):
+    """Both schedules on the tests' tiny model through editrl.train.Run, Ray and a reward
+    server: the result has every row, ratio and target, and renders."""
+    result = run_one("pipelined", "smoke")
+    assert result.status == "measured", result.reason
+    rows = {(m.group, m.name): m for m in result.measurements}
+    for mode in pipelined.MODES:
+        step = rows[("per steady step", mode)]
+        assert step.metrics["step_s"].n == pipelined.SETTINGS["smoke"].repeats
+        stages = next(m for (group, name), m in rows.items() if name == mode and group.startswith("stages"))
+        assert set(pipelined.STAGES) | {"sample_s", "decode_s", "reward_wait_s"} <= set(stages.metrics)
+        assert stages.metrics["reward_calls"] > 0  # the server's /metrics were read
+        bound = step.metrics["bound_s"].samples
+        assert bound == [max(stages.metrics[k].samples[i] for k in pipelined.STAGES) for i in range(len(bound))]
+    assert [r.name for r in result.ratios][:2] == ["sequential / pipelined", "pipelined / max(stage)"]
+    assert [t.name for t in result.targets] == ["pipelined_speedup", "pipelined_of_bound"]
+    assert all(isinstance(t.met, bool) for t in result.targets)
+    assert result.settings["reward_latency_s"] == pipelined.SETTINGS["smoke"].reward_latency_s
+    assert rows[("peak RSS of the runtime's processes (whole benchmark, both schedules)", "actors")].metrics["learner_rss_mib"] > 0
+    write_result(result, tmp_path)
+    page = render(read_results(tmp_path))
+    assert "| sequential / pipelined |" in page and "Target `pipelined_of_bound`" in page
