@@ -23,6 +23,16 @@ class ImageDecodeError(ValueError):
 MAX_IMAGE_PIXELS = 4096 * 4096
 
 
+X264_PARAMS = "mbtree=0"
+"""Extra x264 settings of :func:`encode_mp4`: the macroblock tree is off. With it on (x264's
+default), identical frames encoded single-threaded in the same or another process give
+different bitstreams now and then (in a 20,000-encode stress test about 1 in 1,000
+encodes of 32x32 clips and up to half of the encodes of some noisy 64x64 clips), whose
+decoded pixels differ by up to ~15 levels, so rewards of the same sample changed from run
+to run. With it off no encode differed in 20,000. Cost: files about 10 % larger at the
+same crf (the reconstruction error stays the same); encoding is no slower."""
+
+
 def encode_mp4(frames: np.ndarray, fps: int = 8, crf: int = 10) -> bytes:
     """Encode frames as an H.264 mp4.
 
@@ -33,8 +43,10 @@ def encode_mp4(frames: np.ndarray, fps: int = 8, crf: int = 10) -> bytes:
         crf: x264 constant rate factor (0 = lossless luma, 10 = near lossless).
 
     Returns:
-        The mp4 file as bytes. Encoding is single-threaded so that the same
-        frames give the same bytes.
+        The mp4 file as bytes. The same frames give the same bytes, in any
+        process: encoding is single-threaded, the colour conversion is our own
+        (:func:`rgb_to_yuv420p`) and x264's macroblock tree is off (see
+        :data:`X264_PARAMS`).
 
     Raises:
         ValueError: wrong dtype, rank, channel count or odd frame size.
@@ -50,7 +62,7 @@ def encode_mp4(frames: np.ndarray, fps: int = 8, crf: int = 10) -> bytes:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height = width, height
         stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": str(crf), "preset": "medium", "threads": "1"}
+        stream.options = {"crf": str(crf), "preset": "medium", "threads": "1", "x264-params": X264_PARAMS}
         stream.thread_count = 1
         for frame in frames:
             # our own colour conversion: PyAV's cached scaler gives run-to-run
