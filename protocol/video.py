@@ -23,14 +23,17 @@ class ImageDecodeError(ValueError):
 MAX_IMAGE_PIXELS = 4096 * 4096
 
 
-X264_PARAMS = "mbtree=0"
-"""Extra x264 settings of :func:`encode_mp4`: the macroblock tree is off. With it on (x264's
-default), identical frames encoded single-threaded in the same or another process give
-different bitstreams now and then (in a 20,000-encode stress test about 1 in 1,000
-encodes of 32x32 clips and up to half of the encodes of some noisy 64x64 clips), whose
-decoded pixels differ by up to ~15 levels, so rewards of the same sample changed from run
-to run. With it off no encode differed in 20,000. Cost: files about 10 % larger at the
-same crf (the reconstruction error stays the same); encoding is no slower."""
+X264_PARAMS = "bframes=0"
+"""Extra x264 settings of :func:`encode_mp4`: no B-frames. With x264's defaults (3 B-frames
+and the macroblock tree), identical frames encoded single-threaded, in the same process
+or another, give different bitstreams now and then: about 1 in 1,000 encodes of 32x32
+clips, up to 5 distinct bitstreams in 12 encodes of a noisy 64x64 clip, 3 in 3 of a
+33-frame 448x256 one; the decoded pixels differ by up to ~15 levels, so the reward of the
+same sample changed from run to run (the cause inside x264 is not known). It takes both
+B-frames and the macroblock tree: without B-frames (tree kept) no encode differed in
+15,000, nor with the tree off (20,000), but turning the tree off makes files 40-120 %
+larger at the same crf. Cost of no B-frames: files 5-11 % larger at the same crf with the
+same reconstruction error; encoding is no slower."""
 
 
 def encode_mp4(frames: np.ndarray, fps: int = 8, crf: int = 10) -> bytes:
@@ -45,7 +48,7 @@ def encode_mp4(frames: np.ndarray, fps: int = 8, crf: int = 10) -> bytes:
     Returns:
         The mp4 file as bytes. The same frames give the same bytes, in any
         process: encoding is single-threaded, the colour conversion is our own
-        (:func:`rgb_to_yuv420p`) and x264's macroblock tree is off (see
+        (:func:`rgb_to_yuv420p`) and x264 uses no B-frames (see
         :data:`X264_PARAMS`).
 
     Raises:
