@@ -137,6 +137,7 @@ def _differences(a: dict, b: dict) -> dict:
     return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if not _same(a.get(k), b.get(k))}
 
 
+@pytest.mark.timeout(600)  # three runs; on two busy cores they can pass the default 300 s
 def test_resume_after_killing_the_learner_continues_the_uninterrupted_run(tmp_path):
     config = _config(mode="sequential", steps=4, checkpoint_every=2)
     uninterrupted = tmp_path / "uninterrupted"
