@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 from editrl.config import load_train_config  # noqa: E402
 from editrl.data.dataset import PromptDataset  # noqa: E402
 from learner.warmup import WarmupExample, set_latent_statistics, train_dit, train_vae  # noqa: E402
-from policy.model import build_tiny_components, save_components  # noqa: E402
+from policy.model import build_tiny_components, load_components, save_components  # noqa: E402
 
 
 def main() -> int:
@@ -35,6 +35,9 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--init-from", default=None,
+                        help="continue from this checkpoint directory: its VAE (and latent statistics) are kept and "
+                             "--dit-steps more DiT steps are trained from its DiT (use --seed to draw new batches)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
@@ -44,21 +47,27 @@ def main() -> int:
     dataset = PromptDataset(str(Path(args.data) / "prompts_train.parquet"), policy_config.num_frames, policy_config.height, policy_config.width)
     examples = [WarmupExample(dataset.clip(row), row.instruction, row.edit_type) for row in dataset.rows if row.checkable]
     corpus = [row.instruction for row in dataset.rows]
-    components = build_tiny_components(policy_config.tiny, corpus, shift=policy_config.shift, seed=args.seed)
-
     start = time.time()
-    vae_losses = train_vae(components, examples, args.vae_steps, args.batch_size, lr=2e-3, seed=args.seed)
-    set_latent_statistics(components, examples)
+    if args.init_from:
+        components = load_components(args.init_from)
+        vae_losses = []
+        previous = json.loads((Path(args.init_from) / "warmup_report.json").read_text())
+    else:
+        components = build_tiny_components(policy_config.tiny, corpus, shift=policy_config.shift, seed=args.seed)
+        vae_losses = train_vae(components, examples, args.vae_steps, args.batch_size, lr=2e-3, seed=args.seed)
+        set_latent_statistics(components, examples)
+        previous = None
     dit_losses = train_dit(components, examples, args.dit_steps, args.batch_size, lr=1e-3, seed=args.seed, max_text_tokens=policy_config.max_text_tokens)
     save_components(components, args.out)
     report = {
         "examples": len(examples),
-        "vae_steps": args.vae_steps,
+        "vae_steps": 0 if previous else args.vae_steps,
         "dit_steps": args.dit_steps,
-        "vae_loss_first_last": [sum(vae_losses[:20]) / 20, sum(vae_losses[-20:]) / 20],
+        "vae_loss_first_last": [sum(vae_losses[:20]) / 20, sum(vae_losses[-20:]) / 20] if vae_losses else None,
         "dit_loss_first_last": [sum(dit_losses[:20]) / 20, sum(dit_losses[-20:]) / 20],
         "seconds": time.time() - start,
         "seed": args.seed,
+        "continued_from": previous,
     }
     (Path(args.out) / "warmup_report.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
