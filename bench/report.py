@@ -82,11 +82,17 @@ def _machine(results: list[BenchResult]) -> list[str]:
     loads = [e["load_average"][0] for e in envs if "load_average" in e] + [e["load_average_end"][0] for e in envs if "load_average_end" in e]
     commit = env.get("git_commit") or "unknown"
     dirty = " with uncommitted changes" if env.get("git_dirty") else ""
+    others = sorted({f"{e.get('cpu_model')}, {e.get('usable_cpus')} usable CPUs" for e in envs} -
+                    {f"{env.get('cpu_model')}, {env.get('usable_cpus')} usable CPUs"})
+    mixed = [r.name for r in results if r.environment and r.environment.get("cpu_model") != env.get("cpu_model")]
+    commits = sorted({(e.get("git_commit") or "unknown")[:12] for e in envs} - {commit[:12]})
     return [
         f"- Machine: {env.get('cpu_model')}, {env.get('usable_cpus')} usable of {env.get('logical_cpus')} logical CPUs, "
-        f"{env.get('memory_gib')} GiB RAM, {gpu_text}; {env.get('platform')}.",
+        f"{env.get('memory_gib')} GiB RAM, {gpu_text}; {env.get('platform')}"
+        + (f"; but {', '.join(mixed)} ran on {'; '.join(others)} (compare ratios, not absolute times, across them)." if mixed else "."),
         f"- Software: Python {env.get('python')}; {packages}.",
-        f"- Date: {dates[0]} to {dates[-1]} (UTC); code at commit `{commit[:12]}`{dirty}.",
+        f"- Date: {dates[0]} to {dates[-1]} (UTC); code at commit `{commit[:12]}`{dirty}"
+        + (f" (other results: {', '.join(f'`{c}`' for c in commits)})." if commits else "."),
         f"- 1-minute load average at the start and end of each benchmark: {min(loads):.1f} to {max(loads):.1f} "
         f"(on {env.get('usable_cpus')} CPUs; other jobs on the machine slow all variants of a comparison alike, "
         "absolute times depend on it)." if loads else "- Load average: not recorded.",
