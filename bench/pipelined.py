@@ -429,6 +429,26 @@ def _explain(summaries: dict[str, list[dict]], settings: Settings, config: Train
     bottlenecks = collections.Counter(s["bottleneck"] for s in summaries["pipelined"])
     steps = len(summaries["pipelined"]) * (settings.steps - settings.fill_steps)
     dropped = sum(s["groups_dropped_stale"] for s in summaries["pipelined"])
+    workers = config.rollout.num_workers
+    cores = os.cpu_count() or 1
+    # Core-seconds of one sequential step (nothing overlaps there): every worker's compute on
+    # its one torch thread, plus the update (at least one core while it runs).
+    seq_core_s = workers * med("sequential", "worker_busy_s") + med("sequential", "train_s") + med("sequential", "sync_s")
+    seq_per_group = med("sequential", "sample_s") + med("sequential", "decode_s")
+    pipe_per_group = med("pipelined", "sample_s") + med("pipelined", "decode_s")
+    cpu_note = (
+        f"CPU budget: a sequential step needs {seq_core_s:.2f} core-seconds ({workers} workers x "
+        f"{med('sequential', 'worker_busy_s'):.2f} s + {med('sequential', 'train_s'):.2f} s of update + sync); on "
+        f"{cores} cores no schedule can take less than {seq_core_s / cores:.2f} s per step, i.e. at most "
+        f"{med('sequential', 'step_s') / (seq_core_s / cores):.2f}x the sequential {med('sequential', 'step_s'):.2f} s, "
+        "and only if overlapping costs nothing. It does cost: in the pipelined schedule the workers' compute per "
+        f"trained group (sample + decode, per worker) is {pipe_per_group:.2f} s against {seq_per_group:.2f} s "
+        "sequential (the learner, the reward server and the driver run on the same cores at the same time), and "
+        f"groups dropped as stale ({dropped:.0f} in {steps} steady steps of {config.prompts_per_step} groups) were "
+        "sampled for nothing; together the workers compute "
+        f"{med('pipelined', 'worker_busy_s'):.2f} s per step instead of {med('sequential', 'worker_busy_s'):.2f} s "
+        f"(pipelined step: {med('pipelined', 'step_s'):.2f} s)."
+    )
     return [
         f"Why the sequential step is long: its stages follow each other. Per step the workers compute "
         f"{med('sequential', 'worker_busy_s'):.2f} s and then wait {med('sequential', 'reward_wait_s'):.2f} s for "
@@ -445,6 +465,7 @@ def _explain(summaries: dict[str, list[dict]], settings: Settings, config: Train
         f"{med('sequential', 'worker_busy_s'):.2f} s; the learner, the reward server and the driver share the cores with "
         f"them); {dropped:.0f} groups were dropped as stale in {steps} steady steps (max_staleness "
         f"{config.runtime.max_staleness}, prefetch_per_worker {config.runtime.prefetch_per_worker}).",
+        cpu_note,
     ]
 
 

@@ -10,7 +10,7 @@ in the old and the new config are shared, not rebuilt (a change of weights keeps
 a loaded model).
 
 Executors: a local backend is driven by a :class:`~reward_server.batching.DynamicBatcher`
-(max batch size, max wait), so items of concurrent requests share a call; a
+(max batch size, max wait, calls at once), so items of concurrent requests share a call; a
 remote backend (``remote = True``) is called once per request and caps its own
 concurrency.
 """
