@@ -11,16 +11,22 @@ the same state.
 
 The reward server's pixel backend sleeps ``latency_s`` per backend call
 (``PixelSpec.latency_s``), set to the measured time a worker needs for one
-group (encode + sample + decode): a judge that is as slow as sampling.
+group (encode + sample + decode): a judge that is as slow as sampling. Like a
+deployment with a slow remote judge, the server keeps several backend calls in
+flight (``PixelSpec.max_concurrent_batches``, by default the scoring requests
+all workers may have in flight), so calls wait side by side instead of in a queue.
 
 Stages and the bound. Over the steady steps of a repeat (after the first
 ``fill_steps``, which include filling the pipeline) every stage's busy time per
 step is measured: the rollout workers' (encode + denoise + decode of every group
 they handed in, per worker, from the pool's accounting), the reward server's
-(seconds inside backend calls, from its ``/metrics``), the learner's update and
-the adapter publication. A step cannot be shorter than the busiest stage's time,
-so ``max(stage)`` is a lower bound of the step; a pipelined step close to it has
-no bubbles. The per-step metrics of the run also give the split of the workers'
+(wall seconds with at least one backend call in flight,
+``reward_backend_busy_seconds_total`` of its ``/metrics``; overlapping calls count
+once), the learner's update and the adapter publication. A step cannot be
+shorter than the busiest stage's time, so ``max(stage)`` is a lower bound of the
+step; a pipelined step close to it has no bubbles. The summed durations of the
+backend calls are reported too (``reward_calls_s``); over the busy time they give
+the mean number of calls in flight. The per-step metrics of the run also give the split of the workers'
 time (sampling, decoding) and their wait for scores (``reward_wait``, which is
 latency seen by the workers, queueing included, not a stage's occupancy). The
 step time is the wall time between two finished updates, bookkeeping included.
@@ -86,6 +92,9 @@ class Settings:
     reward latency; sampled twice, the first round being a discarded warm-up."""
     reward_latency_s: float | None = None
     """Seconds per reward backend call; None: the measured time of one group."""
+    reward_concurrent_batches: int | None = None
+    """Backend calls the reward server runs at once (``PixelSpec.max_concurrent_batches``);
+    None: rollout workers x their scoring requests in flight (``rollout.reward_concurrency``)."""
     overrides: tuple[tuple[str, object], ...] = ()
     """Dotted-key overrides of ``configs/default.yaml`` (both schedules)."""
 
@@ -176,13 +185,14 @@ class _BenchRun(Run):
 
 
 def reward_server_counters(url: str) -> dict[str, float]:
-    """The reward server's cumulative backend seconds, backend calls and items scored
-    (all backends), from its Prometheus ``/metrics``."""
+    """The reward server's cumulative busy wall seconds (at least one backend call in
+    flight), summed backend call seconds, backend calls and items scored (all
+    backends), from its Prometheus ``/metrics``."""
     response = httpx.get(f"{url}/metrics", timeout=30.0)
     response.raise_for_status()
-    out = {"server_busy_s": 0.0, "server_calls": 0.0, "server_items": 0.0}
-    names = {"reward_backend_latency_seconds_sum": "server_busy_s", "reward_backend_latency_seconds_count": "server_calls",
-             "reward_backend_batch_size_sum": "server_items"}
+    out = {"server_busy_s": 0.0, "server_call_s": 0.0, "server_calls": 0.0, "server_items": 0.0}
+    names = {"reward_backend_busy_seconds_total": "server_busy_s", "reward_backend_latency_seconds_sum": "server_call_s",
+             "reward_backend_latency_seconds_count": "server_calls", "reward_backend_batch_size_sum": "server_items"}
     for family in text_string_to_metric_families(response.text):
         for sample in family.samples:
             if sample.name in names:
@@ -190,15 +200,17 @@ def reward_server_counters(url: str) -> dict[str, float]:
     return out
 
 
-def _server_config(latency_s: float) -> dict:
-    reward = {"version": f"bench-pixel-latency-{latency_s:g}", "backends": {"pixel": {"type": "pixel", "latency_s": latency_s}},
+def _server_config(latency_s: float, concurrent_batches: int = 1) -> dict:
+    backend = {"type": "pixel", "latency_s": latency_s, "max_concurrent_batches": concurrent_batches}
+    reward = {"version": f"bench-pixel-latency-{latency_s:g}-c{concurrent_batches}", "backends": {"pixel": backend},
               "aggregation": "weighted_mean", "weights": dict(REWARD_WEIGHTS)}
     return default_server_config(cache={"enabled": False}, admin_token_env=ADMIN_ENV, reward=reward)
 
 
-def _switch_reward(url: str, latency_s: float) -> None:
-    """Swap the running server's reward config to one whose backend sleeps ``latency_s`` per call."""
-    response = httpx.put(f"{url}/v1/config", json=_server_config(latency_s)["reward"],
+def _switch_reward(url: str, latency_s: float, concurrent_batches: int) -> None:
+    """Swap the running server's reward config to one whose backend sleeps ``latency_s`` per call
+    and runs up to ``concurrent_batches`` calls at once."""
+    response = httpx.put(f"{url}/v1/config", json=_server_config(latency_s, concurrent_batches)["reward"],
                          headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=60.0)
     response.raise_for_status()
 
@@ -227,6 +239,7 @@ def _repeat_summary(records: list[dict], marks: list[dict[str, float]], step_end
         "first_step_s": ends[fill_steps] - start if fill_steps else float("nan"),
         "worker_busy_s": (last["worker_busy_s"] - first["worker_busy_s"]) / workers / n,
         "reward_server_busy_s": (last["server_busy_s"] - first["server_busy_s"]) / n,
+        "reward_calls_s": (last["server_call_s"] - first["server_call_s"]) / n,
         "train_s": statistics.mean(r["time_train_s"] for r in steady),
         "sync_s": statistics.mean(r["time_sync_s"] for r in steady),
         "sample_s": statistics.mean(r.get("time_worker_encode_s", 0.0) + r.get("time_worker_sample_s", 0.0) for r in steady) / workers,
@@ -239,6 +252,8 @@ def _repeat_summary(records: list[dict], marks: list[dict[str, float]], step_end
     }
     busiest = max(STAGES, key=lambda k: out[k])
     out["bound_s"] = out[busiest]
+    out["compute_bound_s"] = max(out[k] for k in STAGES if k != "reward_server_busy_s")
+    out["calls_in_flight"] = out["reward_calls_s"] / out["reward_server_busy_s"] if out["reward_server_busy_s"] else float("nan")
     out["bottleneck"] = busiest.removesuffix("_busy_s").removesuffix("_s")
     return out
 
@@ -264,6 +279,7 @@ def measure(settings: Settings) -> BenchResult:
     train_set = PromptDataset(resolve(config.data.train_prompts), pc.num_frames, pc.height, pc.width)
     heldout_set = PromptDataset(resolve(config.data.heldout_prompts), pc.num_frames, pc.height, pc.width)
     summaries: dict[str, list[dict]] = {mode: [] for mode in MODES}
+    concurrent = settings.reward_concurrent_batches or rc.num_workers * rc.reward_concurrency
     with tempfile.TemporaryDirectory(prefix="bench-pipelined-") as tmp, \
             reward_server(_server_config(0.0), Path(tmp), env={ADMIN_ENV: ADMIN_TOKEN}) as url, \
             ray_session(num_cpus=math.ceil(rc.num_workers * rc.num_cpus_per_worker + rt.learner_num_cpus)):
@@ -285,8 +301,9 @@ def measure(settings: Settings) -> BenchResult:
                 raise RuntimeError("every calibration group failed")
             group_s = _group_seconds(groups)
             latency_s = settings.reward_latency_s if settings.reward_latency_s is not None else round(group_s, 2)
-            _switch_reward(url, latency_s)
-            logger.info("one group takes %.2f s on a worker; reward latency set to %.2f s per backend call", group_s, latency_s)
+            _switch_reward(url, latency_s, concurrent)
+            logger.info("one group takes %.2f s on a worker; reward latency set to %.2f s per backend call, %d calls at once",
+                        group_s, latency_s, concurrent)
 
             counter = collections.Counter()
 
@@ -310,14 +327,15 @@ def measure(settings: Settings) -> BenchResult:
         finally:
             run.close()
     timed = {mode: summaries[mode][settings.warmup :] for mode in MODES}
-    return _result(settings, config, latency_s, group_s, timed, walls, actor_rss)
+    return _result(settings, config, latency_s, concurrent, group_s, timed, walls, actor_rss)
 
 
 def _stats(summaries: list[dict], key: str) -> Stats:
     return Stats.of([s[key] for s in summaries])
 
 
-def _result(settings: Settings, config: TrainConfig, latency_s: float, group_s: float, summaries: dict[str, list[dict]],
+def _result(settings: Settings, config: TrainConfig, latency_s: float, concurrent: int, group_s: float,
+            summaries: dict[str, list[dict]],
             walls: dict[str, list[float]], actor_rss: dict[str, float]) -> BenchResult:
     measurements = []
     for mode in MODES:
@@ -326,6 +344,7 @@ def _result(settings: Settings, config: TrainConfig, latency_s: float, group_s: 
         measurements.append(Measurement(
             name=mode, group="per steady step", params={"steps": settings.steps},
             metrics={"step_s": _stats(rows, "step_s"), "bound_s": _stats(rows, "bound_s"),
+                     "compute_bound_s": _stats(rows, "compute_bound_s"),
                      "bottleneck": ", ".join(f"{k} x{v}" for k, v in bottlenecks.most_common()),
                      "first_step_s": _stats(rows, "first_step_s") if settings.fill_steps else None,
                      "repeat_s": Stats.of(walls[mode]), "staleness_mean": statistics.mean(s["staleness_mean"] for s in rows),
@@ -335,7 +354,8 @@ def _result(settings: Settings, config: TrainConfig, latency_s: float, group_s: 
         measurements.append(Measurement(
             name=mode, group="stages per steady step (busy seconds; the bound is the largest of the first four)",
             metrics={**{key: _stats(rows, key) for key in STAGES},
-                     **{key: _stats(rows, key) for key in ("sample_s", "decode_s", "reward_wait_s")},
+                     **{key: _stats(rows, key) for key in ("sample_s", "decode_s", "reward_wait_s", "reward_calls_s")},
+                     "calls_in_flight": statistics.mean(s["calls_in_flight"] for s in rows),
                      "reward_calls": statistics.mean(s["reward_calls"] for s in rows),
                      "items_per_call": statistics.mean(s["items_per_call"] for s in rows)}))
     measurements.append(Measurement(name="actors", group="peak RSS of the runtime's processes (whole benchmark, both schedules)",
@@ -364,7 +384,8 @@ def _result(settings: Settings, config: TrainConfig, latency_s: float, group_s: 
     ]
     return BenchResult(
         name=NAME, item=ITEM, title=TITLE, profile=settings.profile, status="measured",
-        settings={**dataclasses.asdict(settings), "reward_latency_s": latency_s, "group_worker_s": round(group_s, 4),
+        settings={**dataclasses.asdict(settings), "reward_latency_s": latency_s, "reward_concurrent_batches": concurrent,
+                  "group_worker_s": round(group_s, 4),
                   "prompts_per_step": config.prompts_per_step, "group_size": config.group_size,
                   "num_steps": config.policy.num_steps, "rollout_workers": config.rollout.num_workers,
                   "max_staleness": config.runtime.max_staleness, "prefetch_per_worker": config.runtime.prefetch_per_worker,
@@ -375,13 +396,20 @@ def _result(settings: Settings, config: TrainConfig, latency_s: float, group_s: 
             "repeat starts from the same learner checkpoint with the same tasks and seeds.",
             f"Reward latency: the pixel backend sleeps {latency_s:.2f} s per call, the measured median time of one "
             f"group on a worker ({group_s:.2f} s for encode + sample + decode, reward server answering at once, "
-            "after a warm-up round). "
-            "The server runs one backend call at a time and batches the items queued meanwhile (up to 16 = 4 groups).",
+            f"after a warm-up round). The server runs up to {concurrent} backend calls at once "
+            "(max_concurrent_batches = rollout workers x rollout.reward_concurrency, as for a remote judge) and "
+            "batches the items queued while all are busy (up to 16 = 4 groups per call); both schedules use the same "
+            "server.",
             "Stages per steady step: worker_busy = encode + sample + decode of the groups the workers handed in, per "
-            "worker; reward_server_busy = seconds inside backend calls (server /metrics); train = the learner's update; "
-            "sync = publishing the adapter. bound_s = the largest of the four; bottleneck names it. sample_s, decode_s "
-            "and reward_wait_s split the trained groups' worker time per worker (reward_wait_s is latency seen by "
-            "the workers, queueing included).",
+            "worker; reward_server_busy = wall seconds with at least one backend call in flight (server /metrics "
+            "reward_backend_busy_seconds_total; overlapping calls count once); train = the learner's update; sync = "
+            "publishing the adapter. bound_s = the largest of the four; bottleneck names it; compute_bound_s = the "
+            "largest of the other three. reward_calls_s = the summed durations of the backend calls, calls_in_flight "
+            "= reward_calls_s / reward_server_busy_s (mean calls in flight while busy). A judge whose calls wait side "
+            "by side is occupied, not saturated: with groups arriving all the time its busy wall time approaches the "
+            "step itself, so a bound set by it says the server always had a group to score, not that it limited "
+            "throughput. sample_s, decode_s and reward_wait_s split the trained groups' worker time per worker "
+            "(reward_wait_s is latency seen by the workers, queueing included).",
             "step_s = wall time between finished updates, bookkeeping included, over the steps after the first of "
             "each repeat; first_step_s = the first step (the pipelined schedule starts empty; it also absorbs what is "
             "slow the first time, so no round is discarded); repeat_s = the whole repeat.",
@@ -395,10 +423,32 @@ def _explain(summaries: dict[str, list[dict]], settings: Settings, config: Train
         return statistics.median(s[key] for s in summaries[mode])
 
     g = config.group_size
+    concurrent_note = (f" (wall time with a call in flight; the calls summed {med('pipelined', 'reward_calls_s'):.2f} s, "
+                       f"{statistics.median(s['calls_in_flight'] for s in summaries['pipelined']):.1f} in flight on average)")
     seq_sum = sum(med("sequential", k) for k in ("worker_busy_s", "reward_wait_s", "train_s", "sync_s"))
     bottlenecks = collections.Counter(s["bottleneck"] for s in summaries["pipelined"])
     steps = len(summaries["pipelined"]) * (settings.steps - settings.fill_steps)
     dropped = sum(s["groups_dropped_stale"] for s in summaries["pipelined"])
+    workers = config.rollout.num_workers
+    cores = os.cpu_count() or 1
+    # Core-seconds of one sequential step (nothing overlaps there): every worker's compute on
+    # its one torch thread, plus the update (at least one core while it runs).
+    seq_core_s = workers * med("sequential", "worker_busy_s") + med("sequential", "train_s") + med("sequential", "sync_s")
+    seq_per_group = med("sequential", "sample_s") + med("sequential", "decode_s")
+    pipe_per_group = med("pipelined", "sample_s") + med("pipelined", "decode_s")
+    cpu_note = (
+        f"CPU budget: a sequential step needs {seq_core_s:.2f} core-seconds ({workers} workers x "
+        f"{med('sequential', 'worker_busy_s'):.2f} s + {med('sequential', 'train_s'):.2f} s of update + sync); on "
+        f"{cores} cores no schedule can take less than {seq_core_s / cores:.2f} s per step, i.e. at most "
+        f"{med('sequential', 'step_s') / (seq_core_s / cores):.2f}x the sequential {med('sequential', 'step_s'):.2f} s, "
+        "and only if overlapping costs nothing. What it cost here: in the pipelined schedule the workers' compute "
+        f"per trained group (sample + decode, per worker) is {pipe_per_group:.2f} s against {seq_per_group:.2f} s "
+        "sequential (the learner, the reward server and the driver run on the same cores at the same time), and "
+        f"groups dropped as stale ({dropped:.0f} in {steps} steady steps of {config.prompts_per_step} groups) were "
+        "sampled for nothing; in all the workers compute "
+        f"{med('pipelined', 'worker_busy_s'):.2f} s per step instead of {med('sequential', 'worker_busy_s'):.2f} s "
+        f"(pipelined step: {med('pipelined', 'step_s'):.2f} s)."
+    )
     return [
         f"Why the sequential step is long: its stages follow each other. Per step the workers compute "
         f"{med('sequential', 'worker_busy_s'):.2f} s and then wait {med('sequential', 'reward_wait_s'):.2f} s for "
@@ -410,10 +460,12 @@ def _explain(summaries: dict[str, list[dict]], settings: Settings, config: Train
         "Pipelined: the busiest stage is " + ", ".join(f"{k} in {v} of {len(summaries['pipelined'])} repeats" for k, v in bottlenecks.most_common())
         + f"; groups reach the server while others are being scored, so calls carry "
         f"{med('pipelined', 'items_per_call'):.1f} items and the server is busy {med('pipelined', 'reward_server_busy_s'):.2f} s "
-        f"per step; the workers compute {med('pipelined', 'worker_busy_s'):.2f} s per step (sequential: "
+        f"per step{concurrent_note}; the step is {med('pipelined', 'step_s'):.2f} s against a compute bound (workers, "
+        f"learner, sync) of {med('pipelined', 'compute_bound_s'):.2f} s; the workers compute {med('pipelined', 'worker_busy_s'):.2f} s per step (sequential: "
         f"{med('sequential', 'worker_busy_s'):.2f} s; the learner, the reward server and the driver share the cores with "
         f"them); {dropped:.0f} groups were dropped as stale in {steps} steady steps (max_staleness "
         f"{config.runtime.max_staleness}, prefetch_per_worker {config.runtime.prefetch_per_worker}).",
+        cpu_note,
     ]
 
 

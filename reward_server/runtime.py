@@ -10,7 +10,7 @@ in the old and the new config are shared, not rebuilt (a change of weights keeps
 a loaded model).
 
 Executors: a local backend is driven by a :class:`~reward_server.batching.DynamicBatcher`
-(max batch size, max wait), so items of concurrent requests share a call; a
+(max batch size, max wait, calls at once), so items of concurrent requests share a call; a
 remote backend (``remote = True``) is called once per request and caps its own
 concurrency.
 """
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from reward_server.backends import Backend, BackendResult, BackendSpec, ScoreInput, build_backend
 from reward_server.backends.base import close_backend, fingerprint, is_async, is_remote
-from reward_server.batching import DynamicBatcher
+from reward_server.batching import BusyClock, DynamicBatcher
 from reward_server.metrics import Metrics
 from reward_server.reward_config import DimensionError, RewardConfig
 
@@ -41,9 +41,13 @@ class ConfigBuildError(ValueError):
 
 
 class _Executor:
-    """Runs a backend on lists of items and records per-call metrics."""
+    """Runs a backend on lists of items and records per-call metrics and busy time.
 
-    def __init__(self, backend: Backend, label: str, metrics: Metrics, max_batch_size: int, max_wait_s: float) -> None:
+    ``max_concurrent_batches`` is the batcher's calls in flight (local backends only).
+    """
+
+    def __init__(self, backend: Backend, label: str, metrics: Metrics, max_batch_size: int, max_wait_s: float,
+                 max_concurrent_batches: int = 1) -> None:
         self.backend = backend
         self.label = label
         self._metrics = metrics
@@ -55,7 +59,10 @@ class _Executor:
                 max_wait_s=max_wait_s,
                 on_batch=lambda size, seconds: metrics.on_batch(label, size, seconds),
                 name=f"{label}-batcher",
+                max_concurrent_batches=max_concurrent_batches,
             )
+        self.busy = self._batcher.busy if self._batcher is not None else BusyClock()
+        metrics.track_busy(label, self.busy.seconds)
 
     async def submit(self, items: list[ScoreInput]) -> list[BackendResult]:
         """Results for ``items`` in order; raises what the backend raised for the whole call."""
@@ -64,10 +71,14 @@ class _Executor:
         if self._batcher is not None:
             return await self._batcher.submit(items)
         started = time.perf_counter()
-        if is_async(self.backend):
-            results: Sequence[BackendResult] = await self.backend.score_batch(items)  # type: ignore[misc]
-        else:
-            results = await asyncio.to_thread(self.backend.score_batch, items)  # type: ignore[arg-type]
+        self.busy.enter()
+        try:
+            if is_async(self.backend):
+                results: Sequence[BackendResult] = await self.backend.score_batch(items)  # type: ignore[misc]
+            else:
+                results = await asyncio.to_thread(self.backend.score_batch, items)  # type: ignore[arg-type]
+        finally:
+            self.busy.exit()
         if len(results) != len(items):
             raise RuntimeError(f"backend {self.label!r} returned {len(results)} results for {len(items)} items")
         self._metrics.on_batch(self.label, len(items), time.perf_counter() - started)
@@ -76,6 +87,7 @@ class _Executor:
     async def stop(self) -> None:
         if self._batcher is not None:
             await self._batcher.stop()
+        self._metrics.untrack_busy(self.label, self.busy.seconds)
 
 
 @dataclass
@@ -141,7 +153,8 @@ class BackendPool:
                 label = label or backend.name
                 batch = getattr(spec, "max_batch_size", None) or self._defaults[0]
                 wait = getattr(spec, "max_wait_s", None)
-                executor = _Executor(backend, label, self._metrics, batch, self._defaults[1] if wait is None else wait)
+                executor = _Executor(backend, label, self._metrics, batch, self._defaults[1] if wait is None else wait,
+                                     getattr(spec, "max_concurrent_batches", 1))
                 entry = self._entries[pool_key] = _PoolEntry(backend, executor)
                 logger.info("backend %r ready: %s %s", label, backend.name, backend.version)
             entry.refs += 1

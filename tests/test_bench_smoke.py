@@ -101,12 +101,18 @@ def test_pipelined_smoke_runs_both_schedules_through_the_runtime(tmp_path):
         stages = next(m for (group, name), m in rows.items() if name == mode and group.startswith("stages"))
         assert set(pipelined.STAGES) | {"sample_s", "decode_s", "reward_wait_s"} <= set(stages.metrics)
         assert stages.metrics["reward_calls"] > 0  # the server's /metrics were read
+        # both read from the server: wall time with a call in flight, and the calls' summed seconds
+        busy, calls = stages.metrics["reward_server_busy_s"].samples, stages.metrics["reward_calls_s"].samples
+        assert all(b > 0 for b in busy) and all(c > 0 for c in calls)
+        assert step.metrics["compute_bound_s"].samples == [
+            max(stages.metrics[k].samples[i] for k in pipelined.STAGES if k != "reward_server_busy_s") for i in range(len(busy))]
         bound = step.metrics["bound_s"].samples
         assert bound == [max(stages.metrics[k].samples[i] for k in pipelined.STAGES) for i in range(len(bound))]
     assert [r.name for r in result.ratios][:2] == ["sequential / pipelined", "pipelined / max(stage)"]
     assert [t.name for t in result.targets] == ["pipelined_speedup", "pipelined_of_bound"]
     assert all(isinstance(t.met, bool) for t in result.targets)
     assert result.settings["reward_latency_s"] == pipelined.SETTINGS["smoke"].reward_latency_s
+    assert result.settings["reward_concurrent_batches"] > 1  # workers x their scoring requests in flight
     assert rows[("peak RSS of the runtime's processes (whole benchmark, both schedules)", "actors")].metrics["learner_rss_mib"] > 0
     write_result(result, tmp_path)
     page = render(read_results(tmp_path))

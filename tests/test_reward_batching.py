@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 
+import httpx
 import pytest
+from pydantic import ValidationError
 
-from reward_server.batching import BatcherStopped, DynamicBatcher
+from reward_server.backends.specs import InternalVLMSpec, PixelSpec
+from reward_server.batching import BatcherStopped, BusyClock, DynamicBatcher
 from reward_server.config import AggregationError, RewardConfig, ServerConfig, load_server_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -119,6 +123,239 @@ def test_batcher_stop_fails_queued_items_and_zero_wait():
 
     asyncio.run(main())
     assert sizes == [1, 1]
+
+
+# ---------------------------------------------------------------- concurrent batches
+def _barrier_process(parties: int, calls: list[list[int]], timeout_s: float = 10.0):
+    """A ``process`` that returns only once ``parties`` calls are inside it at the same time
+    (``threading.BrokenBarrierError`` after ``timeout_s`` otherwise)."""
+    barrier = threading.Barrier(parties, timeout=timeout_s)
+    lock = threading.Lock()
+
+    def process(items: list[int]) -> list[int]:
+        with lock:
+            calls.append(list(items))
+        barrier.wait()
+        if 0 in items:
+            raise ValueError(f"zero in {items}")
+        return [x * 10 for x in items]
+
+    return process
+
+
+def test_concurrent_batches_overlap_and_keep_each_callers_results():
+    calls: list[list[int]] = []
+
+    async def main() -> list[list[int]]:
+        batcher = DynamicBatcher(_barrier_process(3, calls), max_batch_size=2, max_wait_s=0.0, max_concurrent_batches=3)
+        try:
+            # three calls of two items each must be in flight together for any of them to return
+            return await asyncio.gather(*(batcher.submit([2 * i + 1, 2 * i + 2]) for i in range(3)))
+        finally:
+            assert batcher.busy.in_flight == 0
+            await batcher.stop()
+
+    assert asyncio.run(main()) == [[10, 20], [30, 40], [50, 60]]
+    assert sorted(calls) == [[1, 2], [3, 4], [5, 6]]
+
+
+def test_one_batch_at_a_time_by_default():
+    calls: list[list[int]] = []
+
+    async def main() -> None:
+        batcher = DynamicBatcher(_barrier_process(2, calls, timeout_s=0.5), max_batch_size=1, max_wait_s=0.0)
+        assert batcher.max_concurrent_batches == 1
+        first, second = await asyncio.gather(batcher.submit([1]), batcher.submit([2]), return_exceptions=True)
+        # each call waited alone at the barrier: the second started only after the first had failed
+        assert isinstance(first, threading.BrokenBarrierError) and isinstance(second, threading.BrokenBarrierError)
+        await batcher.stop()
+
+    asyncio.run(main())
+    assert calls == [[1], [2]]
+
+
+def test_a_failing_batch_fails_only_its_own_callers():
+    calls: list[list[int]] = []
+
+    async def main() -> None:
+        batcher = DynamicBatcher(_barrier_process(2, calls), max_batch_size=2, max_wait_s=0.0, max_concurrent_batches=2)
+        failing = asyncio.ensure_future(batcher.submit([0, 7]))
+        await asyncio.sleep(0)  # the loop forms [0, 7] before the next caller queues
+        fine = await batcher.submit([8, 9])  # returns only if [0, 7] was in flight at the same time
+        assert fine == [80, 90]
+        with pytest.raises(ValueError, match=r"zero in \[0, 7\]"):
+            await failing
+        await batcher.stop()
+
+    asyncio.run(main())
+    assert sorted(calls) == [[0, 7], [8, 9]]
+
+
+def test_backpressure_holds_new_batches_until_a_call_returns():
+    started = threading.Semaphore(0)
+    release = threading.Event()
+    calls: list[list[int]] = []
+
+    def process(items: list[int]) -> list[int]:
+        calls.append(list(items))
+        started.release()
+        if not release.wait(timeout=10):
+            raise TimeoutError("never released")
+        return items
+
+    async def main() -> list[list[int]]:
+        batcher = DynamicBatcher(process, max_batch_size=4, max_wait_s=0.0, max_concurrent_batches=2)
+        first = asyncio.ensure_future(batcher.submit([1]))
+        await asyncio.to_thread(started.acquire, True, 10)
+        second = asyncio.ensure_future(batcher.submit([2]))
+        await asyncio.to_thread(started.acquire, True, 10)
+        assert batcher.busy.in_flight == 2
+        # both slots taken: these wait in the queue and then leave as one batch
+        rest = [asyncio.ensure_future(batcher.submit([x])) for x in (3, 4, 5)]
+        await asyncio.sleep(0.05)
+        assert len(calls) == 2
+        release.set()
+        try:
+            return [await f for f in (first, second, *rest)]
+        finally:
+            await batcher.stop()
+
+    assert asyncio.run(main()) == [[1], [2], [3], [4], [5]]
+    assert calls[:2] == [[1], [2]] and sorted(x for c in calls[2:] for x in c) == [3, 4, 5]
+
+
+def test_stop_fails_calls_in_flight_and_queued_items_then_restarts():
+    gate = threading.Event()
+    started = threading.Semaphore(0)
+
+    def process(items: list[int]) -> list[int]:
+        started.release()
+        gate.wait(timeout=10)
+        return items
+
+    async def main() -> None:
+        batcher = DynamicBatcher(process, max_batch_size=1, max_wait_s=0.0, max_concurrent_batches=2)
+        in_flight = [asyncio.ensure_future(batcher.submit([x])) for x in (1, 2)]
+        await asyncio.to_thread(started.acquire, True, 10)
+        await asyncio.to_thread(started.acquire, True, 10)
+        queued = asyncio.ensure_future(batcher.submit([3]))
+        await asyncio.sleep(0.02)
+        await batcher.stop()
+        assert not batcher.running and batcher.busy.in_flight == 0
+        gate.set()
+        for future in (*in_flight, queued):
+            with pytest.raises(BatcherStopped):
+                await asyncio.wait_for(future, timeout=5)
+        assert await batcher.submit([4, 5]) == [4, 5]  # a later submit starts it again
+        await batcher.stop()
+
+    asyncio.run(main())
+
+
+def test_stop_cancels_coroutine_calls_in_flight():
+    cancelled: list[int] = []
+
+    async def main() -> None:
+        both_in = asyncio.Barrier(3)
+
+        async def process(items: list[int]) -> list[int]:
+            try:
+                await both_in.wait()
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                cancelled.extend(items)
+                raise
+            return items
+
+        batcher = DynamicBatcher(process, max_batch_size=1, max_wait_s=0.0, max_concurrent_batches=2)
+        calls = [asyncio.ensure_future(batcher.submit([x])) for x in (1, 2)]
+        await asyncio.wait_for(both_in.wait(), timeout=10)  # both coroutines are inside process
+        await batcher.stop()
+        for call in calls:
+            with pytest.raises(BatcherStopped):
+                await call
+
+    asyncio.run(main())
+    assert sorted(cancelled) == [1, 2]
+
+
+def test_busy_clock_counts_overlapping_calls_once():
+    clock = BusyClock()
+    assert clock.seconds() == 0.0
+    clock.enter()
+    clock.enter()
+    assert clock.in_flight == 2
+    clock.exit()
+    clock.exit()
+    assert clock.in_flight == 0 and clock.seconds() >= 0.0
+    with pytest.raises(RuntimeError, match="without a matching enter"):
+        clock.exit()
+
+
+def test_concurrency_settings_are_validated():
+    with pytest.raises(ValueError, match="max_concurrent_batches must be >= 1"):
+        DynamicBatcher(lambda items: items, max_batch_size=1, max_wait_s=0.0, max_concurrent_batches=0)
+    for bad in (0, -1, 1000):
+        with pytest.raises(ValidationError, match="max_concurrent_batches"):
+            PixelSpec(max_concurrent_batches=bad)
+    with pytest.raises(ValidationError, match="max_concurrent_batches"):
+        InternalVLMSpec(model="m", max_concurrent_batches=0)
+    with pytest.raises(ValidationError, match=r"backends\.pixel\.pixel\.max_concurrent_batches"):
+        RewardConfig(backends={"pixel": {"type": "pixel", "max_concurrent_batches": "many"}})
+    assert PixelSpec().max_concurrent_batches == 1 and InternalVLMSpec(model="m").max_concurrent_batches == 1
+    # an operational knob: the scores, and so the cache keys, do not depend on it
+    assert PixelSpec(max_concurrent_batches=8).fingerprint() == PixelSpec().fingerprint()
+
+
+class _BarrierPixel:
+    """The pixel backend, but a call returns only when ``parties`` calls are in it together."""
+
+    def __init__(self, parties: int) -> None:
+        from reward_server.backends.pixel import PixelBackend
+
+        self._pixel = PixelBackend()
+        self.name, self.version, self.dimensions = self._pixel.name, self._pixel.version, self._pixel.dimensions
+        self._barrier = threading.Barrier(parties, timeout=20)
+
+    def score_batch(self, items):
+        self._barrier.wait()
+        return self._pixel.score_batch(items)
+
+
+def test_server_runs_a_backends_batches_concurrently():
+    import numpy as np
+
+    from protocol.reward import VideoPayload
+    from protocol.video import encode_mp4
+    from reward_server.app import create_app
+    from tests.reward_servers import app_server
+
+    video = VideoPayload.from_bytes(encode_mp4(np.full((2, 8, 8, 3), 90, dtype=np.uint8))).model_dump()
+    spec = PixelSpec(max_batch_size=1, max_concurrent_batches=2)
+    config = ServerConfig(max_wait_s=0.0, cache={"enabled": False}, reward=RewardConfig(backends={"pixel": spec}))
+    app = create_app(config, backend=_BarrierPixel(2))
+    responses: list[dict] = []
+
+    def post(url: str, index: int) -> None:
+        # distinct instructions: identical items in flight together would be scored once and shared
+        body = {"request_id": f"r{index}", "items": [{"item_id": f"i{index}", "instruction": f"make it brighter ({index})",
+                                                       "source": video, "edited": video}]}
+        responses.append(httpx.post(f"{url}/v1/score", json=body, timeout=60).json())
+
+    with app_server(app) as url:
+        threads = [threading.Thread(target=post, args=(url, i)) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        metrics = httpx.get(f"{url}/metrics").text
+    assert sorted(r["results"][0]["item_id"] for r in responses) == ["i0", "i1"]
+    assert all(r["results"][0]["ok"] for r in responses), responses
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in metrics.splitlines() if not line.startswith("#")}
+    busy = values['reward_backend_busy_seconds_total{backend="pixel"}']
+    calls = values['reward_backend_latency_seconds_sum{backend="pixel"}']
+    assert values['reward_backend_latency_seconds_count{backend="pixel"}'] == 2
+    assert 0 < busy <= calls  # the two calls overlapped: wall time in flight is at most their summed durations
 
 
 # ---------------------------------------------------------------- the app's use of aggregation

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 _OPERATIONAL = frozenset({
     "max_batch_size", "max_wait_s", "max_concurrency", "timeout_s", "http_attempts", "max_tries",
     "backoff_initial_s", "backoff_max_s", "api_key_env", "base_url", "forward_batch_size", "device",
-    "latency_s",
+    "latency_s", "max_concurrent_batches",
 })
 
 VIVA_DIMENSIONS = ("instruction_following", "edit_quality", "source_preservation", "reference_similarity")
@@ -47,6 +47,12 @@ class PixelSpec(_Spec):
     """Benchmarking aid: extra seconds every backend call takes (a sleep after scoring the
     batch, in the batcher's worker thread), to stand in for a slow judge; the scores do
     not change. 0 (the default) adds nothing."""
+    max_concurrent_batches: int = Field(default=1, ge=1, le=256)
+    """Backend calls the batcher runs at once, each in its own worker thread. 1 (the default)
+    scores one batch at a time: the pixel metrics are CPU-bound numpy, so more calls only
+    compete for the same cores. Above 1 makes sense with ``latency_s``, where the call mostly
+    waits as a remote judge would (e.g. the number of rollout workers times their scoring
+    requests in flight)."""
 
     def dimension_names(self) -> tuple[str, ...]:
         return PIXEL_DIMENSIONS
@@ -137,6 +143,11 @@ class InternalVLMSpec(_Spec):
     """Items per batcher call (in-process engines); None uses the server's ``max_batch_size``."""
     max_wait_s: float | None = Field(default=None, ge=0.0)
     """Seconds a batch waits to fill (in-process engines); None uses the server's ``max_wait_s``."""
+    max_concurrent_batches: int = Field(default=1, ge=1, le=64)
+    """Batcher calls run at once (in-process engines). 1 (the default): one model forward
+    at a time, since the in-process model is compute-bound and not shared safely between
+    threads. ``vllm_http`` is not batched by the server: its requests in flight are capped
+    by ``max_concurrency`` instead."""
     forward_batch_size: int = Field(default=16, ge=1, le=1024)
     """Prompts per forward pass of the in-process engines."""
     max_concurrency: int = Field(default=16, ge=1, le=1024)
