@@ -35,9 +35,11 @@ bench: venv
 dataset: venv
 	$(PY) scripts/build_dataset.py --out assets/clips
 
-# Rebuild the supervised warm-up checkpoint that `make train` starts from.
+# Rebuild the supervised warm-up checkpoint that `make train` starts from: VAE and
+# 3000 DiT steps from scratch, then 6000 more DiT steps from that checkpoint.
 warm-checkpoint: venv
 	$(PY) scripts/make_warm_checkpoint.py --data assets/clips --out assets/warm_checkpoint
+	$(PY) scripts/make_warm_checkpoint.py --data assets/clips --init-from assets/warm_checkpoint --out assets/warm_checkpoint --dit-steps 6000 --seed 1 --threads 1
 
 clean:
 	rm -rf runs .pytest_cache
