@@ -44,11 +44,12 @@ def make_train_tasks(config: TrainConfig, dataset: PromptDataset, indices: list[
 def publish_adapter(learner: Learner, workers: list) -> None:
     """What :meth:`learner.actor.LearnerService.publish` and the pool do: pack the
     adapter, checksum it once, put it in the object store once and load it on
-    every worker (waits)."""
+    every worker: verify and stage it, then load it (waits for both)."""
     packed = learner.policy.pack_adapter()
     checksum = adapter_checksum(packed)
     ref = ray.put(packed)
     ray.get([w.set_adapter.remote(ref, learner.policy_version, checksum) for w in workers])
+    ray.get([w.load_staged_adapter.remote() for w in workers])
 
 
 def run_tasks(workers: list, tasks: list[GroupTask]) -> tuple[list[Group], list[GroupFailure]]:

@@ -44,6 +44,7 @@ class WorkerPool:
         self.workers: dict[int, _Worker] = {}
         self._next_id = 0
         self._adapter: tuple | None = None
+        self._staging: list = []  # set_adapter calls not yet checked (pipelined publishes)
         self.restarts = 0
         self._busy_s = 0.0
         for _ in range(initial):
@@ -76,9 +77,11 @@ class WorkerPool:
 
     # ---- adapter --------------------------------------------------------
     def publish(self, ref, policy_version: int, checksum: str, wait: bool) -> float:
-        """Queue the load of the adapter at ``ref`` (in the object store) on every
-        worker, after the group each is sampling: loads happen between groups.
-        Returns the seconds spent; with ``wait`` it includes every worker's load."""
+        """Send the adapter at ``ref`` (in the object store) to every worker, which
+        verifies and stages it at once and loads it before its next group (loads
+        happen between groups; a group waiting behind the one being sampled starts
+        with it). Returns the seconds spent; with ``wait`` it includes every
+        worker's verification and load (nothing is being sampled then)."""
         start = time.perf_counter()
         self._adapter = (ref, policy_version, checksum)
         refs = [w.actor.set_adapter.remote(ref, policy_version, checksum) for w in self.workers.values()]
@@ -86,12 +89,22 @@ class WorkerPool:
             w.needs_adapter = False
         if wait:
             self._get_each(refs)
+            self._get_each([w.actor.load_staged_adapter.remote() for w in self.workers.values()])
+        else:
+            self._staging += refs
         return time.perf_counter() - start
 
     def _ensure_adapter(self, worker: _Worker) -> None:
         if worker.needs_adapter and self._adapter is not None:
-            worker.actor.set_adapter.remote(*self._adapter)
+            self._staging.append(worker.actor.set_adapter.remote(*self._adapter))
             worker.needs_adapter = False
+
+    def _check_staging(self) -> None:
+        """Raise the first adapter rejection (AdapterMismatchError from a worker) among
+        the finished set_adapter calls; a dead worker's call is only logged."""
+        if self._staging:
+            done, self._staging = ray.wait(self._staging, num_returns=len(self._staging), timeout=0)
+            self._get_each(done)
 
     def _get_each(self, refs: list) -> None:
         for ref in refs:
@@ -118,7 +131,13 @@ class WorkerPool:
 
     def poll(self, timeout_s: float) -> tuple[list[Group | GroupFailure], list[GroupTask]]:
         """Results that came back within ``timeout_s``, and tasks lost with a dead
-        worker (to be re-issued). Releases drained workers with nothing in flight."""
+        worker (to be re-issued). Releases drained workers with nothing in flight.
+
+        Raises:
+            AdapterMismatchError: a worker rejected the published adapter (wrong
+                layout or checksum): its groups could never be trained.
+        """
+        self._check_staging()
         for worker in self.workers.values():
             if worker.collect_ref is None and worker.in_flight:
                 worker.collect_ref = worker.actor.collect.remote(0.2)

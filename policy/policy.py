@@ -302,8 +302,8 @@ class EditPolicy:
         """Load adapter weights produced by :meth:`adapter_state` or :meth:`pack_adapter`,
         copying them in place into the LoRA parameters.
 
-        Everything is verified before a single parameter changes, so a rejected
-        adapter leaves the loaded one intact.
+        Everything is verified (:meth:`check_adapter_state`) before a single
+        parameter changes, so a rejected adapter leaves the loaded one intact.
 
         Args:
             state: peft-format key -> tensor (any float dtype, any shape-compatible
@@ -312,8 +312,32 @@ class EditPolicy:
                 when given.
 
         Raises:
+            AdapterMismatchError: see :meth:`check_adapter_state`.
+        """
+        keys = self.check_adapter_state(state, checksum)
+        with torch.no_grad():
+            if isinstance(state, PackedAdapter):
+                self._copy_packed(state.values)
+            else:
+                for key, param in zip(keys, self._adapter_params):
+                    param.copy_(state[key])
+
+    def check_adapter_state(self, state: "dict[str, torch.Tensor] | PackedAdapter", checksum: str | None = None) -> tuple[str, ...]:
+        """Verify that ``state`` fits this policy's LoRA adapter, without loading it.
+
+        Args:
+            state: as for :meth:`load_adapter_state`.
+            checksum: :func:`adapter_checksum` of the weights as published; checked
+                when given (a CRC-32 over every value: the only check whose cost
+                grows with the adapter size).
+
+        Returns:
+            The adapter's keys in load order.
+
+        Raises:
             AdapterMismatchError: the keys do not cover exactly this policy's LoRA
-                modules, a shape differs, or ``checksum`` does not match the weights.
+                modules, a shape differs, a packed buffer has the wrong length, or
+                ``checksum`` does not match the weights.
         """
         if isinstance(state, PackedAdapter):
             keys, shapes = tuple(state.keys), tuple(tuple(s) for s in state.shapes)
@@ -333,12 +357,7 @@ class EditPolicy:
             raise AdapterMismatchError(f"packed adapter holds {state.values.shape} values, expected ({self._adapter_offsets[-1]},)")
         if checksum is not None and adapter_checksum(state) != checksum:
             raise AdapterMismatchError("adapter checksum mismatch")
-        with torch.no_grad():
-            if isinstance(state, PackedAdapter):
-                self._copy_packed(state.values)
-            else:
-                for key, param in zip(keys, self._adapter_params):
-                    param.copy_(state[key])
+        return keys
 
     def _copy_packed(self, values: np.ndarray) -> None:
         """Copy a flat fp32 buffer (possibly a read-only view of Ray's object store)

@@ -1,8 +1,10 @@
 """Ray actor shell around :class:`rollout_workers.worker.RolloutWorker`.
 
-Two concurrency groups: ``compute`` (one at a time: sampling and adapter loads,
-so an adapter is only ever loaded between groups) and ``io`` (collecting scored
-groups while the next one samples).
+Three concurrency groups: ``compute`` (one at a time: sampling, and loading the
+staged adapter right before a group, so an adapter is only ever loaded between
+groups), ``adapter`` (verifying and staging a new adapter at once, even while a
+group samples and others wait in ``compute``) and ``io`` (collecting scored groups
+while the next one samples).
 """
 from __future__ import annotations
 
@@ -17,9 +19,13 @@ class _RolloutActor(RolloutWorker):
     def ready(self) -> int:
         return super().ready()
 
-    @ray.method(concurrency_group="compute")
+    @ray.method(concurrency_group="adapter")
     def set_adapter(self, state, policy_version: int, checksum: str) -> int:
         return super().set_adapter(state, policy_version, checksum)
+
+    @ray.method(concurrency_group="compute")
+    def load_staged_adapter(self) -> int:
+        return super().load_staged_adapter()
 
     @ray.method(concurrency_group="compute")
     def sample(self, tasks: list[GroupTask]) -> list[Group | GroupFailure]:
@@ -50,5 +56,5 @@ def make_rollout_actor(num_cpus: float = 1.0, num_gpus: float = 0.0, max_restart
     again, so it holds no adapter until the driver sends the current one)."""
     return ray.remote(
         num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts, resources=resources or None,
-        concurrency_groups={"compute": 1, "io": 1},
+        concurrency_groups={"compute": 1, "adapter": 1, "io": 1},
     )(_RolloutActor)

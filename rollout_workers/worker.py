@@ -84,28 +84,44 @@ class RolloutWorker:
         self._done: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self._pending = 0
+        self._staged: tuple[PackedAdapter | dict[str, torch.Tensor], int] | None = None
 
     def ready(self) -> int:
         """Returns the worker id once constructed (used to wait for actors)."""
         return self.worker_id
 
     def set_adapter(self, state: "PackedAdapter | dict[str, torch.Tensor]", policy_version: int, checksum: str) -> int:
-        """Load the learner's adapter (between groups only: calls are serialised).
+        """Verify the learner's adapter now and stage it: it is loaded right before the
+        next group is sampled (:meth:`load_staged_adapter`), so a group is always
+        sampled with one adapter, and a group queued behind the one being sampled
+        starts with the newest adapter that has arrived. A newer call replaces an
+        adapter that is staged and not loaded yet.
 
         Args:
             state: the learner's :meth:`EditPolicy.pack_adapter` (what the runtime
                 publishes; under Ray a read-only view of the object store, copied
-                straight into the LoRA parameters) or its ``adapter_state()`` dict.
+                straight into the LoRA parameters when loaded) or its ``adapter_state()`` dict.
             policy_version: the version the adapter belongs to; returned.
             checksum: :func:`policy.policy.adapter_checksum` of the weights as published.
 
         Raises:
-            AdapterMismatchError: wrong keys, shapes, module count or checksum; the
-                previously loaded adapter stays.
+            AdapterMismatchError: wrong keys, shapes, size or checksum; nothing is
+                staged, and the loaded (and any staged) adapter stays.
         """
-        self.policy.load_adapter_state(state, checksum=checksum)
-        self.policy_version = policy_version
+        self.policy.check_adapter_state(state, checksum=checksum)
+        with self._lock:
+            self._staged = (state, policy_version)
         return policy_version
+
+    def load_staged_adapter(self) -> int:
+        """Load the staged adapter, if any (call between groups only). Returns the
+        policy version now loaded (-1 while none has been set)."""
+        with self._lock:
+            staged, self._staged = self._staged, None
+        if staged is not None:
+            self.policy.load_adapter_state(staged[0])  # verified (checksum included) when staged
+            self.policy_version = staged[1]
+        return self.policy_version
 
     def _source(self, path: str) -> tuple[np.ndarray, VideoPayload]:
         if path not in self._sources:
@@ -165,7 +181,7 @@ class RolloutWorker:
         self._done.put(result)
 
     def _sample_or_fail(self, task: GroupTask) -> tuple["_Sampled | None", str | None]:
-        if self.policy_version < 0:
+        if self.load_staged_adapter() < 0:
             raise RuntimeError("no adapter loaded: call set_adapter before sampling")
         try:
             return self._sample(task), None

@@ -158,3 +158,63 @@ def test_evaluation_groups_do_not_share_noise_under_a_shared_noise_window(reward
     # training samples share the initial noise; deterministic evaluation samples must not
     assert torch.equal(train_group.latents[0, 0], train_group.latents[1, 0])
     assert not torch.equal(eval_group.latents[0, -1], eval_group.latents[1, -1])
+
+
+def _shifted(state: dict[str, torch.Tensor], delta: float) -> dict[str, torch.Tensor]:
+    return {k: v + delta for k, v in state.items()}
+
+
+def test_a_new_adapter_is_staged_and_loaded_before_the_next_group(reward_url, clip_path):
+    from policy.policy import AdapterMismatchError
+
+    worker = _worker(reward_url)
+    [first] = worker.sample([_task(clip_path)])
+    v1 = _shifted(worker.policy.adapter_state(), 0.01)
+    assert worker.set_adapter(v1, 1, adapter_checksum(v1)) == 1
+    # staged only: the loaded weights and version are those of version 0 until a group starts
+    assert worker.policy_version == 0
+    assert not torch.equal(worker.policy.adapter_state()[next(iter(v1))], v1[next(iter(v1))])
+    # a newer adapter replaces the staged one; a rejected one changes nothing
+    v2 = _shifted(v1, 0.01)
+    worker.set_adapter(v2, 2, adapter_checksum(v2))
+    with pytest.raises(AdapterMismatchError, match="checksum"):
+        worker.set_adapter(_shifted(v2, 1.0), 3, adapter_checksum(v2))
+    [second] = worker.sample([_task(clip_path, group_id="s1-g1")])
+    assert first.policy_version == 0 and second.policy_version == 2 and worker.policy_version == 2
+    assert all(torch.equal(worker.policy.adapter_state()[k], v2[k]) for k in v2)
+    assert worker.load_staged_adapter() == 2  # nothing staged any more: stays at version 2
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def test_a_group_queued_behind_the_sampling_one_starts_with_the_newest_adapter(ray_session, reward_url, clip_path):
+    from policy.policy import EditPolicy
+    from rollout_workers.actor import make_rollout_actor
+
+    ray = ray_session
+    config = tiny_policy_config(num_steps=12)
+    worker = make_rollout_actor(num_cpus=0).remote(0, config, CORPUS, str(ROOT), reward_url, reward_timeout_s=30)
+    assert ray.get(worker.load_staged_adapter.remote()) == -1  # nothing set yet
+    adapter = EditPolicy.from_config(config, CORPUS, root=str(ROOT)).adapter_state()
+    ray.get(worker.set_adapter.remote(adapter, 0, adapter_checksum(adapter)))
+    # group A starts sampling with version 0 and group B waits behind it in the one-at-a-time
+    # compute group; version 1 is staged while A samples (staging does not wait for compute)
+    worker.submit.remote(GroupTask("a", "p0", CORPUS[0], clip_path, seed=1, group_size=4, eta=0.7))
+    worker.submit.remote(GroupTask("b", "p0", CORPUS[0], clip_path, seed=2, group_size=4, eta=0.7))
+    v1 = _shifted(adapter, 0.01)
+    assert ray.get(worker.set_adapter.remote(v1, 1, adapter_checksum(v1))) == 1
+    groups = []
+    while len(groups) < 2:
+        groups += ray.get(worker.collect.remote(5.0))
+    assert {g.task.group_id: g.policy_version for g in groups} == {"a": 0, "b": 1}
+    ray.kill(worker)
