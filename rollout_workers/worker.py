@@ -5,6 +5,7 @@ groups of trajectories with the current LoRA adapter and gets them scored.
 """
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import os
@@ -27,6 +28,11 @@ from protocol.video import VideoDecodeError, encode_mp4
 from rollout_workers.reward_client import RewardClient, RewardServerError
 
 logger = logging.getLogger(__name__)
+
+SOURCE_CACHE_SIZE = 64
+"""Source clips whose frames and VAE latents a worker keeps (least recently used go first)."""
+TEXT_CACHE_SIZE = 1024
+"""Instructions whose text embeddings a worker keeps."""
 
 
 class RolloutWorker:
@@ -78,7 +84,8 @@ class RolloutWorker:
         self.policy_version = -1
         self.fps = fps
         self.client = RewardClient(reward_url, timeout_s=reward_timeout_s, max_attempts=reward_max_attempts)
-        self._sources: dict[str, tuple[np.ndarray, VideoPayload]] = {}
+        self._sources: collections.OrderedDict[str, tuple[np.ndarray, VideoPayload, torch.Tensor]] = collections.OrderedDict()
+        self._texts: collections.OrderedDict[str, torch.Tensor] = collections.OrderedDict()
         self._null_embeds = self.policy.encode_text([""])
         self._scoring = ThreadPoolExecutor(max_workers=reward_concurrency, thread_name_prefix=f"score-{worker_id}")
         self._done: queue.Queue = queue.Queue()
@@ -123,11 +130,28 @@ class RolloutWorker:
             self.policy_version = staged[1]
         return self.policy_version
 
-    def _source(self, path: str) -> tuple[np.ndarray, VideoPayload]:
-        if path not in self._sources:
+    def _source(self, path: str) -> tuple[np.ndarray, VideoPayload, torch.Tensor]:
+        """The clip's frames, its payload for the reward server and its VAE latents
+        (the VAE is frozen and encodes with the posterior mode, so they never change),
+        kept for the ``SOURCE_CACHE_SIZE`` most recently used clips."""
+        if path in self._sources:
+            self._sources.move_to_end(path)
+        else:
             frames = load_clip(path, self.config.num_frames, self.config.height, self.config.width)
-            self._sources[path] = (frames, self._payload(frames))
+            self._sources[path] = (frames, self._payload(frames), self.policy.encode_video(frames[None]))
+            if len(self._sources) > SOURCE_CACHE_SIZE:
+                self._sources.popitem(last=False)
         return self._sources[path]
+
+    def _text(self, instruction: str) -> torch.Tensor:
+        """The instruction's embeddings (frozen text encoder), cached like the sources."""
+        if instruction in self._texts:
+            self._texts.move_to_end(instruction)
+        else:
+            self._texts[instruction] = self.policy.encode_text([instruction])
+            if len(self._texts) > TEXT_CACHE_SIZE:
+                self._texts.popitem(last=False)
+        return self._texts[instruction]
 
     def _payload(self, frames: np.ndarray) -> VideoPayload:
         """``uint8 (F, H, W, 3)`` frames as sent to the reward server (``video_format``)."""
@@ -200,9 +224,8 @@ class RolloutWorker:
     def _sample(self, task: GroupTask) -> "_Sampled":
         timings: dict[str, float] = {}
         start = time.perf_counter()
-        frames, source_payload = self._source(task.video_path)
-        source_latents = self.policy.encode_video(frames[None])
-        text_embeds = self.policy.encode_text([task.instruction])
+        _, source_payload, source_latents = self._source(task.video_path)
+        text_embeds = self._text(task.instruction)
         timings["encode_s"] = time.perf_counter() - start
 
         start = time.perf_counter()
