@@ -202,15 +202,15 @@ def test_a_group_queued_behind_the_sampling_one_starts_with_the_newest_adapter(r
     from rollout_workers.actor import make_rollout_actor
 
     ray = ray_session
-    config = tiny_policy_config(num_steps=12)
+    config = tiny_policy_config(num_steps=40)  # group A samples for about a second: time for the staging call
     worker = make_rollout_actor(num_cpus=0).remote(0, config, CORPUS, str(ROOT), reward_url, reward_timeout_s=30)
     assert ray.get(worker.load_staged_adapter.remote()) == -1  # nothing set yet
     adapter = EditPolicy.from_config(config, CORPUS, root=str(ROOT)).adapter_state()
     ray.get(worker.set_adapter.remote(adapter, 0, adapter_checksum(adapter)))
     # group A starts sampling with version 0 and group B waits behind it in the one-at-a-time
     # compute group; version 1 is staged while A samples (staging does not wait for compute)
-    worker.submit.remote(GroupTask("a", "p0", CORPUS[0], clip_path, seed=1, group_size=4, eta=0.7))
-    worker.submit.remote(GroupTask("b", "p0", CORPUS[0], clip_path, seed=2, group_size=4, eta=0.7))
+    worker.submit.remote(GroupTask("a", "p0", CORPUS[0], clip_path, seed=1, group_size=8, eta=0.7))
+    worker.submit.remote(GroupTask("b", "p0", CORPUS[0], clip_path, seed=2, group_size=8, eta=0.7))
     v1 = _shifted(adapter, 0.01)
     assert ray.get(worker.set_adapter.remote(v1, 1, adapter_checksum(v1))) == 1
     groups = []
