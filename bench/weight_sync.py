@@ -3,8 +3,9 @@
 ``publish`` is :func:`bench.loop.publish_adapter` itself, the same steps as
 :meth:`learner.actor.LearnerService.publish` plus the pool's loads: the learner's
 adapter packed into one flat fp32 buffer, its checksum (CRC-32), one ``ray.put``,
-and ``set_adapter`` on every RolloutWorker actor (layout and checksum checks, an
-in-place copy into the LoRA parameters), waited for. It is timed for
+``set_adapter`` on every RolloutWorker actor (layout and checksum checks, staging)
+and ``load_staged_adapter`` (the in-place copy into the LoRA parameters that a
+worker otherwise does when its next group starts), both waited for. It is timed for
 two model widths and two LoRA ranks, all at once in one Ray instance and
 interleaved; the wide model at rank 8 has exactly as many adapter values as the
 default model at rank 64, which separates adapter size from model size.
@@ -103,7 +104,7 @@ def measure(settings: Settings) -> BenchResult:
         phases = _time_steps(train_config, learners[default_key], workers[default_key], settings)
     matched = _same_adapter_pair({k: _adapter_mib(v) for k, v in learners.items()}, settings)
     load_times = {}
-    if matched:  # what set_adapter does on a worker, step by step, for the two equal-sized adapters
+    if matched:  # what set_adapter and load_staged_adapter do on a worker, step by step, for the two equal-sized adapters
         parts = {f"{key}: {name}": fn for key in matched for name, fn in _load_parts(learners[key].policy).items()}
         load_times = interleaved(parts, settings.publish_repeats * 2, settings.publish_warmup)
 
@@ -172,7 +173,7 @@ def measure(settings: Settings) -> BenchResult:
     )
 
 
-PARTS = ("part: pack_adapter + checksum", "part: ray.put", "part: no-op call on all workers", "part: set_adapter on all workers")
+PARTS = ("part: pack_adapter + checksum", "part: ray.put", "part: no-op call on all workers", "part: set_adapter + load_staged_adapter on all workers")
 
 
 def _publish_parts(learner: Learner, workers: list) -> dict[str, Callable[[], object]]:
@@ -185,7 +186,8 @@ def _publish_parts(learner: Learner, workers: list) -> dict[str, Callable[[], ob
         PARTS[0]: lambda: adapter_checksum(learner.policy.pack_adapter()),
         PARTS[1]: lambda: ray.put(packed),
         PARTS[2]: lambda: ray.get([w.ready.remote() for w in workers]),
-        PARTS[3]: lambda: ray.get([w.set_adapter.remote(ref, version, checksum) for w in workers]),
+        PARTS[3]: lambda: (ray.get([w.set_adapter.remote(ref, version, checksum) for w in workers]),
+                           ray.get([w.load_staged_adapter.remote() for w in workers])),
     }
 
 
@@ -197,7 +199,7 @@ LOAD_PARTS = ("checksum", "in-place copy", "load_adapter_state (all of it)")
 
 
 def _load_parts(policy: EditPolicy) -> dict[str, Callable[[], object]]:
-    """What ``set_adapter`` does on a worker, one process: the checksum, the in-place
+    """What ``set_adapter`` and ``load_staged_adapter`` do on a worker, one process: the checksum, the in-place
     copy into the LoRA parameters, and the whole ``load_adapter_state`` (layout
     checks, checksum, copy) of a packed adapter held read-only, as Ray hands it over."""
     packed = policy.pack_adapter()
