@@ -30,7 +30,7 @@ from rollout_workers.reward_client import RewardClient, RewardServerError
 logger = logging.getLogger(__name__)
 
 SOURCE_CACHE_SIZE = 64
-"""Source clips whose frames and VAE latents a worker keeps (least recently used go first)."""
+"""Source clips whose payload and VAE latents a worker keeps (least recently used go first)."""
 TEXT_CACHE_SIZE = 1024
 """Instructions whose text embeddings a worker keeps."""
 
@@ -84,7 +84,7 @@ class RolloutWorker:
         self.policy_version = -1
         self.fps = fps
         self.client = RewardClient(reward_url, timeout_s=reward_timeout_s, max_attempts=reward_max_attempts)
-        self._sources: collections.OrderedDict[str, tuple[np.ndarray, VideoPayload, torch.Tensor]] = collections.OrderedDict()
+        self._sources: collections.OrderedDict[str, tuple[VideoPayload, torch.Tensor]] = collections.OrderedDict()
         self._texts: collections.OrderedDict[str, torch.Tensor] = collections.OrderedDict()
         self._null_embeds = self.policy.encode_text([""])
         self._scoring = ThreadPoolExecutor(max_workers=reward_concurrency, thread_name_prefix=f"score-{worker_id}")
@@ -130,28 +130,19 @@ class RolloutWorker:
             self.policy_version = staged[1]
         return self.policy_version
 
-    def _source(self, path: str) -> tuple[np.ndarray, VideoPayload, torch.Tensor]:
-        """The clip's frames, its payload for the reward server and its VAE latents
-        (the VAE is frozen and encodes with the posterior mode, so they never change),
-        kept for the ``SOURCE_CACHE_SIZE`` most recently used clips."""
-        if path in self._sources:
-            self._sources.move_to_end(path)
-        else:
+    def _source(self, path: str) -> tuple[VideoPayload, torch.Tensor]:
+        """The clip's payload for the reward server and its VAE latents (the VAE is
+        frozen and encodes with the posterior mode, so they never change)."""
+
+        def encode() -> tuple[VideoPayload, torch.Tensor]:
             frames = load_clip(path, self.config.num_frames, self.config.height, self.config.width)
-            self._sources[path] = (frames, self._payload(frames), self.policy.encode_video(frames[None]))
-            if len(self._sources) > SOURCE_CACHE_SIZE:
-                self._sources.popitem(last=False)
-        return self._sources[path]
+            return self._payload(frames), self.policy.encode_video(frames[None])
+
+        return _cached(self._sources, path, SOURCE_CACHE_SIZE, encode)
 
     def _text(self, instruction: str) -> torch.Tensor:
-        """The instruction's embeddings (frozen text encoder), cached like the sources."""
-        if instruction in self._texts:
-            self._texts.move_to_end(instruction)
-        else:
-            self._texts[instruction] = self.policy.encode_text([instruction])
-            if len(self._texts) > TEXT_CACHE_SIZE:
-                self._texts.popitem(last=False)
-        return self._texts[instruction]
+        """The instruction's embeddings (frozen text encoder)."""
+        return _cached(self._texts, instruction, TEXT_CACHE_SIZE, lambda: self.policy.encode_text([instruction]))
 
     def _payload(self, frames: np.ndarray) -> VideoPayload:
         """``uint8 (F, H, W, 3)`` frames as sent to the reward server (``video_format``)."""
@@ -224,7 +215,7 @@ class RolloutWorker:
     def _sample(self, task: GroupTask) -> "_Sampled":
         timings: dict[str, float] = {}
         start = time.perf_counter()
-        _, source_payload, source_latents = self._source(task.video_path)
+        source_payload, source_latents = self._source(task.video_path)
         text_embeds = self._text(task.instruction)
         timings["encode_s"] = time.perf_counter() - start
 
@@ -284,6 +275,18 @@ class RolloutWorker:
             frames=sampled.frames,
             means=trajectories.means,
         )
+
+
+def _cached(cache: collections.OrderedDict, key, limit: int, make):
+    """``cache[key]``, made with ``make()`` when missing; keeps the ``limit`` most
+    recently used entries."""
+    if key in cache:
+        cache.move_to_end(key)
+        return cache[key]
+    value = cache[key] = make()
+    if len(cache) > limit:
+        cache.popitem(last=False)
+    return value
 
 
 @dataclass
