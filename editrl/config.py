@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from learner.config import LearnerConfig
 from policy.config import PolicyConfig
@@ -168,6 +168,12 @@ class TrainConfig(BaseModel):
     """Reward server."""
     eval: EvalConfig = EvalConfig()
     """Held-out evaluation."""
+
+    @model_validator(mode="after")
+    def _check_pairs(self) -> "TrainConfig":
+        if self.policy.antithetic and self.group_size % 2:
+            raise ValueError(f"policy.antithetic pairs the samples of a group: group_size must be even, got {self.group_size}")
+        return self
 
 
 def load_train_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:

@@ -234,7 +234,9 @@ class Learner:
         """Write the LoRA adapter in peft format (``adapter_model.safetensors`` and
         ``adapter_config.json``) and in the diffusers format that a Wan pipeline's
         ``load_lora_weights`` reads (``pytorch_lora_weights.safetensors``, see
-        :func:`policy.lora_export.export_diffusers_lora`); return the directory."""
+        :func:`policy.lora_export.export_diffusers_lora`), and ``editrl_adapter.json``
+        with the policy version and the denoising steps the adapter acts on
+        (``active_steps``, null for all); return the directory."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = self.policy.adapter_state()
@@ -242,6 +244,8 @@ class Learner:
         peft_config = self.policy.transformer.peft_config["default"]
         peft_config.save_pretrained(str(directory))
         export_diffusers_lora(self.policy, directory)
-        (directory / "editrl_adapter.json").write_text(json.dumps({"policy_version": self.policy_version}))
+        (directory / "editrl_adapter.json").write_text(json.dumps(
+            {"policy_version": self.policy_version, "active_steps": self.policy.config.lora.active_steps}
+        ))
         return directory
 

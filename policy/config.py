@@ -52,6 +52,13 @@ class LoraSettings(BaseModel):
     attention: list[Literal["self", "cross"]] = Field(["self", "cross"], min_length=1)
     """Which attentions get the adapter: self (attn1) and cross (attn2) as in VIVA; cross
     alone keeps a small run's updates to instruction-dependent directions."""
+    active_steps: int | None = Field(None, ge=1)
+    """The adapter acts on the first ``active_steps`` denoising steps only (the
+    high-noise steps, where an edit's global colour and layout are decided); the later
+    steps run the base model, like the low-noise expert of Wan 2.2's two-expert
+    sampler. Every trained (stochastic) step must lie inside. None: every step. RL
+    trains the adapter only through the steps it samples stochastically, so an adapter
+    that also acts on the untrained low-noise steps changes them blindly."""
 
 
 class SdeWindowSettings(BaseModel):
@@ -126,6 +133,11 @@ class PolicyConfig(BaseModel):
     sde_window: SdeWindowSettings | None = None
     """Only a window of consecutive steps (inside the ``sde_fraction`` steps) is
     stochastic and trained; None: all ``sde_fraction`` steps are."""
+    antithetic: bool = False
+    """The G samples of a group come in pairs whose stochastic-step noises are
+    negatives of each other (antithetic variates, as in evolution strategies): each
+    sample is still drawn from the policy, and a pair's reward difference isolates
+    the part of the reward that changes sign with the noise. Needs an even group size."""
     max_text_tokens: int = Field(32, ge=4)
     """Instruction tokens kept (padded/truncated) for the text encoder."""
     lora: LoraSettings = LoraSettings()
@@ -145,4 +157,31 @@ class PolicyConfig(BaseModel):
                     f"sde_window (size {window.size}, start {window.start}) does not fit the {eligible} steps "
                     f"that sde_fraction={self.sde_fraction} leaves of num_steps={self.num_steps}"
                 )
+        active = self.lora.active_steps
+        if active is not None:
+            if active > self.num_steps:
+                raise ValueError(f"lora.active_steps={active} exceeds num_steps={self.num_steps}")
+            last = self.last_trainable_step()
+            if last is not None and last >= active:
+                raise ValueError(
+                    f"lora.active_steps={active}: step {last} can be stochastic and trained (sde_fraction "
+                    f"{self.sde_fraction}, sde_window {window.model_dump() if window else None}) but the adapter "
+                    f"does not act there; use active_steps >= {last + 1} or move the window earlier"
+                )
         return self
+
+    def last_trainable_step(self) -> int | None:
+        """The latest denoising step (0-based) that can be stochastic and trained under
+        this config: the end of a fixed window, else the last of the ``sde_fraction``
+        steps (random and scheduled windows can reach it); None for the ``ode`` sampler."""
+        if self.sampler == "ode":
+            return None
+        eligible = max(1, int(self.sde_fraction * self.num_steps))
+        window = self.sde_window
+        if window is not None and window.position == "fixed":
+            return window.start + window.size - 1
+        return eligible - 1
+
+    def adapter_acts_at(self, step: int) -> bool:
+        """Whether the LoRA adapter is applied at denoising step ``step`` (0-based)."""
+        return self.lora.active_steps is None or step < self.lora.active_steps

@@ -2,6 +2,7 @@
 policy step that sampling and the learner's recomputation share."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -110,6 +111,15 @@ def policy_step(
     )[0]
 
 
+def _step_noise(shape: tuple[int, ...], generator: torch.Generator, antithetic: bool) -> torch.Tensor:
+    """Standard normal noise of ``shape`` (G first); with ``antithetic`` the second
+    half of the group is the negated first half."""
+    if not antithetic:
+        return torch.randn(shape, generator=generator, dtype=torch.float32)
+    half = torch.randn((shape[0] // 2, *shape[1:]), generator=generator, dtype=torch.float32)
+    return torch.cat([half, -half])
+
+
 def _expand(t: torch.Tensor, n: int) -> torch.Tensor:
     return t.expand(n, *t.shape[1:])
 
@@ -129,6 +139,7 @@ def sample_trajectories(
     *,
     sampler: str = "flow_sde",
     shared_initial_noise: bool = False,
+    antithetic: bool = False,
     record_means: bool = False,
 ) -> Trajectories:
     """Sample ``group_size`` trajectories for one (source, instruction) prompt.
@@ -147,17 +158,34 @@ def sample_trajectories(
             identical for the group and computed once (batch 1), and the samples
             branch at the SDE window (Flow-GRPO-Fast). False draws one initial
             noise per sample.
+        antithetic: samples ``i`` and ``i + G/2`` get opposite noises at every
+            stochastic step (``group_size`` must be even).
         record_means: also return each step's transition mean.
+
+    The LoRA adapter acts only on the steps where ``policy.config.adapter_acts_at``
+    says so (``lora.active_steps``); the other steps run the base model.
 
     Returns:
         :class:`Trajectories`; its ``sde_mask`` marks the steps that were actually
         stochastic (a requested step whose std is 0, such as CPS's last step,
         is deterministic and not trained).
+
+    Raises:
+        ValueError: a stochastic step at which the adapter does not act (it could
+            not be trained), or ``antithetic`` with an odd group size.
     """
+    if antithetic and group_size % 2:
+        raise ValueError(f"antithetic sampling needs an even group size, got {group_size}")
     g = group_size
     device = source_latents.device
     noise_range = wan_noise_range(sigmas) if sampler == "flow_sde_wan" else None
     stochastic = [bool(m) and eta > 0 and sampler != "ode" for m in sde_mask]
+    inactive = [t for t, s in enumerate(stochastic) if s and not policy.config.adapter_acts_at(t)]
+    if inactive:
+        raise ValueError(
+            f"steps {inactive} are stochastic but the adapter does not act there "
+            f"(lora.active_steps={policy.config.lora.active_steps}); they could not be trained"
+        )
     shape = (g, *source_latents.shape[1:])
     if shared_initial_noise:
         x = torch.randn((1, *shape[1:]), generator=generator, dtype=torch.float32).to(device)
@@ -169,23 +197,28 @@ def sample_trajectories(
     log_probs = torch.full((g, len(sde_mask)), float("nan"))
     means = [] if record_means else None
     taken = []
-    for t, is_stochastic in enumerate(stochastic):
-        if t == branch and x.shape[0] != g:
-            x = _expand(x, g).contiguous()
-        n = x.shape[0]
-        noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(device) if is_stochastic else None
-        out = policy_step(
-            policy, x, sigmas[t], sigmas[t + 1], _expand(source_latents, n), _expand(text_embeds, n), _expand(null_embeds, n),
-            eta if is_stochastic else 0.0, guidance_scale, noise=noise,
-            sampler=sampler if is_stochastic else "ode", noise_range=noise_range,
-        )
-        x = out.x_next
-        latents.append(_expand(x, g).cpu())
-        if means is not None:
-            means.append(_expand(out.mean, g).cpu())
-        taken.append(out.log_prob is not None)
-        if out.log_prob is not None:
-            log_probs[:, t] = out.log_prob.cpu()
+    adapter_on = True
+    with contextlib.ExitStack() as adapter_off:  # the adapter acts on a prefix of the steps: switched off once
+        for t, is_stochastic in enumerate(stochastic):
+            if t == branch and x.shape[0] != g:
+                x = _expand(x, g).contiguous()
+            if adapter_on and not policy.config.adapter_acts_at(t):
+                adapter_off.enter_context(policy.adapter_disabled())
+                adapter_on = False
+            n = x.shape[0]
+            noise = _step_noise(shape, generator, antithetic).to(device) if is_stochastic else None
+            out = policy_step(
+                policy, x, sigmas[t], sigmas[t + 1], _expand(source_latents, n), _expand(text_embeds, n), _expand(null_embeds, n),
+                eta if is_stochastic else 0.0, guidance_scale, noise=noise,
+                sampler=sampler if is_stochastic else "ode", noise_range=noise_range,
+            )
+            x = out.x_next
+            latents.append(_expand(x, g).cpu())
+            if means is not None:
+                means.append(_expand(out.mean, g).cpu())
+            taken.append(out.log_prob is not None)
+            if out.log_prob is not None:
+                log_probs[:, t] = out.log_prob.cpu()
     return Trajectories(
         latents=torch.stack(latents, dim=1),
         log_probs=log_probs,

@@ -5,7 +5,7 @@ groups of trajectories with the current LoRA adapter and gets them scored.
 """
 from __future__ import annotations
 
-import collections
+import functools
 import logging
 import math
 import os
@@ -84,8 +84,9 @@ class RolloutWorker:
         self.policy_version = -1
         self.fps = fps
         self.client = RewardClient(reward_url, timeout_s=reward_timeout_s, max_attempts=reward_max_attempts)
-        self._sources: collections.OrderedDict[str, tuple[VideoPayload, torch.Tensor]] = collections.OrderedDict()
-        self._texts: collections.OrderedDict[str, torch.Tensor] = collections.OrderedDict()
+        # the VAE and the text encoder are frozen, so encodings never change: least-recently-used caches
+        self._source = functools.lru_cache(maxsize=SOURCE_CACHE_SIZE)(self._encode_source)
+        self._text = functools.lru_cache(maxsize=TEXT_CACHE_SIZE)(self._encode_text)
         self._null_embeds = self.policy.encode_text([""])
         self._scoring = ThreadPoolExecutor(max_workers=reward_concurrency, thread_name_prefix=f"score-{worker_id}")
         self._done: queue.Queue = queue.Queue()
@@ -130,19 +131,15 @@ class RolloutWorker:
             self.policy_version = staged[1]
         return self.policy_version
 
-    def _source(self, path: str) -> tuple[VideoPayload, torch.Tensor]:
-        """The clip's payload for the reward server and its VAE latents (the VAE is
-        frozen and encodes with the posterior mode, so they never change)."""
+    def _encode_source(self, path: str) -> tuple[VideoPayload, torch.Tensor]:
+        """The clip's payload for the reward server and its VAE latents (the VAE
+        encodes with the posterior mode); cached as ``self._source``."""
+        frames = load_clip(path, self.config.num_frames, self.config.height, self.config.width)
+        return self._payload(frames), self.policy.encode_video(frames[None])
 
-        def encode() -> tuple[VideoPayload, torch.Tensor]:
-            frames = load_clip(path, self.config.num_frames, self.config.height, self.config.width)
-            return self._payload(frames), self.policy.encode_video(frames[None])
-
-        return _cached(self._sources, path, SOURCE_CACHE_SIZE, encode)
-
-    def _text(self, instruction: str) -> torch.Tensor:
-        """The instruction's embeddings (frozen text encoder)."""
-        return _cached(self._texts, instruction, TEXT_CACHE_SIZE, lambda: self.policy.encode_text([instruction]))
+    def _encode_text(self, instruction: str) -> torch.Tensor:
+        """The instruction's embeddings; cached as ``self._text``."""
+        return self.policy.encode_text([instruction])
 
     def _payload(self, frames: np.ndarray) -> VideoPayload:
         """``uint8 (F, H, W, 3)`` frames as sent to the reward server (``video_format``)."""
@@ -231,6 +228,7 @@ class RolloutWorker:
             self.policy.sigmas(), sde_mask, task.eta, self.config.guidance_scale, generator,
             sampler=self.config.sampler,
             shared_initial_noise=task.eta > 0 and window is not None and window.shared_initial_noise,
+            antithetic=self.config.antithetic and task.eta > 0,
             record_means=task.record_means,
         )
         timings["sample_s"] = time.perf_counter() - start
@@ -275,18 +273,6 @@ class RolloutWorker:
             frames=sampled.frames,
             means=trajectories.means,
         )
-
-
-def _cached(cache: collections.OrderedDict, key, limit: int, make):
-    """``cache[key]``, made with ``make()`` when missing; keeps the ``limit`` most
-    recently used entries."""
-    if key in cache:
-        cache.move_to_end(key)
-        return cache[key]
-    value = cache[key] = make()
-    if len(cache) > limit:
-        cache.popitem(last=False)
-    return value
 
 
 @dataclass

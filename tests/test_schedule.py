@@ -1,12 +1,12 @@
 """Which steps are stochastic and trained: the timestep fraction, the SDE window in
-its three placements, and trajectories that share their ODE prefix."""
+its three placements, trajectories that share their ODE prefix, and the steps the adapter acts on."""
 import pytest
 import torch
 from conftest import CORPUS, structured_clip, tiny_policy_config
 
-from policy.config import SdeWindowSettings
+from policy.config import LoraSettings, SdeWindowSettings
 from policy.policy import EditPolicy
-from policy.sampling import sample_trajectories
+from policy.sampling import policy_step, sample_trajectories
 from policy.schedule import fraction_steps, stochastic_steps, window_start
 
 
@@ -113,3 +113,80 @@ def test_recorded_means_are_the_transition_means():
     assert traj.means.shape == traj.latents[:, 1:].shape
     # the deterministic last step lands on its mean
     assert torch.equal(traj.means[:, 3], traj.latents[:, 4])
+
+
+def test_adapter_active_steps_must_cover_every_trainable_step():
+    # 4 steps, fraction 0.75: steps 0-2 can be trained
+    assert tiny_policy_config(lora=LoraSettings(rank=4, alpha=8, active_steps=3)).adapter_acts_at(2)
+    with pytest.raises(ValueError, match="step 2 can be stochastic"):
+        tiny_policy_config(lora=LoraSettings(rank=4, alpha=8, active_steps=2))
+    # a fixed window at steps 0-1 needs the adapter on steps 0-1 only
+    config = tiny_policy_config(sde_window=SdeWindowSettings(size=2, start=0, position="fixed"),
+                                lora=LoraSettings(rank=4, alpha=8, active_steps=2))
+    assert [config.adapter_acts_at(t) for t in range(4)] == [True, True, False, False]
+    # a random window can reach step 2, so the same adapter steps are refused
+    with pytest.raises(ValueError, match="step 2 can be stochastic"):
+        tiny_policy_config(sde_window=SdeWindowSettings(size=2, position="random"), lora=LoraSettings(rank=4, alpha=8, active_steps=2))
+    with pytest.raises(ValueError, match="exceeds num_steps"):
+        tiny_policy_config(lora=LoraSettings(rank=4, alpha=8, active_steps=5))
+    # the ode sampler trains nothing, so any adapter steps are accepted
+    assert not tiny_policy_config(sampler="ode", lora=LoraSettings(rank=4, alpha=8, active_steps=1)).adapter_acts_at(1)
+
+
+def _with_nonzero_adapter(config) -> EditPolicy:
+    policy = EditPolicy.from_config(config, CORPUS)
+    with torch.no_grad():  # B = 0 at init would make the adapter an identity
+        for name, p in policy.transformer.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(3))
+    return policy
+
+
+def test_adapter_acts_only_on_its_steps_and_the_base_model_runs_the_rest():
+    window = SdeWindowSettings(size=1, start=0, position="fixed")
+    limited = _with_nonzero_adapter(tiny_policy_config(sde_window=window, lora=LoraSettings(rank=4, alpha=8, active_steps=1)))
+    everywhere = _with_nonzero_adapter(tiny_policy_config(sde_window=window))
+    source, text, null = _inputs(limited)
+    sigmas, mask = limited.sigmas(), limited.sde_steps()
+    traj = sample_trajectories(limited, source, text, null, 2, sigmas, mask, 0.7, 2.0, torch.Generator().manual_seed(4))
+    same = sample_trajectories(everywhere, source, text, null, 2, sigmas, mask, 0.7, 2.0, torch.Generator().manual_seed(4))
+    # step 0 (stochastic, trained) is the adapted policy's in both
+    assert torch.equal(traj.latents[:, 1], same.latents[:, 1])
+    assert torch.equal(traj.log_probs[:, 0], same.log_probs[:, 0])
+    # steps 1-3: the base model's Euler steps from the recorded x_1
+    x = traj.latents[:, 1]
+    g = x.shape[0]
+    with limited.adapter_disabled():
+        for t in range(1, 4):
+            x = policy_step(limited, x, sigmas[t], sigmas[t + 1], source.expand(g, *source.shape[1:]), text.expand(g, -1, -1),
+                            null.expand(g, -1, -1), 0.0, 2.0, sampler="ode").x_next
+            assert torch.equal(traj.latents[:, t + 1], x), t
+    # and the adapter does change those steps when it acts on them
+    assert not torch.allclose(same.latents[:, -1], traj.latents[:, -1], atol=1e-4)
+
+
+def test_sampling_refuses_a_stochastic_step_the_adapter_does_not_act_on():
+    policy = EditPolicy.from_config(tiny_policy_config(sampler="ode", lora=LoraSettings(rank=4, alpha=8, active_steps=1)), CORPUS)
+    with pytest.raises(ValueError, match=r"steps \[1\] are stochastic but the adapter does not act"):
+        sample_trajectories(policy, *_inputs(policy), 2, policy.sigmas(), [True, True, False, False], 0.7, 2.0,
+                            torch.Generator().manual_seed(0))
+
+
+def test_antithetic_pairs_draw_opposite_noise_and_have_equal_first_step_log_probs():
+    config = tiny_policy_config(sde_window=SdeWindowSettings(size=2, start=0, position="fixed"), antithetic=True)
+    policy = EditPolicy.from_config(config, CORPUS)
+    traj = sample_trajectories(
+        policy, *_inputs(policy), 4, policy.sigmas(), policy.sde_steps(), 0.7, 2.0, torch.Generator().manual_seed(5),
+        shared_initial_noise=True, antithetic=True, record_means=True,
+    )
+    for t in (0, 1):  # stochastic steps: x_{t+1} - mean_t is +noise for sample i and -noise for sample i + 2
+        step_noise = traj.latents[:, t + 1] - traj.means[:, t]
+        assert step_noise.abs().max() > 0.01
+        torch.testing.assert_close(step_noise[:2], -step_noise[2:], rtol=0, atol=1e-5)
+    # step 0 starts every sample from the same x_0, so a pair sits symmetrically around one mean
+    # and a Gaussian gives both halves the same log-prob
+    torch.testing.assert_close(traj.log_probs[:2, 0], traj.log_probs[2:, 0], rtol=0, atol=1e-5)
+    assert not torch.allclose(traj.latents[0, -1], traj.latents[2, -1])
+    with pytest.raises(ValueError, match="even group size"):
+        sample_trajectories(policy, *_inputs(policy), 3, policy.sigmas(), policy.sde_steps(), 0.7, 2.0,
+                            torch.Generator().manual_seed(5), antithetic=True)
