@@ -124,6 +124,36 @@ def reward_stats(groups: list[Group]) -> dict[str, float]:
     return stats
 
 
+def paired_gain(initial: dict[str, float], final: dict[str, float]) -> dict[str, float]:
+    """Held-out gain paired by prompt: the same prompts and seeds are evaluated at the
+    start and the end, so the per-prompt differences ``d_p = final_p - initial_p``
+    (of each prompt's mean reward over its seeds) measure the change without the
+    spread between prompts.
+
+    Args:
+        initial, final: mean reward (0-10) per prompt id; only prompts in both count.
+
+    Returns:
+        ``heldout_paired_gain`` (mean of ``d_p``), ``heldout_paired_gain_sem``
+        (``std(d_p, ddof=1) / sqrt(n)``, the standard error over prompts),
+        ``heldout_prompts_improved`` (share of prompts with ``d_p > 0``) and
+        ``heldout_paired_prompts`` (``n``).
+
+    Raises:
+        ValueError: fewer than two prompts in common.
+    """
+    common = sorted(set(initial) & set(final))
+    if len(common) < 2:
+        raise ValueError(f"a paired gain needs at least two prompts evaluated at both ends, got {len(common)}")
+    d = np.array([final[p] - initial[p] for p in common], dtype=np.float64)
+    return {
+        "heldout_paired_gain": float(d.mean()),
+        "heldout_paired_gain_sem": float(d.std(ddof=1) / math.sqrt(len(d))),
+        "heldout_prompts_improved": float((d > 0).mean()),
+        "heldout_paired_prompts": float(len(d)),
+    }
+
+
 def save_side_by_side(path: Path, source: np.ndarray, edited: np.ndarray, fps: int) -> None:
     """Write ``source | edited`` (both ``uint8 (F, H, W, 3)``) as one mp4."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,7 @@ from editrl.controller import NAMESPACE, start_controller
 from editrl.data.dataset import PromptDataset
 from editrl.pool import WorkerPool
 from editrl.reward_process import RewardServerProcess
-from editrl.run_log import MetricsLog, RolloutLog, plot_rewards, reward_stats, save_side_by_side
+from editrl.run_log import MetricsLog, RolloutLog, paired_gain, plot_rewards, reward_stats, save_side_by_side
 from editrl.tasks import TaskSource, eval_tasks
 from learner.actor import make_learner_actor
 from protocol.rollout import Group, GroupFailure, GroupTask
@@ -361,6 +361,8 @@ class Run:
                 save_side_by_side(path, source, group.frames[0], self.config.fps)
         logger.info("held-out evaluation at step %d: reward %.3f +- %.3f over %d samples", self.step, stats["reward_mean"], stats["reward_sem"], len(rewards))
         self.metrics_log.log(self.step, stats, kind="heldout")
+        # kept for the paired gain in summary.json (and in the resume state), not logged per step
+        stats["prompt_means"] = {g.task.prompt_id: float(g.rewards.mean()) for g in groups}
         return stats
 
     def _driver_state(self) -> dict:
@@ -391,10 +393,21 @@ class Run:
             "reward_heldout_initial_sem": initial["reward_sem"],
             "reward_heldout_final_sem": final["reward_sem"],
             "heldout_gain_in_sem": (final["reward_mean"] - initial["reward_mean"]) / max(combined_sem, 1e-12),
+            **_paired(initial, final),
             "heldout_dimensions_initial": {k: v for k, v in initial.items() if k.endswith("_mean")},
             "heldout_dimensions_final": {k: v for k, v in final.items() if k.endswith("_mean")},
             "checkpoint": checkpoint,
         }
+
+
+def _paired(initial: dict, final: dict) -> dict[str, float]:
+    """:func:`paired_gain` of two evaluations, or nothing (with a warning) when one of
+    them has no per-prompt means (resumed from an older run) or fewer than two prompts."""
+    try:
+        return paired_gain(initial["prompt_means"], final["prompt_means"])
+    except (KeyError, ValueError) as exc:
+        logger.warning("no paired held-out gain in summary.json: %s", exc)
+        return {}
 
 
 def phase_times(groups: list[Group]) -> dict[str, float]:

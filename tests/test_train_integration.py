@@ -8,6 +8,7 @@ import pytest
 from conftest import tiny_policy_config
 
 from editrl.config import EvalConfig, RolloutConfig, RuntimeConfig, TrainConfig
+from editrl.run_log import paired_gain
 from editrl.train import train
 from learner.config import LearnerConfig
 
@@ -36,6 +37,10 @@ def test_two_training_steps_through_ray_and_the_reward_server(tmp_path):
     assert summary == json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["policy_version"] == 2 and summary["groups_failed"] == 0
     assert summary["samples"] == 2 * 2 * 2
+    assert summary["heldout_paired_prompts"] == 3  # eval.max_prompts, evaluated at both ends
+    # with one prompt per group, the paired gain's mean equals the difference of the overall means
+    gain = summary["reward_heldout_final"] - summary["reward_heldout_initial"]
+    assert summary["heldout_paired_gain"] == pytest.approx(gain, abs=1e-5)
 
     # metrics: one train record per step with the learner's statistics, held-out at start and end
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -64,3 +69,17 @@ def test_two_training_steps_through_ray_and_the_reward_server(tmp_path):
     assert len(list((run_dir / "samples").glob("heldout_final_*.mp4"))) == 2
     assert (run_dir / "config.yaml").is_file()
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_000002"
+
+
+def test_paired_gain_by_prompt_against_hand_arithmetic():
+    initial = {"a": 5.0, "b": 6.0, "c": 7.0}
+    final = {"a": 6.0, "b": 6.5, "c": 6.5, "only_final": 9.0}  # prompts missing at one end are left out
+    stats = paired_gain(initial, final)
+    # d = [1, 0.5, -0.5]: mean 1/3; deviations (2/3, 1/6, -5/6), squares sum 42/36,
+    # sample variance 7/12, sem = sqrt(7/12) / sqrt(3) = 0.440959
+    assert stats["heldout_paired_gain"] == pytest.approx(1 / 3)
+    assert stats["heldout_paired_gain_sem"] == pytest.approx(0.440959, abs=1e-6)
+    assert stats["heldout_prompts_improved"] == pytest.approx(2 / 3)
+    assert stats["heldout_paired_prompts"] == 3
+    with pytest.raises(ValueError, match="at least two prompts"):
+        paired_gain({"a": 1.0}, {"a": 2.0, "b": 3.0})
