@@ -21,13 +21,24 @@ def test_every_training_preset_validates(path):
     assert config.steps >= 1 and config.policy.checkpoint == "assets/warm_checkpoint"
 
 
-def test_the_cross_attention_preset_changes_only_what_its_header_names():
+def test_the_viva_adapter_preset_changes_only_what_its_header_names():
     default = _flat(load_train_config(REPO_ROOT / "configs/default.yaml").model_dump())
-    preset = _flat(load_train_config(REPO_ROOT / "configs/cross_attention_lora.yaml").model_dump())
+    preset = _flat(load_train_config(REPO_ROOT / "configs/viva_adapter.yaml").model_dump())
     changed = {k for k in default if default[k] != preset[k]}
     assert changed == {
-        "steps", "policy.lora.rank", "policy.lora.alpha", "policy.lora.attention", "policy.lora.target_modules",
+        "policy.lora.rank", "policy.lora.alpha", "policy.lora.attention", "policy.lora.active_steps",
         "learner.learning_rate", "learner.kl_coef", "learner.adv_std_scope",
-        "runtime.checkpoint_every", "eval.seeds_per_prompt", "eval.every_steps",
     }
-    assert preset["policy.lora.attention"] == ["cross"] and preset["policy.lora.target_modules"] == ["to_v", "to_out.0"]
+    assert preset["policy.lora.attention"] == ["self", "cross"] and preset["policy.lora.active_steps"] is None
+
+
+def test_the_default_adapter_acts_exactly_on_the_trained_steps():
+    policy = load_train_config(REPO_ROOT / "configs/default.yaml").policy
+    trained = [t for t in range(policy.num_steps) if t <= policy.last_trainable_step()]
+    assert trained == [0, 1, 2] and [t for t in range(policy.num_steps) if policy.adapter_acts_at(t)] == trained
+
+
+def test_antithetic_pairs_need_an_even_group_size():
+    load_train_config(REPO_ROOT / "configs/default.yaml", {"policy.antithetic": True, "group_size": 4})
+    with pytest.raises(ValueError, match="group_size must be even, got 5"):
+        load_train_config(REPO_ROOT / "configs/default.yaml", {"policy.antithetic": True, "group_size": 5})
