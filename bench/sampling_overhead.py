@@ -1,7 +1,8 @@
 """Item 2: rollout sampling with log-probs vs diffusers' own ``WanPipeline``.
 
 Both run the same network (the policy's ``WanTransformer3DModel`` object with its
-LoRA adapter attached and non-zero), the same FlowMatchEuler sigmas, number of
+LoRA adapter attached and non-zero, acting on every step as the pipeline applies
+it, whatever ``lora.active_steps`` the run uses), the same FlowMatchEuler sigmas, number of
 steps, CFG scale, initial noise and prompt embeddings, and stop at the final
 latent (``output_type="latent"``): only denoising is compared. Variants:
 
@@ -66,7 +67,9 @@ class Setup:
     def __init__(self, settings: Settings) -> None:
         torch.set_num_threads(settings.torch_threads)
         self.settings = settings
-        self.config = policy_config(settings.profile, kind="t2v")
+        config = policy_config(settings.profile, kind="t2v")
+        # diffusers' pipeline applies a loaded adapter on every step, so ours does here too
+        self.config = config.model_copy(update={"lora": config.lora.model_copy(update={"active_steps": None})})
         self.policy = EditPolicy.from_config(self.config, list(corpus()), device=settings.device, seed=settings.seed)
         perturb_adapter(self.policy, settings.seed)
         self.source, self.text, self.null = conditioning(self.policy, 0, settings.seed)
