@@ -23,17 +23,19 @@ class ImageDecodeError(ValueError):
 MAX_IMAGE_PIXELS = 4096 * 4096
 
 
-X264_PARAMS = "bframes=0"
-"""Extra x264 settings of :func:`encode_mp4`: no B-frames. With x264's defaults (3 B-frames
-and the macroblock tree), identical frames encoded single-threaded, in the same process
-or another, give different bitstreams now and then: about 1 in 1,000 encodes of 32x32
-clips, up to 5 distinct bitstreams in 12 encodes of a noisy 64x64 clip, 3 in 3 of a
-33-frame 448x256 one; the decoded pixels differ by up to ~15 levels, so the reward of the
-same sample changed from run to run (the cause inside x264 is not known). It takes both
-B-frames and the macroblock tree: without B-frames (tree kept) no encode differed in
-15,000, nor with the tree off (20,000), but turning the tree off makes files 40-120 %
-larger at the same crf. Cost of no B-frames: files 5-11 % larger at the same crf with the
-same reconstruction error; encoding is no slower."""
+X264_PARAMS = "bframes=0:mbtree=0"
+"""Extra x264 settings of :func:`encode_mp4`: no B-frames and no macroblock tree. With
+x264's defaults, identical frames encoded single-threaded, in the same process or another,
+give different bitstreams now and then, and the decoded pixels differ by up to ~15 levels,
+so the reward of the same sample changed from run to run. The differences come from x264's
+AVX-512 code (AMD EPYC here): with B-frames off alone, re-encoding a 12-frame 32x32 clip
+after each of 600 encodes of 96x96 noise clips gave 20-30 different bitstreams in 8 of 10
+processes, and a mix of clip sizes gave 11 in 5,000 re-encodes, but none in 5,000 with
+x264's assembly capped at AVX2 or turned off. With the macroblock tree off as well: none
+in 10 x 600 re-encodes of the first kind nor in 10,000 of the second (B-frames off alone
+had passed 15,000 encodes of a quieter mix, and then failed in CI). Cost against B-frames
+off alone: files 6-7 % larger for 33-frame 256x256 clips and 13 % for the 9-frame 128x128
+training clips, at the same reconstruction error and speed."""
 
 
 def encode_mp4(frames: np.ndarray, fps: int = 8, crf: int = 10) -> bytes:
@@ -48,8 +50,8 @@ def encode_mp4(frames: np.ndarray, fps: int = 8, crf: int = 10) -> bytes:
     Returns:
         The mp4 file as bytes. The same frames give the same bytes, in any
         process: encoding is single-threaded, the colour conversion is our own
-        (:func:`rgb_to_yuv420p`) and x264 uses no B-frames (see
-        :data:`X264_PARAMS`).
+        (:func:`rgb_to_yuv420p`) and x264 uses neither B-frames nor its
+        macroblock tree (see :data:`X264_PARAMS`).
 
     Raises:
         ValueError: wrong dtype, rank, channel count or odd frame size.
