@@ -4,7 +4,8 @@ groups each has in flight, adapter publication, restarts and resizing.
 Every group a worker is given is remembered until its result comes back. A
 worker that dies (its calls raise ``RayActorError``) hands its in-flight groups
 back to be re-issued; Ray restarts it (``max_restarts``) and the pool sends it
-the current adapter before it samples again. Removing a worker stops giving it
+the current adapter before it samples again. A group whose ``submit`` call raises
+comes back as a :class:`GroupFailure` naming the error. Removing a worker stops giving it
 groups and collects the ones it has before the actor is released.
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from protocol.rollout import Group, GroupFailure, GroupTask
 
@@ -27,6 +28,7 @@ class _Worker:
     actor: object
     in_flight: dict[str, GroupTask] = field(default_factory=dict)
     collect_ref: object | None = None
+    submit_refs: dict = field(default_factory=dict)  # submit call -> its task, until the call returns
     draining: bool = False
     needs_adapter: bool = False
 
@@ -122,7 +124,7 @@ class WorkerPool:
         """Give ``task`` to the active worker with the fewest groups; returns its id."""
         worker = min((w for w in self.workers.values() if not w.draining), key=lambda w: len(w.in_flight))
         self._ensure_adapter(worker)
-        worker.actor.submit.remote(task)
+        worker.submit_refs[worker.actor.submit.remote(task)] = task
         worker.in_flight[task.group_id] = task
         return worker.worker_id
 
@@ -138,11 +140,11 @@ class WorkerPool:
                 layout or checksum): its groups could never be trained.
         """
         self._check_staging()
+        results: list[Group | GroupFailure] = self._failed_submits()
         for worker in self.workers.values():
             if worker.collect_ref is None and worker.in_flight:
                 worker.collect_ref = worker.actor.collect.remote(0.2)
         refs = {w.collect_ref: w for w in self.workers.values() if w.collect_ref is not None}
-        results: list[Group | GroupFailure] = []
         lost: list[GroupTask] = []
         if refs:
             ready, _ = ray.wait(list(refs), num_returns=1, timeout=timeout_s)
@@ -165,9 +167,33 @@ class WorkerPool:
         self._release_drained()
         return results, lost
 
+    def _failed_submits(self) -> list[GroupFailure]:
+        """Groups whose ``submit`` call raised (the worker never sampled them, so they
+        would never come back from ``collect``), as failures naming the error. A dead
+        worker's calls are left to :meth:`_handle_death`, which re-issues its groups."""
+        failures = []
+        for worker in self.workers.values():
+            if not worker.submit_refs:
+                continue
+            done, _ = ray.wait(list(worker.submit_refs), num_returns=len(worker.submit_refs), timeout=0)
+            for ref in done:
+                task = worker.submit_refs.pop(ref)
+                try:
+                    ray.get(ref)
+                except RayActorError:
+                    continue
+                except RayTaskError as exc:  # wraps what the worker raised
+                    if worker.in_flight.pop(task.group_id, None) is None:
+                        continue
+                    reason = f"submit failed on worker {worker.worker_id}: {exc}"
+                    logger.error("group %s (prompt %s): %s", task.group_id, task.prompt_id, reason)
+                    failures.append(GroupFailure(task=task, worker_id=worker.worker_id, reason=reason))
+        return failures
+
     def _handle_death(self, worker: _Worker, exc: Exception) -> list[GroupTask]:
         lost = list(worker.in_flight.values())
         worker.in_flight.clear()
+        worker.submit_refs.clear()
         self.restarts += 1
         logger.error("rollout worker %d died (%s); re-issuing its %d groups: %s", worker.worker_id,
                      type(exc).__name__, len(lost), ", ".join(t.group_id for t in lost))

@@ -56,6 +56,10 @@ class RolloutWorker:
         device: torch device of the policy ("cpu" or "cuda").
         seed: seed of a model built in code (must equal the learner's, so the base
             weights match).
+        adapter_wait_s: how long a group waits for the worker's first adapter
+            (seconds). Under Ray, ``set_adapter`` runs beside ``submit`` in its own
+            concurrency group, so the first group given to a new or restarted worker
+            can start before the adapter sent ahead of it has been verified.
     """
 
     def __init__(
@@ -73,6 +77,7 @@ class RolloutWorker:
         device: str = "cpu",
         seed: int = 0,
         video_format: str = "mp4",
+        adapter_wait_s: float = 120.0,
     ):
         if video_format not in ("mp4", "raw"):
             raise ValueError(f"video_format must be 'mp4' or 'raw', got {video_format!r}")
@@ -93,6 +98,8 @@ class RolloutWorker:
         self._lock = threading.Lock()
         self._pending = 0
         self._staged: tuple[PackedAdapter | dict[str, torch.Tensor], int] | None = None
+        self._adapter_wait_s = adapter_wait_s
+        self._adapter_arrived = threading.Event()  # set once the first adapter is staged
 
     def ready(self) -> int:
         """Returns the worker id once constructed (used to wait for actors)."""
@@ -119,6 +126,7 @@ class RolloutWorker:
         self.policy.check_adapter_state(state, checksum=checksum)
         with self._lock:
             self._staged = (state, policy_version)
+        self._adapter_arrived.set()
         return policy_version
 
     def load_staged_adapter(self) -> int:
@@ -193,8 +201,9 @@ class RolloutWorker:
         self._done.put(result)
 
     def _sample_or_fail(self, task: GroupTask) -> tuple["_Sampled | None", str | None]:
-        if self.load_staged_adapter() < 0:
-            raise RuntimeError("no adapter loaded: call set_adapter before sampling")
+        if self.policy_version < 0 and not self._adapter_arrived.wait(self._adapter_wait_s):
+            raise RuntimeError(f"no adapter loaded after {self._adapter_wait_s} s: call set_adapter before sampling")
+        self.load_staged_adapter()
         try:
             return self._sample(task), None
         except (VideoDecodeError, ValueError, FileNotFoundError) as exc:

@@ -3,6 +3,7 @@ the real reward server process, and each way a group can fail."""
 import contextlib
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -73,9 +74,23 @@ def test_worker_sends_raw_frames_and_loads_a_packed_adapter(reward_url, clip_pat
 
 
 def test_worker_refuses_to_sample_without_an_adapter(reward_url, clip_path):
-    worker = RolloutWorker(0, tiny_policy_config(), CORPUS, str(ROOT), reward_url)
-    with pytest.raises(RuntimeError, match="no adapter"):
+    worker = RolloutWorker(0, tiny_policy_config(), CORPUS, str(ROOT), reward_url, adapter_wait_s=0.3)
+    with pytest.raises(RuntimeError, match="no adapter loaded after 0.3 s"):
         worker.sample([_task(clip_path)])
+
+
+def test_first_group_waits_for_an_adapter_that_arrives_after_it(reward_url, clip_path):
+    # under Ray, set_adapter runs beside submit: a new worker's first group can start
+    # before the adapter sent ahead of it is verified and staged
+    worker = RolloutWorker(0, tiny_policy_config(), CORPUS, str(ROOT), reward_url, reward_timeout_s=10)
+    state = worker.policy.adapter_state()
+    late = threading.Timer(0.5, worker.set_adapter, (state, 3, adapter_checksum(state)))
+    late.start()
+    try:
+        [group] = worker.sample([_task(clip_path)])
+    finally:
+        late.join()
+    assert isinstance(group, Group) and group.policy_version == 3
 
 
 def test_undecodable_clip_fails_the_group_naming_the_file(reward_url, tmp_path):
@@ -218,3 +233,29 @@ def test_a_group_queued_behind_the_sampling_one_starts_with_the_newest_adapter(r
         groups += ray.get(worker.collect.remote(5.0))
     assert {g.task.group_id: g.policy_version for g in groups} == {"a": 0, "b": 1}
     ray.kill(worker)
+
+
+def test_pool_reports_a_group_whose_submit_raised(ray_session, reward_url, clip_path):
+    # the worker raises inside submit (no adapter ever arrives); the group must come back
+    # as a failure naming the error instead of vanishing and stalling the run
+    from editrl.pool import WorkerPool
+    from rollout_workers.actor import make_rollout_actor
+
+    actor_cls = make_rollout_actor(num_cpus=0)
+    pool = WorkerPool(lambda worker_id: actor_cls.remote(
+        worker_id, tiny_policy_config(), CORPUS, str(ROOT), reward_url, adapter_wait_s=0.2), initial=1)
+    try:
+        pool.submit(_task(clip_path, group_id="never-sampled"))
+        results, lost = [], []
+        deadline = time.monotonic() + 60
+        while not results and time.monotonic() < deadline:
+            got, gone = pool.poll(timeout_s=0.5)
+            results += got
+            lost += gone
+        assert lost == [] and len(results) == 1
+        [failure] = results
+        assert isinstance(failure, GroupFailure) and failure.task.group_id == "never-sampled"
+        assert "no adapter loaded after 0.2 s" in failure.reason and "worker 0" in failure.reason
+        assert pool.in_flight() == 0
+    finally:
+        pool.shutdown()
