@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from policy.samplers import DEFAULT_ETA, SamplerName
+from policy.schedule import num_fraction_steps
 
 
 class TinyModelConfig(BaseModel):
@@ -151,7 +152,7 @@ class PolicyConfig(BaseModel):
             raise ValueError(f"cps needs eta <= 1, got {self.eta}")
         window = self.sde_window
         if window is not None:
-            eligible = max(1, int(self.sde_fraction * self.num_steps))
+            eligible = num_fraction_steps(self.num_steps, self.sde_fraction)
             if window.size > eligible or window.start > eligible - window.size:
                 raise ValueError(
                     f"sde_window (size {window.size}, start {window.start}) does not fit the {eligible} steps "
@@ -176,11 +177,10 @@ class PolicyConfig(BaseModel):
         steps (random and scheduled windows can reach it); None for the ``ode`` sampler."""
         if self.sampler == "ode":
             return None
-        eligible = max(1, int(self.sde_fraction * self.num_steps))
         window = self.sde_window
         if window is not None and window.position == "fixed":
             return window.start + window.size - 1
-        return eligible - 1
+        return num_fraction_steps(self.num_steps, self.sde_fraction) - 1
 
     def adapter_acts_at(self, step: int) -> bool:
         """Whether the LoRA adapter is applied at denoising step ``step`` (0-based)."""

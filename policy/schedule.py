@@ -13,8 +13,13 @@ import torch
 WindowPosition = Literal["fixed", "random", "scheduled"]
 
 
+def num_fraction_steps(num_steps: int, fraction: float) -> int:
+    """How many leading steps :func:`fraction_steps` marks: ``max(1, int(fraction * num_steps))``."""
+    return max(1, int(fraction * num_steps))
+
+
 def fraction_steps(num_steps: int, fraction: float) -> list[bool]:
-    """The first ``max(1, int(fraction * num_steps))`` of ``num_steps`` steps.
+    """The first :func:`num_fraction_steps` of ``num_steps`` steps.
 
     Source: Flow-GRPO's ``timestep_fraction`` (0.99 with 20 steps trains 19 and
     skips the last, whose tiny std makes log-probs explode).
@@ -26,7 +31,7 @@ def fraction_steps(num_steps: int, fraction: float) -> list[bool]:
     """
     if num_steps < 1 or not 0.0 < fraction <= 1.0:
         raise ValueError(f"need num_steps >= 1 and 0 < fraction <= 1, got {num_steps}, {fraction}")
-    num = max(1, int(fraction * num_steps))
+    num = num_fraction_steps(num_steps, fraction)
     return [i < num for i in range(num_steps)]
 
 
