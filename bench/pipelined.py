@@ -30,6 +30,12 @@ the mean number of calls in flight. The per-step metrics of the run also give th
 time (sampling, decoding) and their wait for scores (``reward_wait``, which is
 latency seen by the workers, queueing included, not a stage's occupancy). The
 step time is the wall time between two finished updates, bookkeeping included.
+
+Shapes. The whole comparison runs once per :class:`Shape`, each in a Ray instance
+and with a reward server of its own: the default run's two rollout workers (three
+compute processes on this machine's two cores) and one rollout worker (the worker
+and the learner each have a core, as where every stage has a device of its own,
+which the 2x target assumes).
 """
 from __future__ import annotations
 
@@ -77,9 +83,26 @@ REWARD_WEIGHTS = {"instruction_following": 0.6, "preservation": 0.25, "temporal_
 
 
 @dataclass(frozen=True)
+class Shape:
+    """How many processes share the machine: both schedules run in each shape, in a Ray
+    instance and with a reward server of its own."""
+
+    label: str
+    """Short name, appended to row, ratio and target names (``[2 workers]``)."""
+    overrides: tuple[tuple[str, object], ...] = ()
+    """Dotted-key overrides on top of :attr:`Settings.overrides`."""
+    about: str = ""
+    """What the shape stands for, for the page."""
+
+
+DEFAULT_SHAPE = Shape("2 workers", about="the default run's shape: two rollout workers and the learner, three compute "
+                                          "processes on the machine's cores")
+
+
+@dataclass(frozen=True)
 class Settings:
     profile: str
-    steps: int = 3
+    steps: int = 4
     """Training steps per repeat and schedule."""
     fill_steps: int = 1
     """First steps of each repeat left out of the step time (pipeline fill)."""
@@ -96,17 +119,22 @@ class Settings:
     """Backend calls the reward server runs at once (``PixelSpec.max_concurrent_batches``);
     None: rollout workers x their scoring requests in flight (``rollout.reward_concurrency``)."""
     overrides: tuple[tuple[str, object], ...] = ()
-    """Dotted-key overrides of ``configs/default.yaml`` (both schedules)."""
+    """Dotted-key overrides of ``configs/default.yaml`` (both schedules, every shape)."""
+    shapes: tuple[Shape, ...] = (DEFAULT_SHAPE,)
+    """Process layouts measured one after the other."""
 
 
 _COMMON = (("prompts_per_step", 4), ("runtime.checkpoint_every", 0), ("eval.every_steps", 0))
+ONE_WORKER = Shape("1 worker", (("rollout.num_workers", 1),),
+                   about="one rollout worker and the learner: one core per compute stage, as where every stage has a "
+                         "device of its own (the reward server, the driver and Ray's own processes still share them)")
 
 SETTINGS = {
-    "cpu": Settings("cpu", overrides=_COMMON),
+    "cpu": Settings("cpu", overrides=_COMMON, shapes=(DEFAULT_SHAPE, ONE_WORKER)),
     "smoke": Settings("smoke", steps=2, repeats=1, warmup=0, calibration_groups=2, reward_latency_s=0.05, overrides=_COMMON + (
         ("prompts_per_step", 2), ("group_size", 2), ("policy.num_steps", 2), ("policy.height", 32), ("policy.width", 32),
         ("policy.tiny", SMOKE_MODEL.model_dump()), ("policy.lora", LoraSettings(rank=4, alpha=8).model_dump()),
-        ("policy.sde_window", None))),
+        ("policy.sde_window", None)), shapes=(DEFAULT_SHAPE, ONE_WORKER)),
 }
 
 
@@ -269,12 +297,41 @@ def _actor_peak_rss(run: Run) -> dict[str, float]:
     return out
 
 
+@dataclass
+class ShapeRun:
+    """Both schedules measured in one :class:`Shape`."""
+
+    shape: Shape
+    config: TrainConfig
+    latency_s: float
+    """Seconds the reward backend slept per call."""
+    concurrent: int
+    """Backend calls the reward server ran at once."""
+    group_s: float
+    """Median worker seconds of one group (calibration)."""
+    summaries: dict[str, list[dict]]
+    """Mode -> one :func:`_repeat_summary` per timed repeat."""
+    walls: dict[str, list[float]]
+    """Mode -> wall seconds of each repeat."""
+    actor_rss: dict[str, float]
+    """Process -> peak RSS in MiB."""
+
+    def name(self, text: str) -> str:
+        return f"{text} [{self.shape.label}]"
+
+
 def measure(settings: Settings) -> BenchResult:
-    """Run both schedules, interleaved, and summarise them (see the module docstring)."""
+    """Run both schedules, interleaved, in every shape, and summarise them (see the module docstring)."""
     if settings.steps - settings.fill_steps < 1:
         raise ValueError("steps must exceed fill_steps")
+    if not settings.shapes:
+        raise ValueError("settings.shapes is empty")
     torch.set_num_threads(1)  # as the actors: 2 shared cores, more threads only spin against each other
-    config = default_train_config(**dict(settings.overrides)).model_copy(update={"steps": settings.steps})
+    return _result(settings, [_measure_shape(settings, shape) for shape in settings.shapes])
+
+
+def _measure_shape(settings: Settings, shape: Shape) -> ShapeRun:
+    config = default_train_config(**dict(settings.overrides + shape.overrides)).model_copy(update={"steps": settings.steps})
     pc, rt, rc = config.policy, config.runtime, config.rollout
     train_set = PromptDataset(resolve(config.data.train_prompts), pc.num_frames, pc.height, pc.width)
     heldout_set = PromptDataset(resolve(config.data.heldout_prompts), pc.num_frames, pc.height, pc.width)
@@ -318,7 +375,7 @@ def measure(settings: Settings) -> BenchResult:
                 run.run_steps(mode)
                 summary = _repeat_summary(run.metrics_log.records, run.marks, run.step_ends, start, settings.fill_steps)
                 summaries[mode].append(summary)
-                logger.info("%s: %s", mode, {k: round(v, 2) if isinstance(v, float) else v for k, v in summary.items()})
+                logger.info("%s, %s: %s", shape.label, mode, {k: round(v, 2) if isinstance(v, float) else v for k, v in summary.items()})
 
             walls = interleaved({mode: (lambda m=mode: one_repeat(m)) for mode in MODES}, settings.repeats, settings.warmup,
                                 before={mode: (lambda m=mode: reset(m)) for mode in MODES})
@@ -327,79 +384,42 @@ def measure(settings: Settings) -> BenchResult:
         finally:
             run.close()
     timed = {mode: summaries[mode][settings.warmup :] for mode in MODES}
-    return _result(settings, config, latency_s, concurrent, group_s, timed, walls, actor_rss)
+    return ShapeRun(shape, config, latency_s, concurrent, group_s, timed, walls, actor_rss)
 
 
 def _stats(summaries: list[dict], key: str) -> Stats:
     return Stats.of([s[key] for s in summaries])
 
 
-def _result(settings: Settings, config: TrainConfig, latency_s: float, concurrent: int, group_s: float,
-            summaries: dict[str, list[dict]],
-            walls: dict[str, list[float]], actor_rss: dict[str, float]) -> BenchResult:
-    measurements = []
-    for mode in MODES:
-        rows = summaries[mode]
-        bottlenecks = collections.Counter(s["bottleneck"] for s in rows)
-        measurements.append(Measurement(
-            name=mode, group="per steady step", params={"steps": settings.steps},
-            metrics={"step_s": _stats(rows, "step_s"), "bound_s": _stats(rows, "bound_s"),
-                     "compute_bound_s": _stats(rows, "compute_bound_s"),
-                     "bottleneck": ", ".join(f"{k} x{v}" for k, v in bottlenecks.most_common()),
-                     "first_step_s": _stats(rows, "first_step_s") if settings.fill_steps else None,
-                     "repeat_s": Stats.of(walls[mode]), "staleness_mean": statistics.mean(s["staleness_mean"] for s in rows),
-                     "groups_dropped_stale": float(sum(s["groups_dropped_stale"] for s in rows))}))
-    for mode in MODES:
-        rows = summaries[mode]
-        measurements.append(Measurement(
-            name=mode, group="stages per steady step (busy seconds; the bound is the largest of the first four)",
-            metrics={**{key: _stats(rows, key) for key in STAGES},
-                     **{key: _stats(rows, key) for key in ("sample_s", "decode_s", "reward_wait_s", "reward_calls_s")},
-                     "calls_in_flight": statistics.mean(s["calls_in_flight"] for s in rows),
-                     "reward_calls": statistics.mean(s["reward_calls"] for s in rows),
-                     "items_per_call": statistics.mean(s["items_per_call"] for s in rows)}))
-    measurements.append(Measurement(name="actors", group="peak RSS of the runtime's processes (whole benchmark, both schedules)",
-                                    metrics={f"{name.replace(' ', '_')}_rss_mib": value for name, value in actor_rss.items()}))
-    step_times = {mode: [s["step_s"] for s in summaries[mode]] for mode in MODES}
-    seq, pipe = summaries["sequential"], summaries["pipelined"]
-    ratios = [
-        paired_ratio("sequential / pipelined", "sequential", "pipelined", step_times,
-                     "step time of the sequential loop over the pipelined runtime (same steps, paired per round)"),
-        Ratio(name="pipelined / max(stage)", numerator="pipelined", denominator="pipelined max(stage)",
-              description="pipelined step over its busiest stage's time per step (1 = no bubble)",
-              stats=Stats.of([s["step_s"] / s["bound_s"] for s in pipe])),
-        Ratio(name="pipelined / sequential's max(stage)", numerator="pipelined", denominator="sequential max(stage)",
-              description="pipelined step over the busiest stage of the sequential repeat of the same round",
-              stats=Stats.of([p["step_s"] / s["bound_s"] for p, s in zip(pipe, seq)])),
-        Ratio(name="sequential / max(stage)", numerator="sequential", denominator="sequential max(stage)",
-              description="the sequential loop over its own busiest stage (stages do not overlap)",
-              stats=Stats.of([s["step_s"] / s["bound_s"] for s in seq])),
-    ]
-    speedup, of_bound = ratios[0].stats, ratios[1].stats
-    targets = [
-        Target.check("pipelined_speedup", "pipelined at least 2x faster than sequential (step time ratio)", speedup.median,
-                     ">=", TARGET_SPEEDUP, note=f"IQR {speedup.q1:.2f}-{speedup.q3:.2f} over {speedup.n} paired rounds"),
-        Target.check("pipelined_of_bound", "pipelined step within 10% of max(stage) per step", of_bound.median, "<=",
-                     TARGET_OF_BOUND, note=f"IQR {of_bound.q1:.2f}-{of_bound.q3:.2f}; max(stage) measured in the same repeats"),
-    ]
+def _result(settings: Settings, runs: list[ShapeRun]) -> BenchResult:
+    measurements, ratios, targets, notes = [], [], [], []
+    for run in runs:
+        m, r, t = _shape_rows(settings, run)
+        measurements += m
+        ratios += r
+        targets += t
+        notes += [f"{run.shape.label} ({run.shape.about}): {note}" for note in _explain(run.summaries, settings, run.config)]
+        notes.append(f"{run.shape.label}: reward latency: the pixel backend sleeps {run.latency_s:.2f} s per call, the "
+                     f"measured median time of one group on a worker ({run.group_s:.2f} s for encode + sample + decode, "
+                     f"reward server answering at once, after a warm-up round); the server runs up to {run.concurrent} "
+                     "backend calls at once.")
     return BenchResult(
         name=NAME, item=ITEM, title=TITLE, profile=settings.profile, status="measured",
-        settings={**dataclasses.asdict(settings), "reward_latency_s": latency_s, "reward_concurrent_batches": concurrent,
-                  "group_worker_s": round(group_s, 4),
-                  "prompts_per_step": config.prompts_per_step, "group_size": config.group_size,
-                  "num_steps": config.policy.num_steps, "rollout_workers": config.rollout.num_workers,
-                  "max_staleness": config.runtime.max_staleness, "prefetch_per_worker": config.runtime.prefetch_per_worker,
-                  "reward_concurrency": config.rollout.reward_concurrency, "cpus": os.cpu_count()},
+        settings={**dataclasses.asdict(settings), "cpus": os.cpu_count(),
+                  "per_shape": {run.shape.label: _shape_settings(run) for run in runs}},
         measurements=measurements, ratios=ratios, targets=targets,
-        notes=_explain(summaries, settings, config) + [
+        notes=notes + [
+            "Shapes: every shape runs both schedules in a Ray instance and with a reward server of its own. The 2x "
+            "target assumes that sampling, scoring and training each have their own device; on this machine that "
+            "holds for the 1-worker shape (the worker and the learner each get a core), not for the default run's "
+            "2-worker shape, where three compute processes share 2 cores, so overlapping them mostly shares the "
+            "cores (its CPU budget note gives the bound).",
             "Both schedules run in one Ray instance on the same learner and rollout actors, alternating per round; every "
             "repeat starts from the same learner checkpoint with the same tasks and seeds.",
-            f"Reward latency: the pixel backend sleeps {latency_s:.2f} s per call, the measured median time of one "
-            f"group on a worker ({group_s:.2f} s for encode + sample + decode, reward server answering at once, "
-            f"after a warm-up round). The server runs up to {concurrent} backend calls at once "
-            "(max_concurrent_batches = rollout workers x rollout.reward_concurrency, as for a remote judge) and "
-            "batches the items queued while all are busy (up to 16 = 4 groups per call); both schedules use the same "
-            "server.",
+            "Reward latency: set to the measured time of one group on a worker, a judge as slow as sampling. The server "
+            "runs up to max_concurrent_batches = rollout workers x rollout.reward_concurrency backend calls at once (as "
+            "for a remote judge) and batches the items queued while all are busy (up to 16 = 4 groups per call); both "
+            "schedules use the same server.",
             "Stages per steady step: worker_busy = encode + sample + decode of the groups the workers handed in, per "
             "worker; reward_server_busy = wall seconds with at least one backend call in flight (server /metrics "
             "reward_backend_busy_seconds_total; overlapping calls count once); train = the learner's update; sync = "
@@ -415,6 +435,69 @@ def _result(settings: Settings, config: TrainConfig, latency_s: float, concurren
             "slow the first time, so no round is discarded); repeat_s = the whole repeat.",
         ],
     )
+
+
+def _shape_settings(run: ShapeRun) -> dict:
+    config = run.config
+    return {"about": run.shape.about, "overrides": [list(o) for o in run.shape.overrides],
+            "reward_latency_s": run.latency_s, "reward_concurrent_batches": run.concurrent,
+            "group_worker_s": round(run.group_s, 4), "prompts_per_step": config.prompts_per_step,
+            "group_size": config.group_size, "num_steps": config.policy.num_steps,
+            "rollout_workers": config.rollout.num_workers, "max_staleness": config.runtime.max_staleness,
+            "prefetch_per_worker": config.runtime.prefetch_per_worker,
+            "reward_concurrency": config.rollout.reward_concurrency}
+
+
+def _shape_rows(settings: Settings, run: ShapeRun) -> tuple[list[Measurement], list[Ratio], list[Target]]:
+    """One shape's rows (names carry the shape's label), ratios and targets."""
+    summaries, label = run.summaries, run.shape.label
+    measurements = []
+    for mode in MODES:
+        rows = summaries[mode]
+        bottlenecks = collections.Counter(s["bottleneck"] for s in rows)
+        measurements.append(Measurement(
+            name=mode, group=f"per steady step, {label}", params={"steps": settings.steps},
+            metrics={"step_s": _stats(rows, "step_s"), "bound_s": _stats(rows, "bound_s"),
+                     "compute_bound_s": _stats(rows, "compute_bound_s"),
+                     "bottleneck": ", ".join(f"{k} x{v}" for k, v in bottlenecks.most_common()),
+                     "first_step_s": _stats(rows, "first_step_s") if settings.fill_steps else None,
+                     "repeat_s": Stats.of(run.walls[mode]), "staleness_mean": statistics.mean(s["staleness_mean"] for s in rows),
+                     "groups_dropped_stale": float(sum(s["groups_dropped_stale"] for s in rows))}))
+    for mode in MODES:
+        rows = summaries[mode]
+        measurements.append(Measurement(
+            name=mode, group=f"stages per steady step, {label} (busy seconds; the bound is the largest of the first four)",
+            metrics={**{key: _stats(rows, key) for key in STAGES},
+                     **{key: _stats(rows, key) for key in ("sample_s", "decode_s", "reward_wait_s", "reward_calls_s")},
+                     "calls_in_flight": statistics.mean(s["calls_in_flight"] for s in rows),
+                     "reward_calls": statistics.mean(s["reward_calls"] for s in rows),
+                     "items_per_call": statistics.mean(s["items_per_call"] for s in rows)}))
+    measurements.append(Measurement(name=label, group="peak RSS of the runtime's processes (whole benchmark, both schedules)",
+                                    metrics={f"{name.replace(' ', '_')}_rss_mib": value for name, value in run.actor_rss.items()}))
+    step_times = {mode: [s["step_s"] for s in summaries[mode]] for mode in MODES}
+    seq, pipe = summaries["sequential"], summaries["pipelined"]
+    ratios = [
+        paired_ratio(run.name("sequential / pipelined"), "sequential", "pipelined", step_times,
+                     "step time of the sequential loop over the pipelined runtime (same steps, paired per round)"),
+        Ratio(name=run.name("pipelined / max(stage)"), numerator="pipelined", denominator="pipelined max(stage)",
+              description="pipelined step over its busiest stage's time per step (1 = no bubble)",
+              stats=Stats.of([s["step_s"] / s["bound_s"] for s in pipe])),
+        Ratio(name=run.name("pipelined / sequential's max(stage)"), numerator="pipelined", denominator="sequential max(stage)",
+              description="pipelined step over the busiest stage of the sequential repeat of the same round",
+              stats=Stats.of([p["step_s"] / s["bound_s"] for p, s in zip(pipe, seq)])),
+        Ratio(name=run.name("sequential / max(stage)"), numerator="sequential", denominator="sequential max(stage)",
+              description="the sequential loop over its own busiest stage (stages do not overlap)",
+              stats=Stats.of([s["step_s"] / s["bound_s"] for s in seq])),
+    ]
+    speedup, of_bound = ratios[0].stats, ratios[1].stats
+    targets = [
+        Target.check(f"pipelined_speedup[{label}]", "pipelined at least 2x faster than sequential (step time ratio)",
+                     speedup.median, ">=", TARGET_SPEEDUP,
+                     note=f"{run.shape.about}; IQR {speedup.q1:.2f}-{speedup.q3:.2f} over {speedup.n} paired rounds"),
+        Target.check(f"pipelined_of_bound[{label}]", "pipelined step within 10% of max(stage) per step", of_bound.median, "<=",
+                     TARGET_OF_BOUND, note=f"IQR {of_bound.q1:.2f}-{of_bound.q3:.2f}; max(stage) measured in the same repeats"),
+    ]
+    return measurements, ratios, targets
 
 
 def _explain(summaries: dict[str, list[dict]], settings: Settings, config: TrainConfig) -> list[str]:

@@ -91,29 +91,39 @@ def test_pipeline_model_never_beats_its_slowest_stage(workers, max_staleness, li
 @pytest.mark.slow
 def test_pipelined_smoke_runs_both_schedules_through_the_runtime(tmp_path):
     """Both schedules on the tests' tiny model through editrl.train.Run, Ray and a reward
-    server: the result has every row, ratio and target, and renders."""
+    server, in each shape: the result has every row, ratio and target, and renders."""
+    settings = pipelined.SETTINGS["smoke"]
     result = run_one("pipelined", "smoke")
     assert result.status == "measured", result.reason
     rows = {(m.group, m.name): m for m in result.measurements}
-    for mode in pipelined.MODES:
-        step = rows[("per steady step", mode)]
-        assert step.metrics["step_s"].n == pipelined.SETTINGS["smoke"].repeats
-        stages = next(m for (group, name), m in rows.items() if name == mode and group.startswith("stages"))
-        assert set(pipelined.STAGES) | {"sample_s", "decode_s", "reward_wait_s"} <= set(stages.metrics)
-        assert stages.metrics["reward_calls"] > 0  # the server's /metrics were read
-        # both read from the server: wall time with a call in flight, and the calls' summed seconds
-        busy, calls = stages.metrics["reward_server_busy_s"].samples, stages.metrics["reward_calls_s"].samples
-        assert all(b > 0 for b in busy) and all(c > 0 for c in calls)
-        assert step.metrics["compute_bound_s"].samples == [
-            max(stages.metrics[k].samples[i] for k in pipelined.STAGES if k != "reward_server_busy_s") for i in range(len(busy))]
-        bound = step.metrics["bound_s"].samples
-        assert bound == [max(stages.metrics[k].samples[i] for k in pipelined.STAGES) for i in range(len(bound))]
-    assert [r.name for r in result.ratios][:2] == ["sequential / pipelined", "pipelined / max(stage)"]
-    assert [t.name for t in result.targets] == ["pipelined_speedup", "pipelined_of_bound"]
+    labels = [shape.label for shape in settings.shapes]
+    assert labels == ["2 workers", "1 worker"]
+    for label in labels:
+        for mode in pipelined.MODES:
+            step = rows[(f"per steady step, {label}", mode)]
+            assert step.metrics["step_s"].n == settings.repeats
+            stages = next(m for (group, name), m in rows.items() if name == mode and group.startswith(f"stages per steady step, {label} "))
+            assert set(pipelined.STAGES) | {"sample_s", "decode_s", "reward_wait_s"} <= set(stages.metrics)
+            assert stages.metrics["reward_calls"] > 0  # the server's /metrics were read
+            # both read from the server: wall time with a call in flight, and the calls' summed seconds
+            busy, calls = stages.metrics["reward_server_busy_s"].samples, stages.metrics["reward_calls_s"].samples
+            assert all(b > 0 for b in busy) and all(c > 0 for c in calls)
+            assert step.metrics["compute_bound_s"].samples == [
+                max(stages.metrics[k].samples[i] for k in pipelined.STAGES if k != "reward_server_busy_s") for i in range(len(busy))]
+            bound = step.metrics["bound_s"].samples
+            assert bound == [max(stages.metrics[k].samples[i] for k in pipelined.STAGES) for i in range(len(bound))]
+        actors = rows[("peak RSS of the runtime's processes (whole benchmark, both schedules)", label)].metrics
+        assert actors["learner_rss_mib"] > 0
+        # the shape's override took effect: one rollout actor in the 1-worker shape
+        assert len([k for k in actors if k.startswith("worker_")]) == result.settings["per_shape"][label]["rollout_workers"]
+        assert result.settings["per_shape"][label]["reward_latency_s"] == settings.reward_latency_s
+    assert [result.settings["per_shape"][label]["rollout_workers"] for label in labels] == [2, 1]
+    # workers x their scoring requests in flight
+    assert result.settings["per_shape"]["2 workers"]["reward_concurrent_batches"] == 2 * result.settings["per_shape"]["1 worker"]["reward_concurrent_batches"]
+    assert [r.name for r in result.ratios][:2] == ["sequential / pipelined [2 workers]", "pipelined / max(stage) [2 workers]"]
+    assert [t.name for t in result.targets] == ["pipelined_speedup[2 workers]", "pipelined_of_bound[2 workers]",
+                                                "pipelined_speedup[1 worker]", "pipelined_of_bound[1 worker]"]
     assert all(isinstance(t.met, bool) for t in result.targets)
-    assert result.settings["reward_latency_s"] == pipelined.SETTINGS["smoke"].reward_latency_s
-    assert result.settings["reward_concurrent_batches"] > 1  # workers x their scoring requests in flight
-    assert rows[("peak RSS of the runtime's processes (whole benchmark, both schedules)", "actors")].metrics["learner_rss_mib"] > 0
     write_result(result, tmp_path)
     page = render(read_results(tmp_path))
-    assert "| sequential / pipelined |" in page and "Target `pipelined_of_bound`" in page
+    assert "| sequential / pipelined [1 worker] |" in page and "Target `pipelined_of_bound[2 workers]`" in page
