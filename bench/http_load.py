@@ -4,9 +4,13 @@ server's batch counters read from ``GET /metrics``."""
 from __future__ import annotations
 
 import asyncio
+import json
+import socket
 import time
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
+import h11
 import httpx
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
@@ -81,9 +85,9 @@ def build_requests(count: int, items_per_request: int, frames: int, size: int, t
     return requests
 
 
-def _app_seconds(response: httpx.Response) -> float:
-    """The server's ``Server-Timing: app;dur=<ms>`` in seconds (NaN when absent)."""
-    for part in response.headers.get("server-timing", "").split(","):
+def _server_timing_s(header: str) -> float:
+    """The server's ``Server-Timing: app;dur=<ms>`` header value in seconds (NaN when absent)."""
+    for part in header.split(","):
         name, _, params = part.strip().partition(";")
         if name == "app" and params.startswith("dur="):
             return float(params[4:]) / 1e3
@@ -103,11 +107,8 @@ async def _drive(client: httpx.AsyncClient, bodies: list[bytes], concurrency: in
             start = time.perf_counter()
             response = await client.post("/v1/score", content=body, headers={"Content-Type": "application/json"})
             latencies.append(time.perf_counter() - start)
-            app_times.append(_app_seconds(response))
-            if response.status_code != 200:
-                raise RuntimeError(f"reward server answered HTTP {response.status_code}: {response.text[:300]}")
-            if not all(result["ok"] for result in response.json()["results"]):
-                raise RuntimeError(f"an item failed: {response.text[:300]}")
+            app_times.append(_server_timing_s(response.headers.get("server-timing", "")))
+            _check_answer(response.status_code, response.content)
 
     start = time.perf_counter()
     await asyncio.gather(*(user() for _ in range(concurrency)))
@@ -133,6 +134,89 @@ class LoadDriver:
     def close(self) -> None:
         self._loop.run_until_complete(self._client.aclose())
         self._loop.close()
+
+
+class LeanClient:
+    """One keep-alive HTTP/1.1 connection on a blocking socket, framed by ``h11``: a
+    client that adds almost nothing to the latency it measures, so that p50 latency
+    minus the backend's time is the server's overhead and not the client's.
+
+    Each request's bytes are built before its clock starts; the clock stops when the
+    last byte of the response has arrived. Use as a context manager (closes the socket).
+    """
+
+    def __init__(self, url: str, timeout_s: float = 60.0) -> None:
+        parts = urlsplit(url)
+        if parts.scheme != "http" or not parts.hostname or not parts.port:
+            raise ValueError(f"LeanClient needs http://host:port, got {url!r}")
+        self._host = f"{parts.hostname}:{parts.port}"
+        self._sock = socket.create_connection((parts.hostname, parts.port), timeout=timeout_s)
+        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._conn = h11.Connection(h11.CLIENT)
+
+    def post(self, path: str, body: bytes) -> tuple[int, bytes, float, float]:
+        """POST ``body`` as JSON; returns (status, response body, seconds from the first byte
+        sent to the last byte received, the server's ``Server-Timing`` app time in seconds or NaN).
+
+        Raises:
+            ConnectionError: the server closed the connection before answering.
+        """
+        headers = [("Host", self._host), ("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
+        wire = (self._conn.send(h11.Request(method="POST", target=path, headers=headers))
+                + self._conn.send(h11.Data(data=body)) + self._conn.send(h11.EndOfMessage()))
+        start = time.perf_counter()
+        self._sock.sendall(wire)
+        status, app_s, chunks = 0, float("nan"), []
+        while True:
+            event = self._conn.next_event()
+            if event is h11.NEED_DATA:
+                data = self._sock.recv(1 << 16)
+                if not data:
+                    raise ConnectionError(f"{self._host} closed the connection before answering")
+                self._conn.receive_data(data)
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+                app_s = _server_timing_s(dict(event.headers).get(b"server-timing", b"").decode())
+            elif isinstance(event, h11.Data):
+                chunks.append(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                break
+        elapsed = time.perf_counter() - start
+        self._conn.start_next_cycle()
+        return status, b"".join(chunks), elapsed, app_s
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> "LeanClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def lean_latencies(url: str, requests: list[Request]) -> tuple[list[float], list[float]]:
+    """Post ``requests`` one after the other over a :class:`LeanClient`; each request's
+    latency and its time inside the server app (``Server-Timing``), in seconds.
+
+    Raises:
+        RuntimeError: a request was not answered 200 or an item came back not ok.
+    """
+    latencies, app_times = [], []
+    with LeanClient(url) as client:
+        for request in requests:
+            status, body, seconds, app_s = client.post("/v1/score", request.body)
+            _check_answer(status, body)
+            latencies.append(seconds)
+            app_times.append(app_s)
+    return latencies, app_times
+
+
+def _check_answer(status: int, body: bytes) -> None:
+    if status != 200:
+        raise RuntimeError(f"reward server answered HTTP {status}: {body[:300]!r}")
+    if not all(result["ok"] for result in json.loads(body)["results"]):
+        raise RuntimeError(f"an item failed: {body[:300]!r}")
 
 
 def server_counters(url: str, backend: str = "pixel") -> dict[str, float]:

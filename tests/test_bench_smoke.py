@@ -2,15 +2,20 @@
 and the pipeline model. Nothing here asserts how long anything took."""
 import json
 
+import httpx
 import pytest
 import torch
 
 from bench import gpu, learner_batching, pipelined, sampling_overhead
 from bench.harness import interleaved, paired_ratio
+from bench.http_load import LeanClient, build_requests, lean_latencies
 from bench.pipeline_sim import PipelineParams, bottleneck, capacities, simulate
 from bench.report import render
 from bench.results import SCHEMA_VERSION, BenchResult, Stats, read_results, write_result
 from bench.suite import BENCHMARKS, run_one
+from reward_server.app import create_app
+from reward_server.config import ServerConfig
+from tests.reward_servers import app_server
 
 
 def test_interleaved_rotates_the_order_and_resets_before_each_call():
@@ -63,6 +68,29 @@ def test_smoke_results_round_trip_through_json_and_the_report(tmp_path, monkeypa
     assert "## 1. Pipelined vs sequential step" in page and "## 7. GPU section" in page
     assert "| sde_logprob |" in page and "skipped: no CUDA device" in page
     assert "## 3. Weight sync" in page  # no result file: the section says so
+
+
+def test_lean_client_gets_the_same_answers_as_httpx_and_reports_failures():
+    """The reward benchmark's lean latency client against the real server app: the same
+    response bodies as httpx for the same requests, several requests on one keep-alive
+    connection, a latency that contains the server's own time, and a rejected request
+    raised with its status."""
+    requests = build_requests(3, 2, 5, 16, "lean-test", video_format="raw")
+    with app_server(create_app(ServerConfig(max_wait_s=0.0, cache={"enabled": False}))) as url:
+        expected = [httpx.post(f"{url}/v1/score", content=r.body, headers={"Content-Type": "application/json"}).json()
+                    for r in requests]
+        with LeanClient(url) as client:
+            answers = [client.post("/v1/score", r.body) for r in requests]  # one connection, three requests
+        assert [status for status, *_ in answers] == [200, 200, 200]
+        assert [json.loads(body) for _, body, _, _ in answers] == expected
+        for _, _, seconds, app_s in answers:
+            assert 0 < app_s < seconds  # the response starts inside the server before its last byte reaches the client
+        latencies, app_times = lean_latencies(url, requests)
+        assert len(latencies) == len(app_times) == 3
+        broken = build_requests(1, 1, 5, 16, "lean-test-broken", video_format="raw")[0]
+        broken.body = broken.body.replace(b'"format":"raw"', b'"format":"gif"', 1)
+        with pytest.raises(RuntimeError, match="HTTP 422"):
+            lean_latencies(url, [broken])
 
 
 def test_every_benchmark_module_declares_its_result():
