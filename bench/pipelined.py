@@ -517,15 +517,21 @@ def _explain(summaries: dict[str, list[dict]], settings: Settings, config: Train
     # Core-seconds of one sequential step (nothing overlaps there): every worker's compute on
     # its one torch thread, plus the update (at least one core while it runs).
     seq_core_s = workers * med("sequential", "worker_busy_s") + med("sequential", "train_s") + med("sequential", "sync_s")
-    seq_per_group = med("sequential", "sample_s") + med("sequential", "decode_s")
-    pipe_per_group = med("pipelined", "sample_s") + med("pipelined", "decode_s")
+    seq_step_compute = med("sequential", "sample_s") + med("sequential", "decode_s")
+    pipe_step_compute = med("pipelined", "sample_s") + med("pipelined", "decode_s")
+    # No schedule beats the larger of the step's core-seconds spread over every core and the
+    # busiest single-threaded stage (one worker's compute, the update).
+    floor_s = max(seq_core_s / cores, med("sequential", "worker_busy_s"), med("sequential", "train_s"))
+    floor_why = (f"the core-seconds over {cores} cores" if floor_s == seq_core_s / cores
+                 else "one worker's compute on its one thread" if floor_s == med("sequential", "worker_busy_s")
+                 else "the update")
     cpu_note = (
-        f"CPU budget: a sequential step needs {seq_core_s:.2f} core-seconds ({workers} workers x "
+        f"CPU budget: a sequential step needs {seq_core_s:.2f} core-seconds ({workers} worker{'s' if workers != 1 else ''} x "
         f"{med('sequential', 'worker_busy_s'):.2f} s + {med('sequential', 'train_s'):.2f} s of update + sync); on "
-        f"{cores} cores no schedule can take less than {seq_core_s / cores:.2f} s per step, i.e. at most "
-        f"{med('sequential', 'step_s') / (seq_core_s / cores):.2f}x the sequential {med('sequential', 'step_s'):.2f} s, "
+        f"{cores} cores no schedule can take less than {floor_s:.2f} s per step ({floor_why}), i.e. at most "
+        f"{med('sequential', 'step_s') / floor_s:.2f}x the sequential {med('sequential', 'step_s'):.2f} s, "
         "and only if overlapping costs nothing. What it cost here: in the pipelined schedule the workers' compute "
-        f"per trained group (sample + decode, per worker) is {pipe_per_group:.2f} s against {seq_per_group:.2f} s "
+        f"for a step's trained groups (sample + decode, per worker) is {pipe_step_compute:.2f} s against {seq_step_compute:.2f} s "
         "sequential (the learner, the reward server and the driver run on the same cores at the same time), and "
         f"groups dropped as stale ({dropped:.0f} in {steps} steady steps of {config.prompts_per_step} groups) were "
         "sampled for nothing; in all the workers compute "
