@@ -51,7 +51,8 @@ class RolloutConfig(BaseModel):
     reward_max_attempts: int = Field(5, ge=1)
     """Attempts per scoring request (retries with exponential backoff)."""
     reward_concurrency: int = Field(4, ge=1)
-    """Scoring requests each worker keeps in flight in pipelined mode."""
+    """Scoring requests each worker keeps in flight in pipelined mode; also the most
+    groups a worker holds sampled and waiting for scores (``runtime.prefetch_per_worker``)."""
     reward_video_format: Literal["mp4", "raw"] = "mp4"
     """How videos travel to the reward server: ``mp4`` (small requests, the server
     decodes) or ``raw`` uint8 frames (no encoding or decoding; requests of
@@ -89,8 +90,10 @@ class RuntimeConfig(BaseModel):
     """Oldest accepted data, in policy versions (0 = strictly on-policy); older groups are
     dropped and counted."""
     prefetch_per_worker: int = Field(2, ge=1)
-    """Groups each worker holds at once in pipelined mode (one sampling, the others queued
-    or being scored)."""
+    """Groups each worker holds waiting to be sampled or being sampled in pipelined mode
+    (one sampling, the others queued). Groups it has sampled and is having scored come on
+    top, up to ``rollout.reward_concurrency`` of them: a worker keeps sampling while a slow
+    judge scores its earlier groups."""
     checkpoint_every: int = Field(10, ge=0)
     """Write a checkpoint every this many steps (and at the end); 0 only at the end."""
     learner_num_cpus: float = Field(1.0, ge=0)

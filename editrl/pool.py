@@ -7,6 +7,12 @@ back to be re-issued; Ray restarts it (``max_restarts``) and the pool sends it
 the current adapter before it samples again. A group whose ``submit`` call raises
 comes back as a :class:`GroupFailure` naming the error. Removing a worker stops giving it
 groups and collects the ones it has before the actor is released.
+
+How many groups a worker holds (pipelined mode): at most ``prefetch_per_worker``
+waiting to be sampled or being sampled (a ``submit`` call that has not returned);
+groups it has sampled and is having scored do not count against that, up to
+``scoring_per_worker`` of them, so a worker keeps sampling while a slow judge
+scores its earlier groups, and stops when that many are waiting for scores.
 """
 from __future__ import annotations
 
@@ -39,9 +45,23 @@ class WorkerPool:
     Args:
         make_actor: ``make_actor(worker_id) -> actor handle`` (a started actor).
         initial: number of workers to start.
+        prefetch_per_worker: most groups a worker holds waiting to be sampled or
+            being sampled (pipelined mode, :meth:`capacity`).
+        scoring_per_worker: most groups a worker holds sampled and waiting for their
+            scores on top of those; None counts them against ``prefetch_per_worker``
+            (a worker then holds that many groups in all).
+
+    Raises:
+        ValueError: ``prefetch_per_worker`` below 1 or ``scoring_per_worker`` below 0.
     """
 
-    def __init__(self, make_actor, initial: int):
+    def __init__(self, make_actor, initial: int, prefetch_per_worker: int = 2, scoring_per_worker: int | None = None):
+        if prefetch_per_worker < 1:
+            raise ValueError(f"prefetch_per_worker must be >= 1, got {prefetch_per_worker}")
+        if scoring_per_worker is not None and scoring_per_worker < 0:
+            raise ValueError(f"scoring_per_worker must be >= 0, got {scoring_per_worker}")
+        self.prefetch_per_worker = prefetch_per_worker
+        self.scoring_per_worker = scoring_per_worker
         self._make_actor = make_actor
         self.workers: dict[int, _Worker] = {}
         self._next_id = 0
@@ -116,13 +136,22 @@ class WorkerPool:
                 logger.error("adapter load failed on a dead worker: %s", exc)
 
     # ---- groups ---------------------------------------------------------
-    def capacity(self, per_worker: int) -> int:
-        """How many more groups the active workers can take with ``per_worker`` each."""
-        return sum(max(0, per_worker - len(w.in_flight)) for w in self.workers.values() if not w.draining)
+    def capacity(self) -> int:
+        """How many more groups the active workers can take (see the module docstring);
+        a group counts as being sampled until :meth:`poll` sees its ``submit`` call return."""
+        return sum(self._room(w) for w in self.workers.values() if not w.draining)
+
+    def _room(self, worker: _Worker) -> int:
+        if self.scoring_per_worker is None:
+            return max(0, self.prefetch_per_worker - len(worker.in_flight))
+        unsampled = len(worker.submit_refs)
+        return max(0, min(self.prefetch_per_worker - unsampled,
+                          self.prefetch_per_worker + self.scoring_per_worker - len(worker.in_flight)))
 
     def submit(self, task: GroupTask) -> int:
-        """Give ``task`` to the active worker with the fewest groups; returns its id."""
-        worker = min((w for w in self.workers.values() if not w.draining), key=lambda w: len(w.in_flight))
+        """Give ``task`` to the active worker with the most room (ties: the fewest groups
+        in flight); returns its id. Check :meth:`capacity` first: a full pool still takes it."""
+        worker = min((w for w in self.workers.values() if not w.draining), key=lambda w: (-self._room(w), len(w.in_flight)))
         self._ensure_adapter(worker)
         worker.submit_refs[worker.actor.submit.remote(task)] = task
         worker.in_flight[task.group_id] = task

@@ -110,7 +110,7 @@ class Run:
                 reward_concurrency=rc.reward_concurrency, device=device, seed=config.seed,
                 video_format=rc.reward_video_format,
             ),
-            rc.num_workers,
+            rc.num_workers, prefetch_per_worker=rt.prefetch_per_worker, scoring_per_worker=rc.reward_concurrency,
         )
         self.controller = start_controller(rt.controller_name, rc.num_workers)
         self.tasks = TaskSource(config, train_set)
@@ -166,7 +166,7 @@ class Run:
         busy_before = self.pool.busy_seconds()
         while self.step < cfg.steps:
             self._follow_controller()
-            while self.pool.capacity(rt.prefetch_per_worker) > 0:
+            while self.pool.capacity() > 0:
                 self.pool.submit(reissue.popleft() if reissue else self.tasks.next())
             results, lost = self.pool.poll(timeout_s=0.05 if training else 0.5)
             reissue.extend(lost)

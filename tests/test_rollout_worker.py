@@ -259,3 +259,64 @@ def test_pool_reports_a_group_whose_submit_raised(ray_session, reward_url, clip_
         assert pool.in_flight() == 0
     finally:
         pool.shutdown()
+
+
+def test_pool_keeps_a_worker_sampling_while_its_groups_wait_for_scores(ray_session, tmp_path, clip_path):
+    # a judge much slower than sampling: a worker holds one group to sample (prefetch 1) and
+    # up to one more being scored; the first group waiting for its scores must not stop the
+    # second from being handed out, and two waiting for scores fill the worker
+    import yaml
+
+    from editrl.pool import WorkerPool
+    from policy.policy import EditPolicy
+    from rollout_workers.actor import make_rollout_actor
+
+    ray = ray_session
+    config = yaml.safe_load((ROOT / "configs/reward_server.yaml").read_text())
+    config["reward"] = {"version": "slow-judge", "backends": {"pixel": {"type": "pixel", "latency_s": 3.0, "max_concurrent_batches": 2}},
+                        "aggregation": "weighted_mean", "weights": config["reward"]["weights"]}
+    (tmp_path / "slow.yaml").write_text(yaml.safe_dump(config))
+    actor_cls = make_rollout_actor(num_cpus=0)
+    policy_config = tiny_policy_config()
+    adapter = EditPolicy.from_config(policy_config, CORPUS, root=str(ROOT)).adapter_state()
+    with RewardServerProcess(tmp_path / "slow.yaml", tmp_path / "slow.log", 60) as slow_url:
+        pool = WorkerPool(lambda worker_id: actor_cls.remote(worker_id, policy_config, CORPUS, str(ROOT), slow_url,
+                                                             reward_timeout_s=30), initial=1,
+                          prefetch_per_worker=1, scoring_per_worker=1)
+        try:
+            pool.publish(ray.put(adapter), 0, adapter_checksum(adapter), wait=True)
+            actor = pool.workers[0].actor
+            results = []
+
+            def poll_until(done, what: str) -> None:
+                deadline = time.monotonic() + 60
+                while not done():
+                    assert time.monotonic() < deadline, f"timed out waiting until {what}"
+                    results.extend(pool.poll(timeout_s=0.05)[0])
+
+            assert pool.capacity() == 1
+            pool.submit(_task(clip_path, group_id="g1"))
+            assert pool.capacity() == 0  # g1 waits to be sampled or is being sampled
+            poll_until(lambda: ray.get(actor.pending.remote()) == 1, "g1 was sampled")
+            pool.poll(timeout_s=0.0)  # sees g1's submit call return
+            assert results == [] and pool.in_flight() == 1  # g1 waits for its scores (3 s) ...
+            assert pool.capacity() == 1  # ... and the worker can sample the next group meanwhile
+            pool.submit(_task(clip_path, group_id="g2"))
+            poll_until(lambda: ray.get(actor.pending.remote()) == 2, "g2 was sampled")
+            pool.poll(timeout_s=0.0)
+            assert results == [] and pool.in_flight() == 2
+            assert pool.capacity() == 0  # two groups waiting for scores: prefetch 1 + scoring 1
+            poll_until(lambda: len(results) == 2, "both groups came back")
+            assert sorted(g.task.group_id for g in results) == ["g1", "g2"]
+            assert all(isinstance(g, Group) for g in results) and pool.capacity() == 1
+        finally:
+            pool.shutdown()
+
+
+def test_pool_refuses_limits_below_their_minimum(ray_session):
+    from editrl.pool import WorkerPool
+
+    with pytest.raises(ValueError, match="prefetch_per_worker"):
+        WorkerPool(lambda worker_id: None, initial=0, prefetch_per_worker=0)
+    with pytest.raises(ValueError, match="scoring_per_worker"):
+        WorkerPool(lambda worker_id: None, initial=0, scoring_per_worker=-1)
