@@ -195,21 +195,20 @@ class LeanClient:
         self.close()
 
 
-def lean_latencies(url: str, requests: list[Request]) -> tuple[list[float], list[float]]:
+def lean_latencies(url: str, requests: list[Request]) -> list[float]:
     """Post ``requests`` one after the other over a :class:`LeanClient`; each request's
-    latency and its time inside the server app (``Server-Timing``), in seconds.
+    latency in seconds.
 
     Raises:
         RuntimeError: a request was not answered 200 or an item came back not ok.
     """
-    latencies, app_times = [], []
+    latencies = []
     with LeanClient(url) as client:
         for request in requests:
-            status, body, seconds, app_s = client.post("/v1/score", request.body)
+            status, body, seconds, _ = client.post("/v1/score", request.body)
             _check_answer(status, body)
             latencies.append(seconds)
-            app_times.append(app_s)
-    return latencies, app_times
+    return latencies
 
 
 def _check_answer(status: int, body: bytes) -> None:

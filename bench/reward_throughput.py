@@ -233,7 +233,7 @@ def _cell(url: str, driver: LoadDriver, backend: PixelBackend, requests, case: S
         direct_wall, durations, cpu_s = score_directly(backend, requests, calls)
         direct_cpu += cpu_s
         if concurrency == 1:  # the same requests again over the lean client: latency without the client's own overhead
-            lean += lean_latencies(url, requests)[0]
+            lean += lean_latencies(url, requests)
         server_s.append(wall)
         direct_s.append(direct_wall)
         latencies += lats
