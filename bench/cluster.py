@@ -13,10 +13,10 @@ import yaml
 
 from bench.harness import PROJECT_ROOT, subprocess_env
 from bench.workload import corpus
-from cluster.ray_cluster import init_ray
-from editrl.reward_process import RewardServerProcess
-from policy.config import PolicyConfig
-from rollout_workers.actor import make_rollout_actor
+from editrl.cluster.ray_cluster import init_ray
+from editrl.cluster.reward_process import RewardServerProcess
+from editrl.policy.config import PolicyConfig
+from editrl.rollout_workers.actor import make_rollout_actor
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def patched_environ(values: dict[str, str]) -> Iterator[None]:
 
 @contextlib.contextmanager
 def reward_server(config: dict, work_dir: Path, env: dict[str, str] | None = None) -> Iterator[str]:
-    """``python -m reward_server`` with ``config`` (a ServerConfig as a dict) on a free
+    """``python -m editrl.reward_server`` with ``config`` (a ServerConfig as a dict) on a free
     port, this checkout on its ``PYTHONPATH``; yields its URL; stopped by its handle."""
     work_dir.mkdir(parents=True, exist_ok=True)
     path = work_dir / "reward_server.yaml"

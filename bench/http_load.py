@@ -16,10 +16,10 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.workload import PROJECT_ROOT
-from editrl.data.dataset import PromptDataset
-from protocol.reward import ScoreItem, ScoreRequest, VideoPayload
-from protocol.video import decode_video, encode_mp4
-from reward_server.backends import ScoreInput
+from editrl.protocol.dataset import PromptDataset
+from editrl.protocol.reward import ScoreItem, ScoreRequest, VideoPayload
+from editrl.protocol.video import decode_video, encode_mp4
+from editrl.reward_server.backends import ScoreInput
 
 
 @dataclass

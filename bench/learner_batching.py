@@ -21,8 +21,8 @@ import torch
 from bench.harness import interleaved, paired_ratio, probe_memory
 from bench.results import BenchResult, Measurement, Stats, Target
 from bench.workload import corpus, default_train_config, perturb_adapter, policy_config, sample_groups
-from learner.learner import Learner
-from policy.policy import EditPolicy
+from editrl.learner.learner import Learner
+from editrl.policy.policy import EditPolicy
 
 NAME = "learner_batching"
 ITEM = 5
@@ -112,7 +112,7 @@ def measure(settings: Settings) -> BenchResult:
     for k in settings.ks[1:]:
         sums, grads = setup.gradients(k)
         equality[k] = {
-            "max_abs_loss_diff": max(abs(sums[key] - reference_sums[key]) for key in ("pg_loss", "kl")),
+            "max_abs_loss_diff": max(abs(sums[key] - reference_sums[key]) for key in ("pg_loss", "kl_ref")),
             "max_abs_grad_diff": max(float((a - b).abs().max()) for a, b in zip(grads, reference_grads)),
         }
     sync = torch.cuda.synchronize if settings.device.startswith("cuda") else None

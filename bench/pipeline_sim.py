@@ -67,7 +67,7 @@ class SimResult:
 
 @dataclass
 class _Group:
-    version: int
+    policy_version: int
     remaining: int
 
 
@@ -76,7 +76,7 @@ class _State:
     params: PipelineParams
     rng: np.random.Generator
     now: float = 0.0
-    version: int = 0
+    policy_version: int = 0
     admitted: int = 0
     """Groups started and not dropped."""
     waiting_workers: deque = field(default_factory=deque)
@@ -107,7 +107,7 @@ def _schedule(state: _State, delay: float, kind: str, payload) -> None:
 
 def _may_start(state: _State) -> bool:
     p = state.params
-    return state.admitted < p.groups_per_step * (state.version + 1 + p.max_staleness)
+    return state.admitted < p.groups_per_step * (state.policy_version + 1 + p.max_staleness)
 
 
 def _wake_workers(state: _State) -> None:
@@ -128,7 +128,7 @@ def _start_worker(state: _State, worker: int) -> None:
     state.admitted += 1
     duration = state.params.sample_s * _jitter(state)
     state.busy["workers"].append((state.now, state.now + duration))
-    _schedule(state, duration, "sampled", (worker, _Group(state.version, state.params.group_size)))
+    _schedule(state, duration, "sampled", (worker, _Group(state.policy_version, state.params.group_size)))
 
 
 def _dispatch_reward(state: _State) -> None:
@@ -137,7 +137,7 @@ def _dispatch_reward(state: _State) -> None:
         batch = []
         while state.reward_queue and len(batch) < p.reward_max_batch:
             group = state.reward_queue.popleft()
-            if state.version - group.version > p.max_staleness:  # could never be trained: not scored
+            if state.policy_version - group.policy_version > p.max_staleness:  # could never be trained: not scored
                 group.remaining -= 1
                 if group.remaining == 0:
                     _drop(state)
@@ -155,7 +155,7 @@ def _start_learner(state: _State) -> None:
     p = state.params
     if state.learner_busy:
         return
-    while state.scored and state.version - state.scored[0].version > p.max_staleness:
+    while state.scored and state.policy_version - state.scored[0].policy_version > p.max_staleness:
         state.scored.popleft()
         _drop(state)
     if len(state.scored) < p.groups_per_step:
@@ -194,12 +194,12 @@ def simulate(params: PipelineParams, steps: int = 30, warmup_steps: int = 5, see
                 group.remaining -= 1
                 if group.remaining == 0:
                     state.scored.append(group)
-            state.scored = deque(sorted(state.scored, key=lambda g: g.version))
+            state.scored = deque(sorted(state.scored, key=lambda g: g.policy_version))
             _dispatch_reward(state)
             _start_learner(state)
         else:
             state.learner_busy = False
-            state.version += 1
+            state.policy_version += 1
             state.step_times.append(state.now)
             _wake_workers(state)
             _start_learner(state)

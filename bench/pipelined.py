@@ -1,6 +1,6 @@
 """Item 1: the pipelined runtime vs the sequential loop on the same training steps.
 
-Both schedules run through the real runtime (:class:`editrl.train.Run`: the
+Both schedules run through the real runtime (:class:`editrl.cluster.run.Run`: the
 learner actor, two rollout actors, the controller, the reward server process) in
 one Ray instance, on the same actors, alternating from repeat to repeat
 (:func:`bench.harness.interleaved`). Before every repeat the learner is restored
@@ -57,18 +57,21 @@ from tqdm import tqdm
 
 from bench.cluster import default_server_config, ray_session, reward_server
 from bench.harness import interleaved
+
 # ITEM, NAME, TITLE, MODES, STAGES and the targets are read from this module by the suite and the tests
-from bench.pipelined_report import (ITEM, MODES, NAME, STAGES, TARGET_OF_BOUND, TARGET_SPEEDUP, TITLE,  # noqa: F401
-                                    ShapeRun, build_result, not_measured, repeat_summary)
+from bench.pipelined_report import (  # noqa: F401 (re-exported for the suite and the smoke test)
+    ITEM, MODES, NAME, STAGES, TARGET_OF_BOUND, TARGET_SPEEDUP, TITLE, ShapeRun, build_result, not_measured, repeat_summary,
+)
 from bench.results import BenchResult
 from bench.workload import SMOKE_MODEL, corpus, default_train_config
-from editrl.config import TrainConfig
-from editrl.data.dataset import PromptDataset
-from editrl.run_log import MetricsLog, RolloutLog
-from editrl.tasks import TaskSource
-from editrl.train import Run, resolve
-from policy.config import LoraSettings
-from protocol.rollout import Group
+from editrl.cluster.config import with_resolved_paths
+from editrl.cluster.run import Run
+from editrl.cluster.schedules import SCHEDULES
+from editrl.cluster.run_log import MetricsLog, RolloutLog
+from editrl.cluster.tasks import TaskSource
+from editrl.cluster.train import load_datasets
+from editrl.policy.config import LoraSettings
+from editrl.protocol.rollout import Group
 
 logger = logging.getLogger(__name__)
 
@@ -133,11 +136,6 @@ SETTINGS = {
 }
 
 
-def runtime_available() -> bool:
-    """Whether ``TrainConfig`` has the ``runtime`` option (``mode``, ``max_staleness``)."""
-    return "runtime" in TrainConfig.model_fields
-
-
 class _CapturingLog(MetricsLog):
     """The run's metrics log, also keeping every training step's metrics in memory."""
 
@@ -151,59 +149,53 @@ class _CapturingLog(MetricsLog):
         super().log(step, metrics, kind)
 
 
-class _BenchRun(Run):
-    """:class:`editrl.train.Run` whose step ends are time-stamped, and which can be
-    put back to the same starting point between repeats."""
+class _BenchRun:
+    """A :class:`editrl.cluster.run.Run` whose step ends are time-stamped (an
+    ``on_step_end`` callback), and which can be put back to the same starting point
+    between repeats."""
 
-    def __init__(self, *args, reward_url: str, fill_steps: int, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, run: Run, reward_url: str, fill_steps: int):
+        self.run = run
         self.reward_url = reward_url
         self.fill_steps = fill_steps
         self.step_ends: list[float] = []
         self.marks: list[dict[str, float]] = []
+        run.on_step_end.append(self._mark)
 
-    def _finish_step(self, *args, **kwargs) -> None:
-        super()._finish_step(*args, **kwargs)
+    def _mark(self, run: Run) -> None:
         self.step_ends.append(time.perf_counter())
-        if self.step in (self.fill_steps, self.config.steps):
-            self.marks.append({"worker_busy_s": self.pool.busy_seconds(), **reward_server_counters(self.reward_url)})
+        if run.step in (self.fill_steps, run.config.steps):
+            self.marks.append({"worker_busy_s": run.pool.busy_seconds(), **reward_server_counters(self.reward_url)})
 
     def drain(self, timeout_s: float = 300.0) -> int:
         """Wait until no group is in flight (what a pipelined repeat left behind); returns
         how many came back. They are not trained."""
+        pool = self.run.pool
         deadline = time.monotonic() + timeout_s
         returned = 0
-        while self.pool.in_flight() and time.monotonic() < deadline:
-            results, _ = self.pool.poll(timeout_s=0.5)
+        while pool.in_flight() and time.monotonic() < deadline:
+            results, _ = pool.poll(timeout_s=0.5)
             returned += len(results)
-        if self.pool.in_flight():
-            raise RuntimeError(f"{self.pool.in_flight()} groups still in flight after {timeout_s:.0f} s")
+        if pool.in_flight():
+            raise RuntimeError(f"{pool.in_flight()} groups still in flight after {timeout_s:.0f} s")
         return returned
 
     def reset(self, checkpoint_run_dir: Path, log_dir: Path) -> None:
         """Learner restored from the newest checkpoint of ``checkpoint_run_dir``, adapter loaded on every worker, tasks
         from the seed again, fresh logs under ``log_dir``."""
         self.drain()
-        if ray.get(self.learner.resume.remote(str(checkpoint_run_dir))) is None:
+        if ray.get(self.run.learner.resume.remote(str(checkpoint_run_dir))) is None:
             raise FileNotFoundError(f"no checkpoint in {checkpoint_run_dir}")
-        self._publish(wait=True)
-        self.tasks = TaskSource(self.config, self.train_set)
-        self.step = 0
-        self.trained_ids, self.accepted_ids = set(), set()
-        self.counters = collections.Counter()
-        if self.metrics_log is not None:
-            self.metrics_log.close()
+        self.run.publish(wait=True)
         log_dir.mkdir(parents=True, exist_ok=True)
-        self.metrics_log = _CapturingLog(log_dir)
-        self.rollout_log = RolloutLog(log_dir / "rollouts")
+        self.run.reset(_CapturingLog(log_dir), RolloutLog(log_dir / "rollouts"))
         self.step_ends = []
         self.marks = []
 
     def run_steps(self, mode: str) -> float:
         """``config.steps`` steps of ``mode``; returns the seconds from the start to the last update."""
-        progress = tqdm(total=self.config.steps, disable=True)
         start = time.perf_counter()
-        (self._pipelined if mode == "pipelined" else self._sequential)(progress)
+        SCHEDULES[mode](self.run, tqdm(total=self.run.config.steps, disable=True))
         return time.perf_counter() - start
 
 
@@ -266,22 +258,22 @@ def measure(settings: Settings) -> BenchResult:
 
 def _measure_shape(settings: Settings, shape: Shape) -> ShapeRun:
     config = default_train_config(**dict(settings.overrides + shape.overrides)).model_copy(update={"steps": settings.steps})
-    pc, rt, rc = config.policy, config.runtime, config.rollout
-    train_set = PromptDataset(resolve(config.data.train_prompts), pc.num_frames, pc.height, pc.width)
-    heldout_set = PromptDataset(resolve(config.data.heldout_prompts), pc.num_frames, pc.height, pc.width)
+    config = with_resolved_paths(config)
+    rt, rc = config.runtime, config.rollout
+    train_set, heldout_set = load_datasets(config)
     summaries: dict[str, list[dict]] = {mode: [] for mode in MODES}
     concurrent = settings.reward_concurrent_batches or rc.num_workers * rc.reward_concurrency
     with tempfile.TemporaryDirectory(prefix="bench-pipelined-") as tmp, \
             reward_server(_server_config(0.0), Path(tmp), env={ADMIN_ENV: ADMIN_TOKEN}) as url, \
             ray_session(num_cpus=math.ceil(rc.num_workers * rc.num_cpus_per_worker + rt.learner_num_cpus)):
         tmp_dir = Path(tmp)
-        run = _BenchRun(config, tmp_dir / "run", list(corpus()), url, train_set, heldout_set,
-                        reward_url=url, fill_steps=settings.fill_steps)
+        run = Run(config, tmp_dir / "run", list(corpus()), url, train_set, heldout_set)
+        bench_run = _BenchRun(run, reward_url=url, fill_steps=settings.fill_steps)
         try:
-            run.version = ray.get(run.learner.ready.remote())
-            run._publish(wait=True)
+            run.policy_version = ray.get(run.learner.ready.remote())
+            run.publish(wait=True)
             start_dir = tmp_dir / "start"
-            ray.get(run.learner.save_checkpoint.remote(str(start_dir), 0, run._driver_state()))
+            ray.get(run.learner.save_checkpoint.remote(str(start_dir), 0, run.driver_state()))
             # The time of one group on a worker, with the reward server answering at once.
             # Two rounds; the first (clips loaded, first forwards) is discarded.
             calibration = TaskSource(config.model_copy(update={"seed": config.seed + 1}), train_set)
@@ -300,20 +292,20 @@ def _measure_shape(settings: Settings, shape: Shape) -> ShapeRun:
 
             def reset(mode: str) -> None:
                 counter[mode] += 1
-                run.reset(start_dir, tmp_dir / f"{mode}-{counter[mode]}")
+                bench_run.reset(start_dir, tmp_dir / f"{mode}-{counter[mode]}")
                 if settings.fill_steps == 0:
-                    run.marks.append({"worker_busy_s": run.pool.busy_seconds(), **reward_server_counters(url)})
+                    bench_run.marks.append({"worker_busy_s": run.pool.busy_seconds(), **reward_server_counters(url)})
 
             def one_repeat(mode: str) -> None:
                 start = time.perf_counter()
-                run.run_steps(mode)
-                summary = repeat_summary(run.metrics_log.records, run.marks, run.step_ends, start, settings.fill_steps)
+                bench_run.run_steps(mode)
+                summary = repeat_summary(run.metrics_log.records, bench_run.marks, bench_run.step_ends, start, settings.fill_steps)
                 summaries[mode].append(summary)
                 logger.info("%s, %s: %s", shape.label, mode, {k: round(v, 2) if isinstance(v, float) else v for k, v in summary.items()})
 
             walls = interleaved({mode: (lambda m=mode: one_repeat(m)) for mode in MODES}, settings.repeats, settings.warmup,
                                 before={mode: (lambda m=mode: reset(m)) for mode in MODES})
-            run.drain()
+            bench_run.drain()
             actor_rss = _actor_peak_rss(run)
         finally:
             run.close()
@@ -322,9 +314,6 @@ def _measure_shape(settings: Settings, shape: Shape) -> ShapeRun:
 
 
 def run(profile: str) -> BenchResult:
-    if not runtime_available():
-        return not_measured(profile, "not yet measured: editrl.config.TrainConfig has no `runtime` field "
-                                     "(the pipelined runtime is not in this tree yet)")
     if profile not in SETTINGS:
         raise ValueError(f"no {profile!r} settings for {NAME}")
     return measure(SETTINGS[profile])

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from bench.harness import paired_ratio
 from bench.results import BenchResult, Measurement, Ratio, Stats, Target
-from editrl.config import TrainConfig
+from editrl.cluster.config import TrainConfig
 
 if TYPE_CHECKING:
     from bench.pipelined import Settings, Shape

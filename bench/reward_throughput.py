@@ -1,7 +1,7 @@
 """Item 4: reward-server throughput and latency vs concurrency and batch size,
 against the backend called directly with the same batches.
 
-One ``python -m reward_server`` process (pixel backend, score cache off) is
+One ``python -m editrl.reward_server`` process (pixel backend, score cache off) is
 driven over HTTP by a closed loop of 1, 8 and 64 concurrent users, each request
 carrying a group of 4 unique items sharing one source video (what a rollout
 worker sends). Videos travel as raw ``uint8`` frames (``format: raw``: the
@@ -34,9 +34,9 @@ import numpy as np
 from bench.cluster import default_server_config, reward_server
 from bench.http_load import LoadDriver, build_requests, lean_latencies, score_directly, server_counters
 from bench.results import BenchResult, Measurement, Ratio, Stats, Target
-from protocol.video import decode_video
-from reward_server.backends.pixel import PixelBackend
-from reward_server.reward_config import DEFAULT_WEIGHTS
+from editrl.protocol.video import decode_video
+from editrl.reward_server.backends.pixel import PixelBackend
+from editrl.reward_server.reward_config import DEFAULT_WEIGHTS
 
 NAME = "reward_throughput"
 ITEM = 4

@@ -8,7 +8,7 @@ latent (``output_type="latent"``): only denoising is compared. Variants:
 
 * ``diffusers_wan_pipeline``: ``WanPipeline.__call__`` (conditional and
   unconditional branches as two forwards per step, Euler steps);
-* ``ode``: :func:`policy.sampling.sample_trajectories` with every step
+* ``ode``: :func:`editrl.policy.sampling.sample_trajectories` with every step
   deterministic (what held-out evaluation runs);
 * ``sde_logprob``: the same function as rollouts call it: the configured
   stochastic sampler on the trained steps, drawing noise from the group's
@@ -26,8 +26,8 @@ from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 from bench.harness import interleaved, paired_ratio, probe_memory
 from bench.results import BenchResult, Measurement, Stats, Target
 from bench.workload import conditioning, corpus, count_parameters, latent_shape, perturb_adapter, policy_config
-from policy.policy import EditPolicy
-from policy.sampling import Trajectories, sample_trajectories
+from editrl.policy.policy import EditPolicy
+from editrl.policy.sampling import Trajectories, sample_trajectories
 
 NAME = "sampling_overhead"
 ITEM = 2
@@ -89,12 +89,8 @@ class Setup:
 
     def ours(self, stochastic: bool) -> Trajectories:
         """Sample the group with the project's sampler (log-probs on the trained steps when stochastic)."""
-        c = self.config
-        mask = self.policy.sde_steps(seed=self.settings.seed) if stochastic else [False] * c.num_steps
-        return sample_trajectories(
-            self.policy, self.source, self.text, self.null, self.settings.group_size, self.sigmas, mask,
-            c.eta if stochastic else 0.0, c.guidance_scale, self._generator(), sampler=c.sampler,
-        )
+        spec = self.policy.sampler_spec(seed=self.settings.seed, deterministic=not stochastic)
+        return sample_trajectories(self.policy, self.source, self.text, self.null, self.settings.group_size, spec, self._generator())
 
     def diffusers(self) -> torch.Tensor:
         """The final latents ``(G, C, f, h, w)`` from diffusers' pipeline."""
@@ -145,7 +141,7 @@ def measure(settings: Settings) -> BenchResult:
         name=NAME, item=ITEM, title=TITLE, profile=settings.profile, status="measured",
         settings={**dataclasses.asdict(settings), "latent_shape": [settings.group_size, *latent_shape(c)],
                   "num_steps": c.num_steps, "guidance_scale": c.guidance_scale, "sampler": c.sampler, "eta": c.eta,
-                  "trained_steps": int(sde.sde_mask.sum()), "dtype": c.dtype, "lora_rank": c.lora.rank,
+                  "trained_steps": sum(sde.spec.stochastic), "dtype": c.dtype, "lora_rank": c.lora.rank,
                   "dit_parameters": count_parameters(setup.policy.transformer, lora=False)},
         measurements=measurements, ratios=ratios, targets=targets,
         notes=[

@@ -25,14 +25,14 @@ import torch
 
 from bench.cluster import default_server_config, ray_session, reward_server, start_workers, wait_ready
 from bench.harness import interleaved, paired_ratio
+from bench.loop import PromptSampler, make_train_tasks, publish_adapter, run_tasks
 from bench.pipeline_sim import PipelineParams, bottleneck, capacities, sequential_step_s, simulate
 from bench.results import BenchResult, Measurement, Stats
 from bench.workload import PROJECT_ROOT, SMOKE_MODEL, corpus, default_train_config
-from editrl.data.dataset import PromptDataset
-from bench.loop import PromptSampler, make_train_tasks, publish_adapter, run_tasks
-from learner.learner import Learner
-from policy.config import LoraSettings
-from policy.policy import EditPolicy
+from editrl.learner.learner import Learner
+from editrl.policy.config import LoraSettings
+from editrl.policy.policy import EditPolicy
+from editrl.protocol.dataset import PromptDataset
 
 NAME = "scaling"
 ITEM = 6

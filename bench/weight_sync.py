@@ -1,7 +1,7 @@
 """Item 3: publishing the adapter to every rollout worker, as a share of a training step.
 
 ``publish`` is :func:`bench.loop.publish_adapter` itself, the same steps as
-:meth:`learner.actor.LearnerService.publish` plus the pool's loads: the learner's
+:meth:`editrl.learner.actor.LearnerService.publish` plus the pool's loads: the learner's
 adapter packed into one flat fp32 buffer, its checksum (CRC-32), one ``ray.put``,
 ``set_adapter`` on every RolloutWorker actor (layout and checksum checks, staging)
 and ``load_staged_adapter`` (the in-place copy into the LoRA parameters that a
@@ -30,13 +30,14 @@ import torch
 
 from bench.cluster import default_server_config, ray_session, reward_server, start_workers, wait_ready
 from bench.harness import interleaved, paired_ratio
+from bench.loop import PromptSampler, make_train_tasks, publish_adapter, run_tasks
 from bench.results import BenchResult, Measurement, Stats, Target
 from bench.workload import PROJECT_ROOT, SMOKE_MODEL, WIDE_MODEL, corpus, count_parameters, default_train_config
-from editrl.data.dataset import PromptDataset
-from bench.loop import PromptSampler, make_train_tasks, publish_adapter, run_tasks
-from learner.learner import Learner
-from policy.config import LoraSettings, TinyModelConfig
-from policy.policy import EditPolicy, adapter_checksum
+from editrl.learner.learner import Learner
+from editrl.policy.adapter import adapter_checksum
+from editrl.policy.config import LoraSettings, TinyModelConfig
+from editrl.policy.policy import EditPolicy
+from editrl.protocol.dataset import PromptDataset
 
 NAME = "weight_sync"
 ITEM = 3
@@ -168,7 +169,7 @@ def measure(settings: Settings) -> BenchResult:
             "the default step is timed afterwards with the default configuration's two actors.",
             "The parts are timed separately (ray.get of a no-op actor method is the bare call latency); their sum "
             "is close to, not exactly, one publish.",
-            "step_s = rollout_s (sample, decode, score on the workers) + train_s + sync_s, as in editrl.train's sequential loop.",
+            "step_s = rollout_s (sample, decode, score on the workers) + train_s + sync_s, as in the sequential schedule (editrl.cluster.schedules).",
         ],
     )
 

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 
-from editrl.config import TrainConfig, load_train_config
-from editrl.data.dataset import load_prompts
-from policy.config import LoraSettings, PolicyConfig, TinyModelConfig
-from policy.policy import EditPolicy
-from policy.sampling import sample_trajectories
-from protocol.rollout import Group, GroupTask
+from editrl.cluster.config import TrainConfig, load_train_config
+from editrl.policy.config import LoraSettings, PolicyConfig, TinyModelConfig
+from editrl.policy.policy import EditPolicy
+from editrl.policy.sampling import sample_trajectories
+from editrl.protocol.dataset import load_prompts
+from editrl.protocol.rollout import Group, GroupTask
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "default.yaml"
@@ -94,19 +94,16 @@ def conditioning(policy: EditPolicy, index: int, seed: int = 0) -> tuple[torch.T
 def sample_groups(policy: EditPolicy, num_groups: int, group_size: int, seed: int = 0) -> list[Group]:
     """Groups as rollout workers return them (CPU tensors), sampled with the policy's
     configured sampler; rewards are a fixed spread ``0, 1, ..., G - 1``."""
-    config = policy.config
     groups = []
     for index in range(num_groups):
         source, text, null = conditioning(policy, index, seed)
         trajectories = sample_trajectories(
-            policy, source, text, null, group_size, policy.sigmas(), policy.sde_steps(seed=seed + index),
-            config.eta, config.guidance_scale, torch.Generator().manual_seed(seed + index), sampler=config.sampler,
+            policy, source, text, null, group_size, policy.sampler_spec(seed=seed + index), torch.Generator().manual_seed(seed + index),
         )
-        task = GroupTask(f"bench-g{index}", f"p{index}", corpus()[index % len(corpus())], "unused.mp4", seed + index,
-                         group_size, config.eta)
+        task = GroupTask(f"bench-g{index}", f"p{index}", corpus()[index % len(corpus())], "unused.mp4", seed + index, group_size)
         groups.append(Group(
             task=task, policy_version=0, worker_id=0, latents=trajectories.latents, log_probs=trajectories.log_probs,
-            sigmas=trajectories.sigmas, sde_mask=trajectories.sde_mask, source_latents=source.cpu(),
+            sampler=trajectories.spec, source_latents=source.cpu(),
             text_embeds=text.cpu(), null_embeds=null.cpu(), rewards=torch.arange(group_size, dtype=torch.float32),
             reward_dimensions={}, reward_config_version="bench",
         ))

@@ -7,20 +7,8 @@ import signal
 import sys
 from pathlib import Path
 
-import yaml
-
-from editrl.controller import add_scale_parser
-from editrl.submit import add_submit_parser
-
-
-def _parse_overrides(pairs: list[str]) -> dict:
-    overrides = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise SystemExit(f"--set expects key=value, got {pair!r}")
-        key, value = pair.split("=", 1)
-        overrides[key] = yaml.safe_load(value)
-    return overrides
+from editrl.cluster.controller import add_scale_parser
+from editrl.cluster.submit import add_submit_parser
 
 
 def _setup_logging(log_file: Path | None = None) -> None:
@@ -33,10 +21,10 @@ def _setup_logging(log_file: Path | None = None) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from editrl.config import load_train_config
-    from editrl.train import train
+    from editrl.cluster.config import load_train_config, parse_overrides
+    from editrl.cluster.train import train
 
-    overrides = _parse_overrides(args.set)
+    overrides = parse_overrides(args.set)
     if args.address:
         overrides["ray_address"] = args.address
     if args.resume:
@@ -60,7 +48,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_reward_server(args: argparse.Namespace) -> int:
-    from reward_server.__main__ import main as reward_main
+    from editrl.reward_server.__main__ import main as reward_main
 
     argv = ["--config", args.config]
     if args.host:

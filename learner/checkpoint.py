@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 
 def learner_state(learner) -> dict:
-    """Everything of a :class:`learner.learner.Learner` that an update changes, except
+    """Everything of a :class:`editrl.learner.learner.Learner` that an update changes, except
     the adapter weights: optimizer state, the minibatch RNG and the policy version."""
     return {
         "optimizer": learner.optimizer.state_dict(),
@@ -42,7 +42,7 @@ def save_checkpoint(run_dir: Path, step: int, learner, driver_state: dict, keep:
     Args:
         run_dir: the run directory.
         step: the last completed learner step.
-        learner: the :class:`learner.learner.Learner`.
+        learner: the :class:`editrl.learner.learner.Learner`.
         driver_state: JSON-serialisable driver state (data cursor, counters).
         keep: how many newest checkpoints to keep.
 

@@ -7,7 +7,7 @@ Learning with Flow Matching" (arXiv 2509.05952), its CPS update
 ``x_next = (1 - sigma_next) x0_hat + sqrt(sigma_next^2 - s^2) x1_hat + s eps``
 with ``s = sigma_next sin(eta pi / 2)``, as the ``sde_type="cps"`` option of the
 Flow-GRPO reference code implements it. Time convention as in
-:mod:`policy.sde`: sigma = 1 is noise, sigma = 0 is data.
+:mod:`editrl.policy.sde`: sigma = 1 is noise, sigma = 0 is data.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from policy.sde import StepOutput, check_sigmas, gaussian_transition
+from editrl.policy.sde import StepOutput, check_sigmas, gaussian_transition
 
 
 def cps_noise_level(sigma_next: float, eta: float) -> float:
@@ -69,7 +69,7 @@ def cps_step(
     The predicted-noise coefficient ``sqrt(sigma_next^2 - s^2)`` and the fresh
     noise ``s`` add up in quadrature to exactly ``sigma_next``, so ``x_next`` has
     the noise level the schedule says (no excess noise, unlike Flow-SDE). The
-    log-prob is the exact Gaussian density (:func:`policy.sde.gaussian_log_prob`,
+    log-prob is the exact Gaussian density (:func:`editrl.policy.sde.gaussian_log_prob`,
     constants and the ``1 / (2 s^2)`` factor kept, averaged over elements); the
     reference code drops both, which changes the scale of log-ratios and so the
     clip range.
@@ -83,7 +83,7 @@ def cps_step(
         x_next: recorded next latent to score instead of sampling.
 
     Returns:
-        :class:`policy.sde.StepOutput` (fp32; ``std = s``; no log-prob when ``s = 0``).
+        :class:`editrl.policy.sde.StepOutput` (fp32; ``std = s``; no log-prob when ``s = 0``).
 
     Raises:
         ValueError: inconsistent sigmas, eta outside [0, 1], or neither noise nor x_next.

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from diffusers import WanPipeline
 
-from policy.policy import EditPolicy
+from editrl.policy.policy import EditPolicy
 
 logger = logging.getLogger(__name__)
 

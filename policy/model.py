@@ -21,7 +21,7 @@ from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTran
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
-from policy.config import TinyModelConfig
+from editrl.policy.config import TinyModelConfig
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The sampler choice: one function that takes a step with the configured rule.
 
 Every sampler returns the next latent, the transition mean and std and the
-log-prob (fp32, :class:`policy.sde.StepOutput`); the rule is chosen by name so
+log-prob (fp32, :class:`editrl.policy.sde.StepOutput`); the rule is chosen by name so
 that sampling and the learner's recomputation call the same function.
 """
 from __future__ import annotations
@@ -10,8 +10,8 @@ from typing import Literal, get_args
 
 import torch
 
-from policy.cps import cps_step
-from policy.sde import StepOutput, flow_sde_step, flow_sde_step_at_level, ode_step, wan_noise_level
+from editrl.policy.cps import cps_step
+from editrl.policy.sde import StepOutput, flow_sde_step, flow_sde_step_at_level, ode_step, wan_noise_level
 
 SamplerName = Literal["flow_sde", "flow_sde_wan", "cps", "ode"]
 """``flow_sde``: Flow-GRPO's SDE with ``s = eta sqrt(sigma / (1 - sigma))``;
@@ -28,7 +28,7 @@ for ``flow_sde`` and ``cps`` (its reference passes the same noise level to both)
 
 def wan_noise_range(sigmas: list[float]) -> tuple[float, float]:
     """``(s_max, s_min) = (sigma_1, sigma_T)`` of a schedule ``sigma_0 = 1 > ... > sigma_T``
-    for :func:`policy.sde.wan_noise_level` (Flow-GRPO's Wan sampler).
+    for :func:`editrl.policy.sde.wan_noise_level` (Flow-GRPO's Wan sampler).
 
     Raises:
         ValueError: fewer than two sigmas.
@@ -61,7 +61,7 @@ def sampler_step(
         noise_range: ``(s_max, s_min)`` of ``flow_sde_wan`` (see :func:`wan_noise_range`).
 
     Returns:
-        :class:`policy.sde.StepOutput`.
+        :class:`editrl.policy.sde.StepOutput`.
 
     Raises:
         ValueError: unknown sampler, ``flow_sde_wan`` without ``noise_range``, or the

@@ -140,7 +140,7 @@ class VideoPayload(BaseModel):
         """Raw payloads only: the frames, ``uint8`` ``(F, H, W, 3)``, a read-only view of :meth:`to_bytes`.
 
         Raises:
-            ValueError: an mp4 payload (decode it with :func:`protocol.video.decode_video`).
+            ValueError: an mp4 payload (decode it with :func:`editrl.protocol.video.decode_video`).
         """
         if self.format != "raw" or self.shape is None:
             raise ValueError("only raw payloads hold frames; decode mp4 with protocol.video.decode_video")

@@ -1,4 +1,4 @@
-"""``python -m reward_server --config configs/reward_server.yaml [--host H] [--port P] [--redis-url URL]``.
+"""``python -m editrl.reward_server --config configs/reward_server.yaml [--host H] [--port P] [--redis-url URL]``.
 
 The same as ``editrl reward-server``. Binds 127.0.0.1 unless the config or
 ``--host`` says otherwise.
@@ -9,12 +9,12 @@ import argparse
 import logging
 import sys
 
-from reward_server.config import ServerConfig, load_server_config
-from reward_server.main import serve
+from editrl.reward_server.config import ServerConfig, load_server_config
+from editrl.reward_server.main import serve
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m reward_server", description="Run the editrl reward server.")
+    parser = argparse.ArgumentParser(prog="python -m editrl.reward_server", description="Run the editrl reward server.")
     parser.add_argument("--config", help="YAML ServerConfig (defaults when omitted)")
     parser.add_argument("--host", help="override config.host")
     parser.add_argument("--port", type=int, help="override config.port")
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         if overrides:
             config = ServerConfig.model_validate({**config.model_dump(), **overrides})
     except (OSError, ValueError) as exc:
-        logging.getLogger("reward_server").error("%s", exc)
+        logging.getLogger("editrl.reward_server").error("%s", exc)
         return 2
     serve(config, log_level=args.log_level)
     return 0

@@ -3,16 +3,16 @@
 Routes:
 
 * ``GET /healthz`` -> ``{"status": "ok"}``.
-* ``POST /v1/score``: :class:`protocol.reward.ScoreRequest` ->
-  :class:`protocol.reward.ScoreResponse`, scored on the reward config active
-  when the request arrived (see :mod:`reward_server.scoring`). An undecodable
+* ``POST /v1/score``: :class:`editrl.protocol.reward.ScoreRequest` ->
+  :class:`editrl.protocol.reward.ScoreResponse`, scored on the reward config active
+  when the request arrived (see :mod:`editrl.reward_server.scoring`). An undecodable
   video or image is HTTP 422 naming the item and field; an item a backend or
   the aggregation could not score comes back ``ok: false`` with the reason
   (the response is still 200).
 * ``GET /v1/config``: the active reward config, its revision and backend versions.
 * ``PUT /v1/config`` (admin: ``Authorization: Bearer <token>``): make a new
-  reward config active without a restart (see :mod:`reward_server.runtime`); with
-  Redis every replica follows (see :mod:`reward_server.config_store`).
+  reward config active without a restart (see :mod:`editrl.reward_server.runtime`); with
+  Redis every replica follows (see :mod:`editrl.reward_server.config_store`).
 * ``GET /metrics``: Prometheus text exposition of a registry private to the app.
 
 Every response carries ``Server-Timing: app;dur=<ms>`` (:class:`ServerTiming`).
@@ -38,15 +38,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict
 from redis.exceptions import RedisError
 
-from protocol.reward import ScoreRequest, ScoreResponse
-from reward_server.backends import Backend
-from reward_server.config import ServerConfig
-from reward_server.config_store import ConfigConflict
-from reward_server.metrics import Metrics
-from reward_server.reward_config import DimensionError, RewardConfig
-from reward_server.runtime import BackendPool, ConfigBuildError, Runtime, RuntimeManager
-from reward_server.scoring import Scorer, UndecodableInputs
-from reward_server.state import open_state
+from editrl.protocol.reward import ScoreRequest, ScoreResponse
+from editrl.reward_server.backends import Backend
+from editrl.reward_server.config import ServerConfig
+from editrl.reward_server.config_store import ConfigConflict
+from editrl.reward_server.metrics import Metrics
+from editrl.reward_server.reward_config import DimensionError, RewardConfig
+from editrl.reward_server.runtime import BackendPool, ConfigBuildError, Runtime, RuntimeManager
+from editrl.reward_server.scoring import Scorer, UndecodableInputs
+from editrl.reward_server.state import open_state
 
 logger = logging.getLogger(__name__)
 

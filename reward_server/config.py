@@ -1,7 +1,7 @@
 """Typed configuration of the reward server process.
 
 ``ServerConfig`` holds the HTTP, batching, cache and Redis knobs and the initial
-:class:`~reward_server.reward_config.RewardConfig` (the reward definition, which
+:class:`~editrl.reward_server.reward_config.RewardConfig` (the reward definition, which
 can be swapped at runtime through ``PUT /v1/config``). Both load from YAML
 (``configs/reward_server.yaml``).
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from reward_server.reward_config import DEFAULT_WEIGHTS, AggregationError, DimensionError, RewardConfig
+from editrl.reward_server.reward_config import DEFAULT_WEIGHTS, AggregationError, DimensionError, RewardConfig
 
 __all__ = [
     "DEFAULT_WEIGHTS", "AggregationError", "CacheSettings", "DimensionError", "RewardConfig", "ServerConfig",

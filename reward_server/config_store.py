@@ -23,7 +23,7 @@ from typing import Protocol
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from reward_server.reward_config import RewardConfig
+from editrl.reward_server.reward_config import RewardConfig
 
 logger = logging.getLogger(__name__)
 

@@ -5,8 +5,8 @@ import logging
 
 import uvicorn
 
-from reward_server.app import create_app
-from reward_server.config import ServerConfig
+from editrl.reward_server.app import create_app
+from editrl.reward_server.config import ServerConfig
 
 logger = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from reward_server.backends.specs import BackendSpec, PixelSpec
+from editrl.reward_server.backends.specs import BackendSpec, PixelSpec
 
 DEFAULT_WEIGHTS: dict[str, float] = {
     "instruction_following": 0.6,

@@ -9,7 +9,7 @@ it alone used are stopped and closed. Backends whose label and spec are equal
 in the old and the new config are shared, not rebuilt (a change of weights keeps
 a loaded model).
 
-Executors: a local backend is driven by a :class:`~reward_server.batching.DynamicBatcher`
+Executors: a local backend is driven by a :class:`~editrl.reward_server.batching.DynamicBatcher`
 (max batch size, max wait, calls at once), so items of concurrent requests share a call; a
 remote backend (``remote = True``) is called once per request and caps its own
 concurrency.
@@ -23,11 +23,11 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
-from reward_server.backends import Backend, BackendResult, BackendSpec, ScoreInput, build_backend
-from reward_server.backends.base import close_backend, fingerprint, is_async, is_remote
-from reward_server.batching import BusyClock, DynamicBatcher
-from reward_server.metrics import Metrics
-from reward_server.reward_config import DimensionError, RewardConfig
+from editrl.reward_server.backends import Backend, BackendResult, BackendSpec, ScoreInput, build_backend
+from editrl.reward_server.backends.base import close_backend, fingerprint, is_async, is_remote
+from editrl.reward_server.batching import BusyClock, DynamicBatcher
+from editrl.reward_server.metrics import Metrics
+from editrl.reward_server.reward_config import DimensionError, RewardConfig
 
 logger = logging.getLogger(__name__)
 

@@ -19,13 +19,13 @@ from typing import Any
 
 import numpy as np
 
-from protocol.reward import ItemScore, ScoreItem, ScoreRequest, VideoPayload
-from protocol.video import ImageDecodeError, VideoDecodeError, decode_image, decode_video
-from reward_server.backends import BackendResult, ScoreInput
-from reward_server.cache import ScoreCache, cache_key, content_digest
-from reward_server.metrics import Metrics
-from reward_server.reward_config import AggregationError
-from reward_server.runtime import ActiveBackend, Runtime
+from editrl.protocol.reward import ItemScore, ScoreItem, ScoreRequest, VideoPayload
+from editrl.protocol.video import ImageDecodeError, VideoDecodeError, decode_image, decode_video
+from editrl.reward_server.backends import BackendResult, ScoreInput
+from editrl.reward_server.cache import ScoreCache, cache_key, content_digest
+from editrl.reward_server.metrics import Metrics
+from editrl.reward_server.reward_config import AggregationError
+from editrl.reward_server.runtime import ActiveBackend, Runtime
 
 logger = logging.getLogger(__name__)
 

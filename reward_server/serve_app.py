@@ -22,8 +22,8 @@ from typing import Any
 from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field
 
-from reward_server.app import create_app
-from reward_server.config import ServerConfig, load_server_config
+from editrl.reward_server.app import create_app
+from editrl.reward_server.config import ServerConfig, load_server_config
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class RewardServerReplica:
 
 
 def build_app(args: dict[str, Any]):
-    """The Serve application builder (``import_path: reward_server.serve_app:build_app``).
+    """The Serve application builder (``import_path: editrl.reward_server.serve_app:build_app``).
 
     Returns:
         A ``ray.serve.Application`` with ``num_replicas`` replicas of the reward server.

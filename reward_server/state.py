@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from reward_server.cache import InProcessCache, RedisCache, ScoreCache
-from reward_server.config import ServerConfig
-from reward_server.config_store import ConfigStore, InProcessConfigStore, RedisConfigStore
+from editrl.reward_server.cache import InProcessCache, RedisCache, ScoreCache
+from editrl.reward_server.config import ServerConfig
+from editrl.reward_server.config_store import ConfigStore, InProcessConfigStore, RedisConfigStore
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """HTTP client of the reward server, used by rollout workers.
 
-``RewardClient.score`` posts a :class:`protocol.reward.ScoreRequest` and returns
-the validated :class:`protocol.reward.ScoreResponse`. Connection errors, timeouts,
+``RewardClient.score`` posts a :class:`editrl.protocol.reward.ScoreRequest` and returns
+the validated :class:`editrl.protocol.reward.ScoreResponse`. Connection errors, timeouts,
 HTTP 429 and 5xx are retried with exponential backoff (the identical body, hence
 the same ``request_id``, is sent on every attempt); any other 4xx fails at once
 with the server's message. A response that is not the answer to this request
@@ -17,7 +17,7 @@ import httpx
 from pydantic import ValidationError
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
-from protocol.reward import ScoreRequest, ScoreResponse
+from editrl.protocol.reward import ScoreRequest, ScoreResponse
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from editrl.data.build import DEFAULT_SEED, build_dataset  # noqa: E402
+from editrl.tools.dataset.build import DEFAULT_SEED, build_dataset  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

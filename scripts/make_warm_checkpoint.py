@@ -24,10 +24,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from editrl.config import load_train_config  # noqa: E402
-from editrl.data.dataset import PromptDataset  # noqa: E402
-from learner.warmup import WarmupExample, set_latent_statistics, train_dit, train_vae  # noqa: E402
-from policy.model import build_tiny_components, load_components, save_components  # noqa: E402
+from editrl.cluster.config import load_train_config  # noqa: E402
+from editrl.policy.model import build_tiny_components, load_components, save_components  # noqa: E402
+from editrl.protocol.dataset import PromptDataset  # noqa: E402
+from editrl.tools.warmup import WarmupExample, set_latent_statistics, train_dit, train_vae  # noqa: E402
 
 
 def main() -> int:

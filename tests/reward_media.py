@@ -5,8 +5,8 @@ import numpy as np
 from PIL import Image
 from skimage import data as skdata
 
-from protocol.reward import ScoreItem, VideoPayload
-from protocol.video import decode_video, encode_mp4
+from editrl.protocol.reward import ScoreItem, VideoPayload
+from editrl.protocol.video import decode_video, encode_mp4
 
 
 def camera_pan(frames: int = 6, size: int = 64, step: int = 4, picture: str = "astronaut") -> np.ndarray:

@@ -13,8 +13,8 @@ from bench.pipeline_sim import PipelineParams, bottleneck, capacities, simulate
 from bench.report import render
 from bench.results import SCHEMA_VERSION, BenchResult, Stats, read_results, write_result
 from bench.suite import BENCHMARKS, run_one
-from reward_server.app import create_app
-from reward_server.config import ServerConfig
+from editrl.reward_server.app import create_app
+from editrl.reward_server.config import ServerConfig
 from tests.reward_servers import app_server
 
 
@@ -117,7 +117,7 @@ def test_pipeline_model_never_beats_its_slowest_stage(workers, max_staleness, li
 
 @pytest.mark.slow
 def test_pipelined_smoke_runs_both_schedules_through_the_runtime(tmp_path):
-    """Both schedules on the tests' tiny model through editrl.train.Run, Ray and a reward
+    """Both schedules on the tests' tiny model through editrl.cluster.run.Run, Ray and a reward
     server, in each shape: the result has every row, ratio and target, and renders."""
     settings = pipelined.SETTINGS["smoke"]
     result = run_one("pipelined", "smoke")

@@ -8,8 +8,8 @@ import torch
 from conftest import CORPUS, structured_clip, tiny_policy_config
 from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler, WanVACEPipeline
 
-from policy.model import build_tiny_components, load_components, save_components
-from policy.policy import EditPolicy
+from editrl.policy.model import build_tiny_components, load_components, save_components
+from editrl.policy.policy import EditPolicy
 
 
 def _save_wan_layout(tmp_path, kind: str, seed: int = 1):

@@ -10,7 +10,7 @@ from urllib.parse import urlparse
 
 import yaml
 
-from editrl.config import load_train_config
+from editrl.cluster.config import load_train_config
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER = ROOT / "cluster"
@@ -90,12 +90,12 @@ def test_entrypoint_places_the_driver_on_the_learner_and_trains_the_cluster_pres
 def test_serve_config_puts_the_reward_server_on_the_reward_group():
     from ray.serve.schema import ServeDeploySchema
 
-    from reward_server.serve_app import build_app
+    from editrl.reward_server.serve_app import build_app
 
     raw = yaml.safe_load((CLUSTER / "reward_serve.yaml").read_text())
     schema = ServeDeploySchema.model_validate(raw)
     (app,) = schema.applications
-    assert app.import_path == "reward_server.serve_app:build_app"
+    assert app.import_path == "editrl.reward_server.serve_app:build_app"
     (override,) = app.deployments
     assert override.name == "RewardServer" and override.ray_actor_options.resources == {"reward": 1}
     assert schema.http_options.port == urlparse(load_train_config(ROOT / "configs" / "cluster.yaml").reward_server.url).port

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from editrl.config import load_train_config
+from editrl.cluster.config import load_train_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TRAIN_PRESETS = sorted(p for p in (REPO_ROOT / "configs").glob("*.yaml") if not p.name.startswith(("reward_server", "cluster")))

@@ -11,11 +11,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from editrl.data.build import COLUMNS, SCHEMA, build_dataset, camera_path
-from editrl.data.catalog import EDIT_CATEGORIES, HELDOUT_PICTURES, MOTIONS, PICTURES
-from editrl.data.dataset import PromptDataset, load_clip, load_prompts, resize_frames
-from editrl.data.edits import CHECKABLE_EDIT_TYPES, apply_edit
-from protocol.video import read_video
+from editrl.protocol.dataset import PromptDataset, load_clip, load_prompts, resize_frames
+from editrl.protocol.edits import CHECKABLE_EDIT_TYPES, apply_edit
+from editrl.protocol.video import read_video
+from editrl.tools.dataset.build import COLUMNS, SCHEMA, build_dataset, camera_path
+from editrl.tools.dataset.catalog import EDIT_CATEGORIES, HELDOUT_PICTURES, MOTIONS, PICTURES
 
 # ---------------------------------------------------------------- edits
 
@@ -201,7 +201,7 @@ def test_load_prompts_skips_row_with_missing_instruction(tables, tmp_path, caplo
     rows[2]["instruction"] = None
     rows[4]["instruction"] = "   "
     path = _write_table(tmp_path, rows)
-    with caplog.at_level(logging.WARNING, logger="editrl.data.dataset"):
+    with caplog.at_level(logging.WARNING, logger="editrl.protocol.dataset"):
         loaded = load_prompts(path)
     assert [r.prompt_id for r in loaded] == [rows[i]["prompt_id"] for i in (0, 1, 3, 5)]
     messages = [rec.getMessage() for rec in caplog.records if rec.levelno == logging.WARNING]
@@ -234,7 +234,7 @@ def test_dataset_skips_undecodable_clip(built, tables, tmp_path, caplog):
     broken = tmp_path / f"clips/{clip_ids[1]}.mp4"
     broken.write_bytes(b"this is not an mp4 file" * 10)
     path = _write_table(tmp_path, rows)
-    with caplog.at_level(logging.WARNING, logger="editrl.data.dataset"):
+    with caplog.at_level(logging.WARNING, logger="editrl.protocol.dataset"):
         data = PromptDataset(path, num_frames=9, height=128, width=128)
     assert {r.clip_id for r in data.rows} == {clip_ids[0]}
     assert len(data) == 6
@@ -279,7 +279,7 @@ def test_load_clip_subsamples_and_resizes(built):
 
 
 def test_load_clip_undecodable_names_path(tmp_path):
-    from protocol.video import VideoDecodeError
+    from editrl.protocol.video import VideoDecodeError
 
     bad = tmp_path / "garbage.mp4"
     bad.write_bytes(b"\x00\x01garbage" * 50)

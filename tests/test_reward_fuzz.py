@@ -12,18 +12,18 @@ import io
 import json
 
 import pytest
-from hypothesis import strategies as st
-from PIL import Image
 import schemathesis
 from hypothesis import HealthCheck, given, settings
-from schemathesis.generation import GenerationMode
-
-from protocol.reward import ScoreItem, ScoreRequest
-from reward_server.app import create_app
-from reward_server.config import ServerConfig
+from hypothesis import strategies as st
+from PIL import Image
 from reward_media import brighter, camera_pan, payload
 from reward_servers import app_server
+from schemathesis.generation import GenerationMode
 from standins import GeminiStandIn, gemini_text_answer
+
+from editrl.protocol.reward import ScoreItem, ScoreRequest
+from editrl.reward_server.app import create_app
+from editrl.reward_server.config import ServerConfig
 
 TOKEN = "fuzz-admin-token"
 SOURCE = camera_pan(frames=2, size=16)

@@ -9,11 +9,7 @@ import logging
 import numpy as np
 import pytest
 from PIL import Image
-
-from protocol.video import encode_mp4
-from reward_server.backends.base import ScoreInput
-from reward_server.backends.gemini import GeminiBackend
-from reward_server.backends.specs import GeminiSpec
+from reward_media import brighter, camera_pan, wide_pan
 from standins import (
     GEMINI_ANSWER_BLOCK,
     GEMINI_PROMPT_BLOCK,
@@ -21,7 +17,11 @@ from standins import (
     gemini_error,
     gemini_text_answer,
 )
-from reward_media import brighter, camera_pan, wide_pan
+
+from editrl.protocol.video import encode_mp4
+from editrl.reward_server.backends.base import ScoreInput
+from editrl.reward_server.backends.gemini import GeminiBackend
+from editrl.reward_server.backends.specs import GeminiSpec
 
 SECRET = "test-key-3f9a1c77"
 SOURCE = camera_pan(frames=4, size=32)
@@ -156,7 +156,7 @@ def test_concurrency_cap_holds_across_calls(api_key):
     def slow(body):
         import time
 
-        time.sleep(0.15)
+        time.sleep(0.15)  # the judge's latency: calls overlap, so the cap is what limits them
         return viva_answer({"instruction_following": 5, "edit_quality": 5, "source_preservation": 5})
 
     with GeminiStandIn({}, default=[slow]) as standin:

@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pytest
 
-from reward_server.backends.pixel import (
+from editrl.reward_server.backends.pixel import (
     PixelInput,
     detect_edit_type,
     instruction_following,
@@ -318,9 +318,9 @@ def test_identical_videos_score_exactly_ten_not_above():
 
 def test_latency_option_sleeps_once_per_batch_and_keeps_scores_and_cache_keys(monkeypatch):
     # a benchmarking aid: the backend stands in for a slow judge without changing what it scores
-    from reward_server.backends import build_backend, pixel
-    from reward_server.backends.specs import PixelSpec
-    from reward_server.reward_config import RewardConfig
+    from editrl.reward_server.backends import build_backend, pixel
+    from editrl.reward_server.backends.specs import PixelSpec
+    from editrl.reward_server.reward_config import RewardConfig
 
     sleeps = []
     monkeypatch.setattr(pixel.time, "sleep", sleeps.append)

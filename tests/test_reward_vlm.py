@@ -11,19 +11,19 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-from protocol.reward import ScoreRequest
-from reward_server.app import create_app
-from reward_server.backends.base import ScoreInput
-from reward_server.backends.internal_vlm import InternalVLMBackend, build_internal_vlm
-from reward_server.backends.specs import InternalVLMSpec
-from reward_server.backends.vlm_engines import TransformersEngine
-from reward_server.backends.vlm_questions import margin_from_logprobs, to_score
-from reward_server.config import ServerConfig
 from reward_media import brighter, camera_pan, item
 from reward_servers import app_server
 from standins import VLLMStandIn
 from tiny_vlm import build_tiny_qwen_vl
+
+from editrl.protocol.reward import ScoreRequest
+from editrl.reward_server.app import create_app
+from editrl.reward_server.backends.base import ScoreInput
+from editrl.reward_server.backends.internal_vlm import InternalVLMBackend, build_internal_vlm
+from editrl.reward_server.backends.specs import InternalVLMSpec
+from editrl.reward_server.backends.vlm_engines import TransformersEngine
+from editrl.reward_server.backends.vlm_questions import margin_from_logprobs, to_score
+from editrl.reward_server.config import ServerConfig
 
 SOURCE = camera_pan(frames=4, size=32)
 EDITS = [brighter(SOURCE), 255 - SOURCE, SOURCE[:, ::-1].copy()]

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
-from policy.sde import (
+from editrl.policy.sde import (
     flow_sde_mean,
     flow_sde_noise_level,
     flow_sde_step,

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from conftest import structured_clip
 
-from protocol.video import VideoDecodeError, decode_video, encode_mp4, rgb_to_yuv420p, yuv420p_to_rgb
+from editrl.protocol.video import VideoDecodeError, decode_video, encode_mp4, rgb_to_yuv420p, yuv420p_to_rgb
 
 
 def test_same_frames_give_the_same_bytes_even_after_decoding_other_videos():

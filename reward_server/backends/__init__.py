@@ -12,9 +12,9 @@ backends that need them.
 """
 from __future__ import annotations
 
-from reward_server.backends.base import Backend, BackendResult, ScoreInput
-from reward_server.backends.pixel import PixelBackend, PixelInput, PixelResult
-from reward_server.backends.specs import BACKEND_TYPES, BackendSpec, GeminiSpec, InternalVLMSpec, PixelSpec
+from editrl.reward_server.backends.base import Backend, BackendResult, ScoreInput
+from editrl.reward_server.backends.pixel import PixelBackend, PixelInput, PixelResult
+from editrl.reward_server.backends.specs import BACKEND_TYPES, BackendSpec, GeminiSpec, InternalVLMSpec, PixelSpec
 
 
 def build_backend(spec: BackendSpec) -> Backend:
@@ -27,11 +27,11 @@ def build_backend(spec: BackendSpec) -> Backend:
     if isinstance(spec, PixelSpec):
         return PixelBackend(latency_s=spec.latency_s)
     if isinstance(spec, GeminiSpec):
-        from reward_server.backends.gemini import GeminiBackend
+        from editrl.reward_server.backends.gemini import GeminiBackend
 
         return GeminiBackend(spec)
     if isinstance(spec, InternalVLMSpec):
-        from reward_server.backends.internal_vlm import build_internal_vlm
+        from editrl.reward_server.backends.internal_vlm import build_internal_vlm
 
         return build_internal_vlm(spec)
     raise ValueError(f"unknown reward backend spec {type(spec).__name__}; known types: {list(BACKEND_TYPES)}")

@@ -30,9 +30,9 @@ from google.genai import errors as genai_errors
 from google.genai import types
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
-from reward_server.backends.base import BackendResult, ScoreInput
-from reward_server.backends.frames import image_to_jpeg, jpeg_frames
-from reward_server.backends.judge_prompts import (
+from editrl.reward_server.backends.base import BackendResult, ScoreInput
+from editrl.reward_server.backends.frames import image_to_jpeg, jpeg_frames
+from editrl.reward_server.backends.judge_prompts import (
     Unparseable,
     infer_category,
     parse_rvedit,
@@ -42,7 +42,7 @@ from reward_server.backends.judge_prompts import (
     viva_prompt,
     viva_schema,
 )
-from reward_server.backends.specs import GeminiSpec
+from editrl.reward_server.backends.specs import GeminiSpec
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def answer_text(response: types.GenerateContentResponse) -> str | None:
 
 
 class GeminiBackend:
-    """The Gemini judge behind the :class:`reward_server.backends.base.Backend` interface.
+    """The Gemini judge behind the :class:`editrl.reward_server.backends.base.Backend` interface.
 
     Args:
         spec: model, protocol, media and robustness settings.

@@ -23,10 +23,10 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from reward_server.backends.base import BackendResult, ScoreInput
-from reward_server.backends.frames import sampled_images
-from reward_server.backends.specs import InternalVLMSpec
-from reward_server.backends.vlm_questions import YesNoPrompt, question, sigmoid, to_score
+from editrl.reward_server.backends.base import BackendResult, ScoreInput
+from editrl.reward_server.backends.frames import sampled_images
+from editrl.reward_server.backends.specs import InternalVLMSpec
+from editrl.reward_server.backends.vlm_questions import YesNoPrompt, question, sigmoid, to_score
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class _Slot:
 
 
 class InternalVLMBackend:
-    """ReViSE-style scoring behind the :class:`reward_server.backends.base.Backend` interface.
+    """ReViSE-style scoring behind the :class:`editrl.reward_server.backends.base.Backend` interface.
 
     Args:
         spec: dimensions, frames, reasoning and score mapping.
@@ -145,7 +145,7 @@ def build_internal_vlm(spec: InternalVLMSpec) -> InternalVLMBackend:
             ``vllm_http``, vLLM not installed, or Yes/No not single tokens.
     """
     if spec.engine == "transformers":
-        from reward_server.backends.vlm_engines import TransformersEngine
+        from editrl.reward_server.backends.vlm_engines import TransformersEngine
 
         engine: Any = TransformersEngine.from_pretrained(
             spec.model, device=spec.device, dtype=spec.dtype, forward_batch_size=spec.forward_batch_size,
@@ -154,14 +154,14 @@ def build_internal_vlm(spec: InternalVLMSpec) -> InternalVLMBackend:
     elif spec.engine == "vllm_http":
         if not spec.base_url:
             raise ValueError("engine 'vllm_http' needs base_url (the vLLM server root)")
-        from reward_server.backends.vllm_http import VLLMHTTPEngine
+        from editrl.reward_server.backends.vllm_http import VLLMHTTPEngine
 
         engine = VLLMHTTPEngine(
             spec.base_url, spec.model, api_key_env=spec.api_key_env, timeout_s=spec.timeout_s,
             max_concurrency=spec.max_concurrency, top_logprobs=spec.top_logprobs, reasoning_tokens=spec.reasoning_tokens,
         )
     else:
-        from reward_server.backends.vlm_engines import VLLMEngine
+        from editrl.reward_server.backends.vlm_engines import VLLMEngine
 
         engine = VLLMEngine(spec.model, dtype=spec.dtype, top_logprobs=spec.top_logprobs,
                             reasoning_tokens=spec.reasoning_tokens, images_per_prompt=2 * spec.num_frames)

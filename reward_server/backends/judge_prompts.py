@@ -1,6 +1,6 @@
 """Prompts, response schemas and tolerant parsing of the VLM-judge protocols.
 
-Two protocols (see :class:`reward_server.backends.specs.GeminiSpec`):
+Two protocols (see :class:`editrl.reward_server.backends.specs.GeminiSpec`):
 
 * ``viva`` (VIVA, section on the VLM-judge reward): the instruction, the source
   video, the edited video and an optional reference image; 0-10 for
@@ -22,7 +22,7 @@ import json
 import re
 from typing import Any
 
-from reward_server.backends.specs import RVEDIT_DIMENSIONS, VIVA_DIMENSIONS
+from editrl.reward_server.backends.specs import RVEDIT_DIMENSIONS, VIVA_DIMENSIONS
 
 
 class Unparseable(ValueError):

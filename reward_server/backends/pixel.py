@@ -29,7 +29,7 @@ import time
 
 import numpy as np
 
-from reward_server.backends.base import BackendResult, ScoreInput
+from editrl.reward_server.backends.base import BackendResult, ScoreInput
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,8 @@ _MIN_SOURCE_CHROMA = 0.02
 # Flicker scale of temporal_consistency: std of the per-frame luma offset (in [0, 1]).
 _FLICKER_SCALE = 0.05
 
-# Edit type -> target value of its measurement.
+# Edit type -> target value of its measurement; one entry per checkable edit type of the
+# dataset (editrl.protocol.edits.CHECKABLE_EDIT_TYPES, tested equal).
 EDIT_TARGETS: dict[str, float] = {
     "brighten": 0.15,
     "darken": -0.15,
@@ -314,7 +315,7 @@ def score_batch(items: list[PixelInput]) -> list[PixelResult]:
 
 
 class PixelBackend:
-    """The pixel backend behind the :class:`reward_server.backends.Backend` interface.
+    """The pixel backend behind the :class:`editrl.reward_server.backends.Backend` interface.
 
     Args:
         latency_s: extra seconds each :meth:`score_batch` call takes (a sleep after

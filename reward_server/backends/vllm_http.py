@@ -20,8 +20,8 @@ from typing import Any
 import httpx
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 
-from reward_server.backends.frames import image_to_jpeg
-from reward_server.backends.vlm_questions import YesNoPrompt, margin_from_logprobs, reasoning_prefix
+from editrl.reward_server.backends.frames import image_to_jpeg
+from editrl.reward_server.backends.vlm_questions import YesNoPrompt, margin_from_logprobs, reasoning_prefix
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from reward_server.backends.vlm_questions import NO_WORDS, YES_WORDS, YesNoPrompt, margin_from_logprobs, reasoning_prefix
+from editrl.reward_server.backends.vlm_questions import NO_WORDS, YES_WORDS, YesNoPrompt, margin_from_logprobs, reasoning_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -180,7 +180,7 @@ class VLLMEngine:
         self.reasoning_tokens = reasoning_tokens
 
     def margins(self, prompts: list[YesNoPrompt]) -> list[float]:
-        from reward_server.backends.vllm_http import openai_messages
+        from editrl.reward_server.backends.vllm_http import openai_messages
 
         messages = [openai_messages(prompt) for prompt in prompts]
         extra: dict[str, Any] = {}

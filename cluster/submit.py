@@ -27,9 +27,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
+from editrl.resources import checkout_root
+
 logger = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = checkout_root() or Path.cwd()
+"""The default working directory a job uploads: the checkout editrl runs from, else the current directory."""
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # gitignore-style patterns, relative to the working directory: virtual
 # environments, run outputs, VCS data and caches never travel with a job.
@@ -200,11 +203,10 @@ def validate_config(path: Path, overrides: Sequence[str]) -> None:
     """
     import pydantic
 
-    from editrl.cli import _parse_overrides
-    from editrl.config import load_train_config
+    from editrl.cluster.config import load_train_config, parse_overrides
 
     try:
-        load_train_config(path, _parse_overrides(list(overrides)))
+        load_train_config(path, parse_overrides(list(overrides)))
     except pydantic.ValidationError as exc:
         raise SystemExit(f"config {path} does not validate:\n{exc}") from None
 

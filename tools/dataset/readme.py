@@ -4,8 +4,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import Sequence
 
-from editrl.data.catalog import EDIT_CATEGORIES, HELDOUT_PICTURES, Picture
-from editrl.data.edits import CHECKABLE_EDIT_TYPES
+from editrl.protocol.edits import CHECKABLE_EDIT_TYPES
+from editrl.tools.dataset.catalog import EDIT_CATEGORIES, HELDOUT_PICTURES, Picture
 
 _COLUMNS_DOC = """\
 | column | type | meaning |
@@ -16,7 +16,7 @@ _COLUMNS_DOC = """\
 | `instruction` | string | the editing instruction |
 | `edit_category` | string | one of `colour`, `add`, `remove`, `replace`, `style`, `background` |
 | `edit_type` | string | a checkable type (`brighten`, `darken`, `grayscale`, `saturate`, `warm`, `cool`) or, for free-form edits, the category |
-| `checkable` | bool | true when the edit is one of the pixel transforms of `editrl.data.edits.apply_edit(frames, edit_type, strength)`, so the edited video can be computed and checked (the strength is the data user's choice) |
+| `checkable` | bool | true when the edit is one of the pixel transforms of `editrl.protocol.edits.apply_edit(frames, edit_type, strength)`, so the edited video can be computed and checked (the strength is the data user's choice) |
 | `source_caption` | string | caption of the source clip (content and camera motion) |
 | `target_caption` | string | caption of the edited clip |
 | `picture` | string | source picture id |

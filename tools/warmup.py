@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from editrl.data.edits import CHECKABLE_EDIT_TYPES, apply_edit
-from policy.model import PolicyComponents
+from editrl.policy.model import PolicyComponents
+from editrl.protocol.edits import CHECKABLE_EDIT_TYPES, apply_edit
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ class WarmupExample:
     """``uint8 (F, H, W, 3)`` source clip."""
     instruction: str
     edit_type: str
-    """One of :data:`editrl.data.edits.CHECKABLE_EDIT_TYPES`."""
+    """One of :data:`editrl.protocol.edits.CHECKABLE_EDIT_TYPES`."""
 
 
 def _to_pixels(frames: np.ndarray) -> torch.Tensor:

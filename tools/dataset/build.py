@@ -4,7 +4,7 @@ Source clips are real photographs shipped inside scikit-image's wheel, filmed
 by a virtual camera: a square window pans or zooms smoothly (sub-pixel) over
 the picture and is resampled with anti-aliasing to ``size x size`` pixels.
 Each clip gets 6 editing instructions (4 checkable colour edits, 2 free-form
-edits written for the picture), see :mod:`editrl.data.catalog`.
+edits written for the picture), see :mod:`editrl.tools.dataset.catalog`.
 
 Output layout (``out_dir``)::
 
@@ -33,16 +33,16 @@ import skimage.io
 from skimage.filters import gaussian
 from skimage.transform import AffineTransform, resize, warp
 
-from editrl.data.catalog import (
+from editrl.protocol.edits import CHECKABLE_EDIT_TYPES
+from editrl.protocol.video import encode_mp4
+from editrl.tools.dataset.catalog import (
     COLOUR_TEMPLATES,
     HELDOUT_PICTURES,
     PICTURES,
     Picture,
     motion_phrase,
 )
-from editrl.data.edits import CHECKABLE_EDIT_TYPES
-from editrl.data.readme import render_readme
-from protocol.video import encode_mp4
+from editrl.tools.dataset.readme import render_readme
 
 logger = logging.getLogger(__name__)
 

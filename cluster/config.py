@@ -11,8 +11,9 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from learner.config import LearnerConfig
-from policy.config import PolicyConfig
+from editrl.learner.config import LearnerConfig
+from editrl.policy.config import PolicyConfig
+from editrl.resources import resolve_path
 
 
 class DataConfig(BaseModel):
@@ -21,7 +22,7 @@ class DataConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     train_prompts: str = "assets/clips/prompts_train.parquet"
-    """Parquet of training prompts (relative paths resolve against the project root)."""
+    """Parquet of training prompts (a relative path: the current directory, then the files bundled with editrl)."""
     heldout_prompts: str = "assets/clips/prompts_heldout.parquet"
     """Parquet of held-out prompts (unseen clips), used only for evaluation."""
     balance: Literal["none", "edit_type"] = "none"
@@ -179,14 +180,32 @@ class TrainConfig(BaseModel):
         return self
 
 
+def parse_overrides(pairs: list[str]) -> dict:
+    """``--set KEY=VALUE`` strings as ``{dotted key: YAML-parsed value}``.
+
+    Raises:
+        SystemExit: a string without ``=``.
+    """
+    overrides = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise SystemExit(f"--set expects key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
 def load_train_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
     """Read a YAML preset, apply ``overrides`` (nested dict), validate.
+
+    A relative ``path`` is looked up in the current directory, then among the
+    presets bundled with editrl (:func:`editrl.resources.resolve_path`).
 
     Raises:
         FileNotFoundError: no such file.
         pydantic.ValidationError: a field is wrong (the message names it).
     """
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    data = yaml.safe_load(resolve_path(path).read_text()) or {}
     for key, value in (overrides or {}).items():
         _set_nested(data, key.split("."), value)
     return TrainConfig.model_validate(data)
@@ -196,6 +215,19 @@ def _set_nested(data: dict, keys: list[str], value) -> None:
     for key in keys[:-1]:
         data = data.setdefault(key, {})
     data[keys[-1]] = value
+
+
+def with_resolved_paths(config: TrainConfig) -> TrainConfig:
+    """A copy of ``config`` whose file paths (prompt tables, checkpoint, reward-server
+    config) are absolute, resolved by :func:`editrl.resources.resolve_path`, so that
+    every process of the run reads the same files whatever its working directory."""
+    data, policy = config.data, config.policy
+    return config.model_copy(update={
+        "data": data.model_copy(update={"train_prompts": str(resolve_path(data.train_prompts)),
+                                        "heldout_prompts": str(resolve_path(data.heldout_prompts))}),
+        "policy": policy.model_copy(update={"checkpoint": str(resolve_path(policy.checkpoint)) if policy.checkpoint else None}),
+        "reward_server": config.reward_server.model_copy(update={"config": str(resolve_path(config.reward_server.config))}),
+    })
 
 
 def save_config(config: TrainConfig, path: Path) -> None:

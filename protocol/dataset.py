@@ -16,8 +16,8 @@ import numpy as np
 import pyarrow.parquet as pq
 from skimage.transform import resize
 
-from editrl.data.edits import CHECKABLE_EDIT_TYPES
-from protocol.video import VideoDecodeError, read_video
+from editrl.protocol.edits import CHECKABLE_EDIT_TYPES
+from editrl.protocol.video import VideoDecodeError, read_video
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class PromptRow:
     """One editing prompt.
 
     ``video_path`` is absolute. ``checkable`` rows have an ``edit_type`` in
-    :data:`~editrl.data.edits.CHECKABLE_EDIT_TYPES`. Optional text fields that
+    :data:`~editrl.protocol.edits.CHECKABLE_EDIT_TYPES`. Optional text fields that
     are null in the file are empty strings here.
     """
 

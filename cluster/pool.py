@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-from protocol.rollout import Group, GroupFailure, GroupTask
+from editrl.protocol.rollout import Group, GroupFailure, GroupTask
 
 logger = logging.getLogger(__name__)
 

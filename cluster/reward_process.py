@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from rollout_workers.reward_client import RewardClient, RewardServerError
+from editrl.rollout_workers.reward_client import RewardClient, RewardServerError
 
 logger = logging.getLogger(__name__)
 
@@ -21,7 +21,7 @@ def free_port() -> int:
 
 
 class RewardServerProcess:
-    """``python -m reward_server`` on a free local port, stopped on exit (by its handle).
+    """``python -m editrl.reward_server`` on a free local port, stopped on exit (by its handle).
 
     Args:
         config_path: ServerConfig YAML.
@@ -41,7 +41,7 @@ class RewardServerProcess:
         self.url = f"http://127.0.0.1:{port}"
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "reward_server", "--config", self.config_path, "--host", "127.0.0.1", "--port", str(port)],
+            [sys.executable, "-m", "editrl.reward_server", "--config", self.config_path, "--host", "127.0.0.1", "--port", str(port)],
             stdout=log, stderr=subprocess.STDOUT,
         )
         log.close()

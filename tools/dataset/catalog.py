@@ -1,6 +1,6 @@
 """Hand-written content of the bundled dataset: pictures, captions, instructions.
 
-Everything here is plain data; :mod:`editrl.data.build` turns it into clips and
+Everything here is plain data; :mod:`editrl.tools.dataset.build` turns it into clips and
 prompt tables. Captions are built from three parts so that every caption
 describes both the picture and the camera motion:
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from editrl.data.edits import CHECKABLE_EDIT_TYPES
+from editrl.protocol.edits import CHECKABLE_EDIT_TYPES
 
 MOTIONS: tuple[str, ...] = ("pan_lr", "pan_tb", "zoom_in", "zoom_out")
 """Camera motions: pan left->right, pan (tilt) top->bottom, zoom in, zoom out."""

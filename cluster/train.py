@@ -1,0 +1,82 @@
+"""``editrl train``: one Edit-GRPO run from a resolved config to its run directory.
+
+Starts (or joins) the reward server and Ray, builds the :class:`~editrl.cluster.run.Run`
+(learner actor, rollout-worker pool, controller), runs the configured schedule
+(:mod:`editrl.cluster.schedules`) and writes ``summary.json`` and the reward plot.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import ray
+
+from editrl.cluster.config import TrainConfig, save_config, with_resolved_paths
+from editrl.cluster.ray_cluster import init_ray
+from editrl.cluster.reward_process import RewardServerProcess
+from editrl.cluster.run import Run
+from editrl.cluster.run_log import plot_rewards
+from editrl.cluster.schedules import SCHEDULES
+from editrl.protocol.dataset import PromptDataset
+from editrl.resources import checkout_root
+from editrl.rollout_workers.reward_client import RewardClient
+
+logger = logging.getLogger(__name__)
+
+LOCAL_SCALE_HEADROOM = 4
+"""Rollout workers a local Ray instance can add at runtime beyond the configured ones."""
+
+
+def load_datasets(config: TrainConfig) -> tuple[PromptDataset, PromptDataset]:
+    """The run's training and held-out prompt tables (paths already resolved)."""
+    pc = config.policy
+    train_set = PromptDataset(config.data.train_prompts, pc.num_frames, pc.height, pc.width)
+    heldout_set = PromptDataset(config.data.heldout_prompts, pc.num_frames, pc.height, pc.width)
+    return train_set, heldout_set
+
+
+def train(config: TrainConfig, run_dir: Path, resume: bool = False) -> dict:
+    """Run Edit-GRPO as configured; write everything under ``run_dir``; return the summary.
+
+    With ``resume``, continue from the newest checkpoint in ``run_dir``. The config
+    is saved as given; the run reads its files through absolute paths
+    (:func:`editrl.cluster.config.with_resolved_paths`).
+    """
+    started = time.perf_counter()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir / "config.yaml")
+    config = with_resolved_paths(config)
+    train_set, heldout_set = load_datasets(config)
+    corpus = [row.instruction for row in train_set.rows + heldout_set.rows]
+    logger.info("%d train prompts, %d held-out prompts; %s mode", len(train_set), len(heldout_set), config.runtime.mode)
+
+    with contextlib.ExitStack() as stack:
+        reward_url = config.reward_server.url or stack.enter_context(
+            RewardServerProcess(config.reward_server.config, run_dir / "reward_server.log", config.reward_server.startup_timeout_s)
+        )
+        if config.reward_server.url:  # e.g. a Serve deployment that may still be starting
+            with RewardClient(reward_url) as client:
+                client.wait_until_healthy(timeout_s=config.reward_server.startup_timeout_s)
+        rc, rt = config.rollout, config.runtime
+        # Ray CPUs are scheduling tokens: a local instance gets enough for the learner, the
+        # workers and room to scale up at runtime, whatever the machine's core count.
+        max_workers = max(rc.num_workers, rt.autoscale.max_workers if rt.autoscale else 0) + LOCAL_SCALE_HEADROOM
+        local_cpus = math.ceil(max_workers * rc.num_cpus_per_worker + rt.learner_num_cpus)
+        root = checkout_root()
+        init_ray(config.ray_address, num_cpus=None if config.ray_address else local_cpus, project_root=str(root) if root else None)
+        stack.callback(ray.shutdown)
+        run = Run(config, run_dir, corpus, reward_url, train_set, heldout_set)
+        stack.callback(run.close)
+        summary = run.execute(resume, SCHEDULES[config.runtime.mode])
+
+    summary["wall_time_s"] = time.perf_counter() - started
+    plot_rewards(run_dir / "metrics.jsonl", run_dir / "reward_curves.png")
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    logger.info("held-out reward %.3f +- %.3f -> %.3f +- %.3f (%.1f combined SEMs); run dir %s",
+                summary["reward_heldout_initial"], summary["reward_heldout_initial_sem"],
+                summary["reward_heldout_final"], summary["reward_heldout_final_sem"], summary["heldout_gain_in_sem"], run_dir)
+    return summary
