@@ -17,7 +17,8 @@ from bench import learner_batching, sampling_overhead
 from bench.harness import interleaved
 from bench.results import BenchResult, Measurement, Stats, Target
 from bench.workload import corpus, latent_shape, policy_config
-from policy.policy import EditPolicy, adapter_checksum
+from editrl.policy.adapter import adapter_checksum
+from editrl.policy.policy import EditPolicy
 
 logger = logging.getLogger(__name__)
 

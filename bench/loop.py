@@ -1,16 +1,16 @@
 """The sequential training loop's pieces as the benchmarks drive them directly
-(actor handles, a plain :class:`learner.learner.Learner`): the same worker
-methods and adapter publication that :class:`editrl.pool.WorkerPool` uses."""
+(actor handles, a plain :class:`editrl.learner.learner.Learner`): the same worker
+methods and adapter publication that :class:`editrl.cluster.pool.WorkerPool` uses."""
 from __future__ import annotations
 
 import numpy as np
 import ray
 
-from editrl.config import TrainConfig
-from editrl.data.dataset import PromptDataset
-from learner.learner import Learner
-from policy.policy import adapter_checksum
-from protocol.rollout import Group, GroupFailure, GroupTask
+from editrl.cluster.config import TrainConfig
+from editrl.learner.learner import Learner
+from editrl.policy.adapter import adapter_checksum
+from editrl.protocol.dataset import PromptDataset
+from editrl.protocol.rollout import Group, GroupFailure, GroupTask
 
 
 class PromptSampler:
@@ -35,14 +35,13 @@ def make_train_tasks(config: TrainConfig, dataset: PromptDataset, indices: list[
     return [
         GroupTask(group_id=f"s{step:05d}-g{slot:03d}-{dataset[i].prompt_id}", prompt_id=dataset[i].prompt_id,
                   instruction=dataset[i].instruction, video_path=dataset[i].video_path,
-                  seed=(config.seed * 1_000_003 + step * 1009 + slot) % 2**62, group_size=config.group_size,
-                  eta=config.policy.eta)
+                  seed=(config.seed * 1_000_003 + step * 1009 + slot) % 2**62, group_size=config.group_size)
         for slot, i in enumerate(indices)
     ]
 
 
 def publish_adapter(learner: Learner, workers: list) -> None:
-    """What :meth:`learner.actor.LearnerService.publish` and the pool do: pack the
+    """What :meth:`editrl.learner.actor.LearnerService.publish` and the pool do: pack the
     adapter, checksum it once, put it in the object store once and load it on
     every worker: verify and stage it, then load it (waits for both)."""
     packed = learner.policy.pack_adapter()

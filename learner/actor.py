@@ -1,4 +1,4 @@
-"""Ray actor shell around :class:`learner.learner.Learner`: the learner runs in
+"""Ray actor shell around :class:`editrl.learner.learner.Learner`: the learner runs in
 its own process (on a GPU node when asked), so the driver keeps dispatching
 rollouts while it trains."""
 from __future__ import annotations
@@ -8,12 +8,13 @@ from pathlib import Path
 import ray
 import torch
 
-from learner.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from learner.config import LearnerConfig
-from learner.learner import Learner
-from policy.config import PolicyConfig
-from policy.policy import EditPolicy, adapter_checksum
-from protocol.rollout import Group
+from editrl.learner.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from editrl.learner.config import LearnerConfig
+from editrl.learner.learner import Learner
+from editrl.policy.adapter import adapter_checksum
+from editrl.policy.config import PolicyConfig
+from editrl.policy.policy import EditPolicy
+from editrl.protocol.rollout import Group
 
 
 class LearnerService:
@@ -29,12 +30,12 @@ class LearnerService:
         return self.learner.policy_version
 
     def train_step(self, groups: list[Group]) -> dict:
-        """One update; see :meth:`learner.learner.Learner.train_step`."""
+        """One update; see :meth:`editrl.learner.learner.Learner.train_step`."""
         return self.learner.train_step(groups)
 
     def publish(self) -> list:
         """``[ref, policy_version, checksum]``: the adapter weights packed into one
-        flat fp32 buffer (:class:`policy.policy.PackedAdapter`) and put in the object
+        flat fp32 buffer (:class:`editrl.policy.policy.PackedAdapter`) and put in the object
         store once by the learner itself (they travel learner -> workers, not through
         the driver; Ray ships the buffer without pickling tensors), with the version
         and the checksum the workers verify (computed once, here)."""

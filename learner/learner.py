@@ -11,15 +11,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from learner.advantages import group_advantages
-from learner.config import LearnerConfig
-from learner.loss import clipped_ratio_loss, grpo_guard_log_ratio
-from policy.lora_export import export_diffusers_lora
-from policy.policy import EditPolicy
-from policy.samplers import wan_noise_range
-from policy.sampling import policy_steps
-from policy.sde import StepOutput, gaussian_kl_same_std
-from protocol.rollout import Group
+from editrl.learner.advantages import group_advantages
+from editrl.learner.config import LearnerConfig
+from editrl.learner.loss import ObjectiveStats, edit_grpo_objective
+from editrl.policy.lora_export import export_diffusers_lora
+from editrl.policy.policy import EditPolicy
+from editrl.policy.sampling import policy_steps
+from editrl.policy.sde import StepOutput
+from editrl.protocol.rollout import Group
 
 logger = logging.getLogger(__name__)
 
@@ -31,16 +30,37 @@ ratio is exactly 1 on CPU; the bounds leave room for batched timesteps and
 non-deterministic GPU kernels. A larger error is logged as a warning."""
 
 
+STAT_KEYS = ("loss", "pg_loss", "kl_ref", "ratio_mean", "clip_frac", "approx_kl")
+"""Statistics of :class:`editrl.learner.loss.ObjectiveStats` averaged over (group, step) terms."""
+
+
 @dataclass
 class GradientStats:
-    """What :meth:`Learner.accumulate_gradients` measured (sums over (group, step) terms)."""
+    """What :meth:`Learner.accumulate_gradients` measured: sums over (group, step) terms
+    of :class:`editrl.learner.loss.ObjectiveStats`, and the extremes of the surrogate's ratio."""
 
-    sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("pg_loss", "kl", "ratio_mean", "clip_frac", "approx_kl"), 0.0))
+    sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAT_KEYS, 0.0))
     terms: int = 0
+    ratio_min: float = float("inf")
+    ratio_max: float = float("-inf")
     log_ratios: list[torch.Tensor] = field(default_factory=list)
     """Raw ``logp_theta - logp_old`` of every trained (sample, step), detached."""
     ratio_error_per_group: list[float] = field(default_factory=list)
-    """max |ratio - 1| over each group's samples and steps (NaN for an untrained group)."""
+    """max |exp(log r) - 1| over each group's samples and steps (NaN for an untrained group)."""
+
+    def add(self, term: ObjectiveStats) -> None:
+        for key in STAT_KEYS:
+            self.sums[key] += getattr(term, key)
+        self.ratio_min, self.ratio_max = min(self.ratio_min, term.ratio_min), max(self.ratio_max, term.ratio_max)
+        self.log_ratios.append(term.log_ratio)
+        self.terms += 1
+
+    def merge(self, other: "GradientStats") -> None:
+        for key in STAT_KEYS:
+            self.sums[key] += other.sums[key]
+        self.ratio_min, self.ratio_max = min(self.ratio_min, other.ratio_min), max(self.ratio_max, other.ratio_max)
+        self.log_ratios += other.log_ratios
+        self.terms += other.terms
 
 
 class Learner:
@@ -63,14 +83,22 @@ class Learner:
 
         For every group and every stochastic step t, the step's log-prob of the
         recorded ``x_{t+1}`` is recomputed under the current policy (same guided
-        forward as sampling), and the loss per (group, step) is
-        ``pg_loss + kl_coef * KL(policy || reference)``, averaged over all
-        (group, step) terms of a minibatch before each optimizer step.
+        forward as sampling, with the group's sampler spec), and the loss per
+        (group, step) is :func:`editrl.learner.loss.edit_grpo_objective`
+        (``pg_loss + kl_coef * kl_ref``), averaged over all (group, step) terms of a
+        minibatch before each optimizer step.
 
         Returns:
-            Metrics: losses, ratio and log-ratio statistics, the on-policy ratio
-            error, advantage statistics, grad norm, timings (seconds) and the new
-            ``policy_version``. The reward-config versions of the groups are kept
+            Metrics: ``loss``, ``pg_loss``, ``kl_ref`` (exact KL to the reference
+            policy), ``ratio_mean``, ``clip_frac``, ``approx_kl`` (k2) averaged over
+            terms and ``ratio_min``/``ratio_max``, all of the surrogate's ratio
+            (:class:`editrl.learner.loss.ObjectiveStats`); ``log_ratio_mean``/``_std``
+            of the raw log importance ratio; ``onpolicy_ratio_error`` (max
+            ``|r - 1|`` over the first minibatch's groups sampled with the current
+            version, NaN when there are none); ``grad_norm`` (the largest, over the
+            minibatches, global L2 norm of the LoRA gradients before clipping to
+            ``max_grad_norm``); advantage statistics; ``time_train_s`` (seconds) and
+            the new ``policy_version``. The reward-config versions of the groups are kept
             in ``last_reward_config_versions`` (a warning when one update mixes
             rewards of several configs, e.g. across a runtime swap).
 
@@ -97,10 +125,7 @@ class Learner:
                     e for i, e in zip(minibatch, stats.ratio_error_per_group)
                     if groups[i].policy_version == self.policy_version and not math.isnan(e)
                 ]
-            for key, value in stats.sums.items():
-                total.sums[key] += value
-            total.terms += stats.terms
-            total.log_ratios += stats.log_ratios
+            total.merge(stats)
             grad_norms.append(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm).item())
             self.optimizer.step()
         self.policy_version += 1
@@ -108,8 +133,8 @@ class Learner:
         log_ratios = torch.cat(total.log_ratios)
         metrics = {key: value / max(total.terms, 1) for key, value in total.sums.items()}
         metrics.update(
-            ratio_min=log_ratios.exp().min().item(),
-            ratio_max=log_ratios.exp().max().item(),
+            ratio_min=total.ratio_min,
+            ratio_max=total.ratio_max,
             log_ratio_mean=log_ratios.mean().item(),
             log_ratio_std=log_ratios.std(unbiased=False).item(),
             onpolicy_ratio_error=max(onpolicy_errors) if onpolicy_errors else float("nan"),
@@ -138,9 +163,11 @@ class Learner:
         """Add the gradient of one minibatch's loss to the LoRA parameters' ``.grad``.
 
         The loss is the mean over the minibatch's (group, stochastic step) terms of
-        ``pg_loss + kl_coef * KL``. ``timesteps_per_forward`` steps of a trajectory
-        share one batched forward and backward; the loss and gradients equal the
-        per-step loop's up to float rounding.
+        :func:`editrl.learner.loss.edit_grpo_objective`. Each group's log-probs are
+        recomputed with the sampler it was sampled with (``group.sampler``), never
+        with the learner's own settings. ``timesteps_per_forward`` steps of a
+        trajectory share one batched forward and backward; the loss and gradients
+        equal the per-step loop's up to float rounding.
 
         Args:
             groups: the minibatch's groups.
@@ -152,89 +179,63 @@ class Learner:
         """
         cfg = self.config
         stats = GradientStats()
-        num_terms = sum(int(g.sde_mask.sum()) for g in groups)
+        num_terms = sum(sum(g.sampler.stochastic) for g in groups)
         if num_terms == 0:
             raise ValueError("no stochastic (trained) step in these groups")
+        ratio_norm = cfg.ratio_norm == "grpo_guard"
         for group, group_advantages_ in zip(groups, advantages):
-            if cfg.ratio_norm == "grpo_guard" and group.means is None:
+            if ratio_norm and group.means is None:
                 raise ValueError(f"ratio_norm=grpo_guard needs the transition means of group {group.task.group_id}")
-            steps = torch.nonzero(group.sde_mask).flatten().tolist()
+            steps = [t for t, stochastic in enumerate(group.sampler.stochastic) if stochastic]
             if not steps:
                 logger.warning("group %s has no stochastic step; it is not trained", group.task.group_id)
                 stats.ratio_error_per_group.append(float("nan"))
                 continue
             group_error = 0.0
+            sigmas = group.sampler.sigmas
             for first in range(0, len(steps), cfg.timesteps_per_forward):
                 chunk = steps[first : first + cfg.timesteps_per_forward]
                 outs, ref_means = self._forward(group, chunk)
                 chunk_loss = None
                 for j, (t, out) in enumerate(zip(chunk, outs)):
-                    loss, log_ratio = self._step_loss(group, t, out, group_advantages_, None if ref_means is None else ref_means[j], stats)
+                    device = out.log_prob.device
+                    loss, term = edit_grpo_objective(
+                        out.log_prob, group.log_probs[:, t].to(device), group_advantages_.to(device),
+                        out.mean, group.means[:, t].to(device) if ratio_norm else None,
+                        None if ref_means is None else ref_means[j], out.std, sigmas[t + 1] - sigmas[t],
+                        cfg.clip_range, cfg.kl_coef, ratio_norm=ratio_norm, reweight=ratio_norm and cfg.grpo_guard_reweight,
+                    )
                     chunk_loss = loss if chunk_loss is None else chunk_loss + loss
-                    stats.log_ratios.append(log_ratio)
-                    group_error = max(group_error, (log_ratio.exp() - 1.0).abs().max().item())
+                    stats.add(term)
+                    group_error = max(group_error, (term.log_ratio.exp() - 1.0).abs().max().item())
                 (chunk_loss / num_terms).backward()
             stats.ratio_error_per_group.append(group_error)
         return stats
 
     def _forward(self, group: Group, chunk: list[int]) -> tuple[list[StepOutput], list[torch.Tensor] | None]:
-        """The policy's steps at ``chunk`` (with grad) and, when the KL term is on,
-        the reference policy's means there (adapter disabled, no grad)."""
-        pc = self.policy.config
+        """The policy's steps at ``chunk`` (with grad), recomputed with the group's
+        sampler spec, and, when the KL term is on, the reference policy's means there
+        (adapter disabled, no grad)."""
         device = self.policy.device
         g = group.latents.shape[0]
         cond = [t.to(device).expand(g, *t.shape[1:]) for t in (group.source_latents, group.text_embeds, group.null_embeds)]
-        sigmas = group.sigmas.tolist()
-        args = (
-            [group.latents[:, t].to(device) for t in chunk], [(sigmas[t], sigmas[t + 1]) for t in chunk], *cond,
-            pc.eta, pc.guidance_scale,
-        )
-        kwargs = dict(
-            x_nexts=[group.latents[:, t + 1].to(device) for t in chunk], sampler=pc.sampler,
-            noise_range=wan_noise_range(sigmas) if pc.sampler == "flow_sde_wan" else None,
-        )
-        outs = policy_steps(self.policy, *args, **kwargs)
+        xs = [group.latents[:, t].to(device) for t in chunk]
+        x_nexts = [group.latents[:, t + 1].to(device) for t in chunk]
+        outs = policy_steps(self.policy, group.sampler, chunk, xs, *cond, x_nexts=x_nexts)
+        for t, out in zip(chunk, outs):
+            if out.log_prob is None:
+                raise ValueError(f"step {t} of group {group.task.group_id} is deterministic and cannot be trained")
         if self.config.kl_coef <= 0:
             return outs, None
         with torch.no_grad(), self.policy.adapter_disabled():
-            ref_means = [out.mean for out in policy_steps(self.policy, *args, **kwargs)]
+            ref_means = [out.mean for out in policy_steps(self.policy, group.sampler, chunk, xs, *cond, x_nexts=x_nexts)]
         return outs, ref_means
-
-    def _step_loss(
-        self, group: Group, t: int, out: StepOutput, advantages: torch.Tensor, ref_mean: torch.Tensor | None, stats: GradientStats
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Loss of one (group, step) term; adds its statistics to ``stats``; returns
-        the loss and the raw log-ratio (detached)."""
-        cfg = self.config
-        if out.log_prob is None:
-            raise ValueError(f"step {t} of group {group.task.group_id} is deterministic and cannot be trained")
-        device = out.log_prob.device
-        old_log_prob = group.log_probs[:, t].to(device)
-        log_ratio = out.log_prob - old_log_prob
-        used = log_ratio
-        if cfg.ratio_norm == "grpo_guard":
-            used = grpo_guard_log_ratio(out.log_prob, old_log_prob, out.mean, group.means[:, t].to(device), out.std)
-        pg_loss, clip_stats = clipped_ratio_loss(used, advantages.to(device), cfg.clip_range)
-        if cfg.ratio_norm == "grpo_guard" and cfg.grpo_guard_reweight:
-            pg_loss = pg_loss / float(group.sigmas[t] - group.sigmas[t + 1])
-        loss = pg_loss
-        if ref_mean is not None:
-            kl = gaussian_kl_same_std(out.mean, ref_mean, out.std).mean()
-            loss = loss + cfg.kl_coef * kl
-            stats.sums["kl"] += kl.item()
-        raw = log_ratio.detach().cpu()
-        stats.sums["pg_loss"] += pg_loss.item()
-        stats.sums["clip_frac"] += clip_stats["clip_frac"].item()
-        stats.sums["ratio_mean"] += raw.exp().mean().item()
-        stats.sums["approx_kl"] += (0.5 * raw**2).mean().item()
-        stats.terms += 1
-        return loss, raw
 
     def save_adapter(self, directory: str | Path) -> Path:
         """Write the LoRA adapter in peft format (``adapter_model.safetensors`` and
         ``adapter_config.json``) and in the diffusers format that a Wan pipeline's
         ``load_lora_weights`` reads (``pytorch_lora_weights.safetensors``, see
-        :func:`policy.lora_export.export_diffusers_lora`), and ``editrl_adapter.json``
+        :func:`editrl.policy.lora_export.export_diffusers_lora`), and ``editrl_adapter.json``
         with the policy version and the denoising steps the adapter acts on
         (``active_steps``, null for all); return the directory."""
         directory = Path(directory)

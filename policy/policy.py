@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict
 
-from policy.config import PolicyConfig
-from policy.model import (
+from editrl.policy.adapter import AdapterIndex, AdapterMismatchError, PackedAdapter
+from editrl.policy.config import PolicyConfig
+from editrl.policy.model import (
     PolicyComponents,
     build_tiny_components,
     cast_weights,
@@ -29,17 +27,14 @@ from policy.model import (
     load_components,
     vae_spatial_factor,
 )
-from policy.schedule import stochastic_steps
+from editrl.policy.schedule import stochastic_steps
+from editrl.protocol.rollout import SamplerSpec
 
 logger = logging.getLogger(__name__)
 
 ADAPTER_NAME = "default"
 
 MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-class AdapterMismatchError(RuntimeError):
-    """Adapter weights that do not fit the policy's LoRA modules."""
 
 
 def lora_target_regex(names: list[str], attention: tuple[str, ...] = ("self", "cross")) -> str:
@@ -87,7 +82,7 @@ class EditPolicy:
         if self.num_lora_modules == 0:
             raise AdapterMismatchError(f"LoRA attached to no module (targets {lora.target_modules})")
         logger.info("LoRA rank %d attached to %d modules", lora.rank, self.num_lora_modules)
-        self._index_adapter()
+        self.adapter = AdapterIndex(self.transformer, ADAPTER_NAME, self.num_lora_modules)
         vae_config = self.vae.config
         self._latents_mean = torch.tensor(vae_config.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
         self._latents_std = torch.tensor(vae_config.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
@@ -113,7 +108,7 @@ class EditPolicy:
         """For each of the T steps, whether it is stochastic and trained: the first
         ``int(sde_fraction * T)`` steps (at least one), or the configured SDE window
         inside them (placed by the group's ``seed`` or the ``policy_version``; see
-        :func:`policy.schedule.stochastic_steps`). All False with the ``ode`` sampler."""
+        :func:`editrl.policy.schedule.stochastic_steps`). All False with the ``ode`` sampler."""
         c = self.config
         if c.sampler == "ode":
             return [False] * c.num_steps
@@ -121,6 +116,15 @@ class EditPolicy:
         if w is None:
             return stochastic_steps(c.num_steps, c.sde_fraction)
         return stochastic_steps(c.num_steps, c.sde_fraction, w.size, w.position, w.start, w.stride, w.every, policy_version, seed)
+
+    def sampler_spec(self, seed: int = 0, policy_version: int = 0, deterministic: bool = False) -> SamplerSpec:
+        """The configured sampler for one group (:class:`editrl.protocol.rollout.SamplerSpec`):
+        rule, eta, CFG scale, this policy's schedule and :meth:`sde_steps`; with
+        ``deterministic`` every step is an Euler (ODE) step (evaluation)."""
+        c = self.config
+        if deterministic:
+            return SamplerSpec.build("ode", 0.0, c.guidance_scale, self.sigmas(), [False] * c.num_steps)
+        return SamplerSpec.build(c.sampler, c.eta, c.guidance_scale, self.sigmas(), self.sde_steps(seed, policy_version))
 
     # ---- encoders -------------------------------------------------------
     @torch.no_grad()
@@ -254,173 +258,27 @@ class EditPolicy:
         finally:
             self.transformer.enable_adapters()
 
-    def _index_adapter(self) -> None:
-        """Map every key of peft's adapter state dict to its LoRA parameter, once.
-
-        The keys, shapes and module count never change after the adapter is
-        attached, so publishing and loading walk this index (one entry per LoRA
-        matrix) instead of the whole model's state dict: their cost depends on
-        the adapter's size, not the model's.
-
-        Raises:
-            AdapterMismatchError: a key of peft's state dict is not a parameter of
-                the transformer, or the keys do not cover ``num_lora_modules`` modules.
-        """
-        by_pointer = {p.data_ptr(): p for n, p in self.transformer.named_parameters() if "lora_" in n}
-        state = get_peft_model_state_dict(self.transformer, adapter_name=ADAPTER_NAME)
-        keys = tuple(sorted(state))
-        params = []
-        for key in keys:
-            param = by_pointer.get(state[key].data_ptr())
-            if param is None:
-                raise AdapterMismatchError(f"adapter key {key} is not a LoRA parameter of the transformer")
-            params.append(param)
-        self._adapter_keys = keys
-        self._adapter_params = tuple(params)
-        self._adapter_shapes = tuple(tuple(p.shape) for p in params)
-        self._adapter_offsets = tuple(np.cumsum([0] + [p.numel() for p in params]).tolist())
-        modules = _adapter_modules(keys)
-        if modules != self.num_lora_modules:
-            raise AdapterMismatchError(f"adapter covers {modules} modules, policy has {self.num_lora_modules}")
-
     def adapter_state(self) -> dict[str, torch.Tensor]:
         """The adapter's weights in peft's key format (keys sorted), as contiguous CPU
-        fp32 copies."""
-        return {k: p.detach().to("cpu", torch.float32, copy=True).contiguous()
-                for k, p in zip(self._adapter_keys, self._adapter_params)}
+        fp32 copies (:meth:`editrl.policy.adapter.AdapterIndex.state`)."""
+        return self.adapter.state()
 
-    def pack_adapter(self) -> "PackedAdapter":
-        """The adapter's weights as one flat CPU fp32 buffer (see :class:`PackedAdapter`):
-        what the learner publishes (one buffer travels through Ray's object store
-        without a copy per tensor and is checksummed in one pass)."""
-        with torch.no_grad():
-            flat = torch.cat([p.detach().reshape(-1) for p in self._adapter_params])
-        values = flat.to("cpu", torch.float32).numpy()
-        return PackedAdapter(keys=self._adapter_keys, shapes=self._adapter_shapes, values=values)
+    def pack_adapter(self) -> PackedAdapter:
+        """The adapter's weights as one flat CPU fp32 buffer (:meth:`editrl.policy.adapter.AdapterIndex.pack`)."""
+        return self.adapter.pack()
 
-    def load_adapter_state(self, state: "dict[str, torch.Tensor] | PackedAdapter", checksum: str | None = None) -> None:
-        """Load adapter weights produced by :meth:`adapter_state` or :meth:`pack_adapter`,
-        copying them in place into the LoRA parameters.
-
-        Everything is verified (:meth:`check_adapter_state`) before a single
-        parameter changes, so a rejected adapter leaves the loaded one intact.
-
-        Args:
-            state: peft-format key -> tensor (any float dtype, any shape-compatible
-                layout), or a :class:`PackedAdapter`.
-            checksum: :func:`adapter_checksum` of the weights as published; checked
-                when given.
+    def load_adapter_state(self, state: dict[str, torch.Tensor] | PackedAdapter, checksum: str | None = None) -> None:
+        """Verify, then load adapter weights in place (:meth:`editrl.policy.adapter.AdapterIndex.load`).
 
         Raises:
-            AdapterMismatchError: see :meth:`check_adapter_state`.
+            AdapterMismatchError: the weights do not fit this policy's adapter.
         """
-        keys = self.check_adapter_state(state, checksum)
-        with torch.no_grad():
-            if isinstance(state, PackedAdapter):
-                self._copy_packed(state.values)
-            else:
-                for key, param in zip(keys, self._adapter_params):
-                    param.copy_(state[key])
+        self.adapter.load(state, checksum)
 
-    def check_adapter_state(self, state: "dict[str, torch.Tensor] | PackedAdapter", checksum: str | None = None) -> tuple[str, ...]:
-        """Verify that ``state`` fits this policy's LoRA adapter, without loading it.
-
-        Args:
-            state: as for :meth:`load_adapter_state`.
-            checksum: :func:`adapter_checksum` of the weights as published; checked
-                when given (a CRC-32 over every value: the only check whose cost
-                grows with the adapter size).
-
-        Returns:
-            The adapter's keys in load order.
+    def check_adapter_state(self, state: dict[str, torch.Tensor] | PackedAdapter, checksum: str | None = None) -> tuple[str, ...]:
+        """Verify adapter weights without loading them (:meth:`editrl.policy.adapter.AdapterIndex.check`).
 
         Raises:
-            AdapterMismatchError: the keys do not cover exactly this policy's LoRA
-                modules, a shape differs, a packed buffer has the wrong length, or
-                ``checksum`` does not match the weights.
+            AdapterMismatchError: the weights do not fit this policy's adapter.
         """
-        if isinstance(state, PackedAdapter):
-            keys, shapes = tuple(state.keys), tuple(tuple(s) for s in state.shapes)
-        else:
-            keys = tuple(sorted(state))
-            shapes = tuple(tuple(state[k].shape) for k in keys)
-        if keys != self._adapter_keys:
-            expected = set(self._adapter_keys)
-            missing, extra = sorted(expected - set(keys))[:3], sorted(set(keys) - expected)[:3]
-            raise AdapterMismatchError(f"adapter keys differ: missing {missing}, unexpected {extra}")
-        if shapes != self._adapter_shapes:
-            bad = [(k, got, want) for k, got, want in zip(keys, shapes, self._adapter_shapes) if got != want]
-            raise AdapterMismatchError(f"adapter shapes differ: {bad[:3]} (key, got, expected)")
-        # Equal keys mean the adapter covers exactly the num_lora_modules modules that
-        # _index_adapter counted, so the module count needs no separate check here.
-        if isinstance(state, PackedAdapter) and state.values.shape != (self._adapter_offsets[-1],):
-            raise AdapterMismatchError(f"packed adapter holds {state.values.shape} values, expected ({self._adapter_offsets[-1]},)")
-        if checksum is not None and adapter_checksum(state) != checksum:
-            raise AdapterMismatchError("adapter checksum mismatch")
-        return keys
-
-    def _copy_packed(self, values: np.ndarray) -> None:
-        """Copy a flat fp32 buffer (possibly a read-only view of Ray's object store)
-        into the LoRA parameters, slice by slice in key order."""
-        offsets = self._adapter_offsets
-        params = self._adapter_params
-        if all(p.device.type == "cpu" and p.dtype == torch.float32 for p in params):
-            for i, param in enumerate(params):  # numpy views of the parameters: no temporary tensors
-                param.detach().numpy().reshape(-1)[:] = values[offsets[i] : offsets[i + 1]]
-            return
-        flat = torch.from_numpy(np.array(values, dtype=np.float32, copy=True)).to(params[0].device)
-        for i, param in enumerate(params):
-            param.copy_(flat[offsets[i] : offsets[i + 1]].view(param.shape))
-
-
-@dataclass(frozen=True)
-class PackedAdapter:
-    """An adapter's weights in one flat buffer, as the learner publishes them.
-
-    Attributes:
-        keys: peft-format keys, sorted (``...attn1.to_q.lora_A.weight``).
-        shapes: each key's tensor shape, in the same order.
-        values: ``float32`` ``(N,)``, the tensors' values (C order) one after the
-            other in key order; ``N`` is the sum of the shapes' sizes.
-    """
-
-    keys: tuple[str, ...]
-    shapes: tuple[tuple[int, ...], ...]
-    values: np.ndarray
-
-    def to_state(self) -> dict[str, torch.Tensor]:
-        """peft-format key -> CPU fp32 tensor (copies)."""
-        out, start = {}, 0
-        for key, shape in zip(self.keys, self.shapes):
-            size = int(np.prod(shape, dtype=np.int64))
-            out[key] = torch.from_numpy(np.array(self.values[start : start + size], dtype=np.float32).reshape(shape))
-            start += size
-        return out
-
-
-def _adapter_modules(keys) -> int:
-    """How many modules the keys' LoRA matrices belong to."""
-    return len({k.rsplit(".lora_", 1)[0] for k in keys})
-
-
-def adapter_checksum(state: "dict[str, torch.Tensor] | PackedAdapter") -> str:
-    """CRC-32 over the adapter's layout (sorted keys and shapes) and then its raw fp32
-    bytes in that key order, as ``"crc32:<8 hex digits>"``.
-
-    A dict and the :class:`PackedAdapter` of the same weights give the same value.
-    It detects corrupted or mismatched transfers (any change of up to 32 bits,
-    others with probability 1 - 2^-32), not deliberate tampering; it is one
-    pass over the bytes at memory speed, which keeps publishing cheap.
-    """
-    if isinstance(state, PackedAdapter):
-        keys, shapes = tuple(state.keys), tuple(tuple(s) for s in state.shapes)
-        chunks = [np.ascontiguousarray(state.values, dtype=np.float32)]
-    else:
-        keys = tuple(sorted(state))
-        shapes = tuple(tuple(state[k].shape) for k in keys)
-        chunks = [state[k].detach().to("cpu", torch.float32).contiguous().numpy() for k in keys]
-    header = "\n".join(f"{k}:{','.join(map(str, shape))}" for k, shape in zip(keys, shapes))
-    crc = zlib.crc32(header.encode())
-    for chunk in chunks:
-        crc = zlib.crc32(memoryview(chunk).cast("B"), crc)
-    return f"crc32:{crc:08x}"
+        return self.adapter.check(state, checksum)

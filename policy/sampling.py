@@ -7,9 +7,10 @@ from dataclasses import dataclass
 
 import torch
 
-from policy.policy import EditPolicy
-from policy.samplers import sampler_step, wan_noise_range
-from policy.sde import StepOutput
+from editrl.policy.policy import EditPolicy
+from editrl.policy.samplers import sampler_step
+from editrl.policy.sde import StepOutput
+from editrl.protocol.rollout import SamplerSpec
 
 
 @dataclass
@@ -20,10 +21,8 @@ class Trajectories:
     """``(G, T + 1, C, f, h, w)``: x at sigma_0 = 1 (noise) ... sigma_T = 0 (the edit)."""
     log_probs: torch.Tensor
     """``(G, T)``: log p(x_{t+1} | x_t) (mean over elements); NaN on deterministic steps."""
-    sigmas: torch.Tensor
-    """``(T + 1,)`` the schedule."""
-    sde_mask: torch.Tensor
-    """``(T,)`` bool: which steps were stochastic (and are trained)."""
+    spec: SamplerSpec
+    """How they were sampled; its ``stochastic`` flags mark the steps that actually were."""
     means: torch.Tensor | None = None
     """``(G, T, C, f, h, w)`` transition means at sampling time, when asked for
     (GRPO-Guard's ratio normalisation needs them); None otherwise."""
@@ -31,34 +30,30 @@ class Trajectories:
 
 def policy_steps(
     policy: EditPolicy,
+    spec: SamplerSpec,
+    steps: list[int],
     xs: list[torch.Tensor],
-    sigma_pairs: list[tuple[float, float]],
     source_latents: torch.Tensor,
     text_embeds: torch.Tensor,
     null_embeds: torch.Tensor,
-    eta: float,
-    guidance_scale: float,
     noises: list[torch.Tensor | None] | None = None,
     x_nexts: list[torch.Tensor | None] | None = None,
-    *,
-    sampler: str = "flow_sde",
-    noise_range: tuple[float, float] | None = None,
 ) -> list[StepOutput]:
     """k guided steps of the policy (possibly at k different sigmas) in one batched
     forward; the one code path of rollout sampling (k = 1) and the learner's
     recomputation, so on-policy ratios are exactly 1 when the batch is the same.
 
     Args:
-        xs: k latents ``(B, C, f, h, w)`` (the same B for all).
-        sigma_pairs: k ``(sigma, sigma_next)``.
+        spec: the sampler (rule, eta, CFG scale, schedule, stochastic steps); step
+            ``t`` runs ``spec.rule(t)`` from ``spec.sigmas[t]`` to ``spec.sigmas[t + 1]``.
+        steps: the k step indices.
+        xs: k latents ``(B, C, f, h, w)`` fp32 (the same B for all).
         source_latents, text_embeds, null_embeds: ``(B, ...)`` conditioning, shared by the k steps.
-        eta, guidance_scale: sampler noise scale and CFG scale.
         noises: k standard-normal tensors (or None) to sample stochastic steps.
         x_nexts: k recorded next latents (or None) to score instead of sampling.
-        sampler: see :mod:`policy.samplers`; ``noise_range`` is the ``(s_max, s_min)`` of ``flow_sde_wan``.
 
     Returns:
-        k :class:`policy.sde.StepOutput`, in order.
+        k :class:`editrl.policy.sde.StepOutput`, in order.
 
     Raises:
         ValueError: mismatched list lengths, or a step's own errors.
@@ -66,49 +61,43 @@ def policy_steps(
     k = len(xs)
     noises = noises if noises is not None else [None] * k
     x_nexts = x_nexts if x_nexts is not None else [None] * k
-    if not k or len(sigma_pairs) != k or len(noises) != k or len(x_nexts) != k:
-        raise ValueError("xs, sigma_pairs, noises and x_nexts need the same non-zero length")
+    if not k or len(steps) != k or len(noises) != k or len(x_nexts) != k:
+        raise ValueError("steps, xs, noises and x_nexts need the same non-zero length")
     batch = xs[0].shape[0]
     if k == 1:
-        sigma = sigma_pairs[0][0]
+        sigma = spec.sigmas[steps[0]]
         x = xs[0]
         source, text, null = source_latents, text_embeds, null_embeds
     else:
-        sigma = torch.tensor([pair[0] for pair in sigma_pairs], dtype=torch.float32).repeat_interleave(batch)
+        sigma = torch.tensor([spec.sigmas[t] for t in steps], dtype=torch.float32).repeat_interleave(batch)
         x = torch.cat(xs, dim=0)
         source, text, null = (t.repeat(k, *([1] * (t.ndim - 1))) for t in (source_latents, text_embeds, null_embeds))
-    v = policy.velocity(x, sigma, source, text, null, guidance_scale)
-    return [
-        sampler_step(sampler, x_i, v_i, s, s_next, eta, noise=n, x_next=xn, noise_range=noise_range)
-        for x_i, v_i, (s, s_next), n, xn in zip(xs, v.split(batch, dim=0), sigma_pairs, noises, x_nexts)
-    ]
+    v = policy.velocity(x, sigma, source, text, null, spec.guidance_scale)
+    outs = []
+    for t, x_i, v_i, n, xn in zip(steps, xs, v.split(batch, dim=0), noises, x_nexts):
+        sampler, eta = spec.rule(t)
+        outs.append(sampler_step(sampler, x_i, v_i, spec.sigmas[t], spec.sigmas[t + 1], eta, noise=n, x_next=xn,
+                                 noise_range=spec.noise_range))
+    return outs
 
 
 def policy_step(
     policy: EditPolicy,
+    spec: SamplerSpec,
+    t: int,
     x: torch.Tensor,
-    sigma: float,
-    sigma_next: float,
     source_latents: torch.Tensor,
     text_embeds: torch.Tensor,
     null_embeds: torch.Tensor,
-    eta: float,
-    guidance_scale: float,
     noise: torch.Tensor | None = None,
     x_next: torch.Tensor | None = None,
-    *,
-    sampler: str = "flow_sde",
-    noise_range: tuple[float, float] | None = None,
 ) -> StepOutput:
-    """One guided step of the policy: :func:`policy_steps` with k = 1.
+    """Step ``t`` of the policy: :func:`policy_steps` with k = 1.
 
     Shapes: every tensor ``(B, ...)`` with B the group's samples; see
-    :func:`policy.samplers.sampler_step` for ``noise``/``x_next``/``noise_range``.
+    :func:`editrl.policy.samplers.sampler_step` for ``noise``/``x_next``.
     """
-    return policy_steps(
-        policy, [x], [(sigma, sigma_next)], source_latents, text_embeds, null_embeds, eta, guidance_scale,
-        [noise], [x_next], sampler=sampler, noise_range=noise_range,
-    )[0]
+    return policy_steps(policy, spec, [t], [x], source_latents, text_embeds, null_embeds, [noise], [x_next])[0]
 
 
 def _step_noise(shape: tuple[int, ...], generator: torch.Generator, antithetic: bool) -> torch.Tensor:
@@ -131,13 +120,9 @@ def sample_trajectories(
     text_embeds: torch.Tensor,
     null_embeds: torch.Tensor,
     group_size: int,
-    sigmas: list[float],
-    sde_mask: list[bool],
-    eta: float,
-    guidance_scale: float,
+    spec: SamplerSpec,
     generator: torch.Generator,
     *,
-    sampler: str = "flow_sde",
     shared_initial_noise: bool = False,
     antithetic: bool = False,
     record_means: bool = False,
@@ -145,14 +130,11 @@ def sample_trajectories(
     """Sample ``group_size`` trajectories for one (source, instruction) prompt.
 
     Args:
-        source_latents: ``(1, C, f, h, w)``.
+        source_latents: ``(1, C, f, h, w)`` fp32.
         text_embeds, null_embeds: ``(1, L, D)``.
-        sigmas: T + 1 decreasing noise levels from 1 to 0.
-        sde_mask: T flags; stochastic steps use ``sampler``, the others the Euler step.
-        eta: the sampler's noise scale (0 makes every step deterministic).
+        spec: the sampler: its rule on the steps it marks stochastic, Euler steps elsewhere.
         generator: the group's generator: it draws the initial noise and every
             step's noise, so a group is reproducible from its seed.
-        sampler: see :mod:`policy.samplers`.
         shared_initial_noise: every sample of the group starts from the same
             initial noise; the ODE steps before the first stochastic step are then
             identical for the group and computed once (batch 1), and the samples
@@ -166,7 +148,7 @@ def sample_trajectories(
     says so (``lora.active_steps``); the other steps run the base model.
 
     Returns:
-        :class:`Trajectories`; its ``sde_mask`` marks the steps that were actually
+        :class:`Trajectories`; its spec marks the steps that were actually
         stochastic (a requested step whose std is 0, such as CPS's last step,
         is deterministic and not trained).
 
@@ -178,8 +160,7 @@ def sample_trajectories(
         raise ValueError(f"antithetic sampling needs an even group size, got {group_size}")
     g = group_size
     device = source_latents.device
-    noise_range = wan_noise_range(sigmas) if sampler == "flow_sde_wan" else None
-    stochastic = [bool(m) and eta > 0 and sampler != "ode" for m in sde_mask]
+    stochastic = list(spec.stochastic)
     inactive = [t for t, s in enumerate(stochastic) if s and not policy.config.adapter_acts_at(t)]
     if inactive:
         raise ValueError(
@@ -194,7 +175,7 @@ def sample_trajectories(
         x = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
         branch = 0
     latents = [_expand(x, g).cpu()]
-    log_probs = torch.full((g, len(sde_mask)), float("nan"))
+    log_probs = torch.full((g, len(stochastic)), float("nan"))
     means = [] if record_means else None
     taken = []
     adapter_on = True
@@ -207,11 +188,8 @@ def sample_trajectories(
                 adapter_on = False
             n = x.shape[0]
             noise = _step_noise(shape, generator, antithetic).to(device) if is_stochastic else None
-            out = policy_step(
-                policy, x, sigmas[t], sigmas[t + 1], _expand(source_latents, n), _expand(text_embeds, n), _expand(null_embeds, n),
-                eta if is_stochastic else 0.0, guidance_scale, noise=noise,
-                sampler=sampler if is_stochastic else "ode", noise_range=noise_range,
-            )
+            out = policy_step(policy, spec, t, x, _expand(source_latents, n), _expand(text_embeds, n), _expand(null_embeds, n),
+                              noise=noise)
             x = out.x_next
             latents.append(_expand(x, g).cpu())
             if means is not None:
@@ -222,7 +200,6 @@ def sample_trajectories(
     return Trajectories(
         latents=torch.stack(latents, dim=1),
         log_probs=log_probs,
-        sigmas=torch.tensor(sigmas, dtype=torch.float32),
-        sde_mask=torch.tensor(taken, dtype=torch.bool),
+        spec=spec.with_stochastic(taken),
         means=torch.stack(means, dim=1) if means is not None else None,
     )

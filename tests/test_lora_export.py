@@ -6,12 +6,12 @@ import torch
 from conftest import CORPUS, tiny_policy_config
 from diffusers import WanPipeline
 
-from learner.config import LearnerConfig
-from learner.learner import Learner
-from policy.lora_export import diffusers_lora_state
-from policy.model import build_tiny_components, save_components
-from policy.policy import EditPolicy
-from policy.sampling import sample_trajectories
+from editrl.learner.config import LearnerConfig
+from editrl.learner.learner import Learner
+from editrl.policy.lora_export import diffusers_lora_state
+from editrl.policy.model import build_tiny_components, save_components
+from editrl.policy.policy import EditPolicy
+from editrl.policy.sampling import sample_trajectories
 
 
 def _randomise_lora(policy: EditPolicy, seed: int = 0, scale: float = 0.05) -> None:
@@ -40,10 +40,7 @@ def test_exported_lora_reproduces_the_policy_in_a_diffusers_wan_pipeline(tmp_pat
     _randomise_lora(policy)
     text, null = policy.encode_text([CORPUS[0]]), policy.encode_text([""])
     unused_source = torch.zeros(1, 4, 3, 8, 8)
-    traj = sample_trajectories(
-        policy, unused_source, text, null, 1, policy.sigmas(), [False] * 4, 0.0, config.guidance_scale,
-        torch.Generator().manual_seed(5),
-    )
+    traj = sample_trajectories(policy, unused_source, text, null, 1, policy.sampler_spec(deterministic=True), torch.Generator().manual_seed(5))
     adapter_dir = Learner(policy, LearnerConfig()).save_adapter(tmp_path / "adapter")
     assert (adapter_dir / "adapter_model.safetensors").is_file()  # peft format alongside
 

@@ -1,13 +1,13 @@
-"""Group advantages, the clipped-ratio loss and GRPO-Guard's ratio normalisation
-against hand-worked numbers."""
+"""Group advantages, the Edit-GRPO objective (clipped ratio, KL to the reference)
+and GRPO-Guard's ratio normalisation against hand-worked numbers."""
 import math
 
 import pytest
 import torch
 
-from learner.advantages import group_advantages
-from learner.loss import clipped_policy_loss, clipped_ratio_loss, grpo_guard_log_ratio
-from policy.sde import gaussian_log_prob
+from editrl.learner.advantages import group_advantages
+from editrl.learner.loss import edit_grpo_objective, grpo_guard_log_ratio
+from editrl.policy.sde import gaussian_log_prob
 
 
 def test_group_advantages_by_hand():
@@ -51,22 +51,31 @@ def test_advantages_reject_nan_rewards():
         group_advantages(torch.tensor([[1.0, float("nan")]]))
 
 
+def _objective(log_prob, advantages, clip_range, old_log_prob=None, **kwargs):
+    """The objective of N samples without KL or ratio normalisation (means unused)."""
+    n = log_prob.shape[0]
+    args = dict(mean=torch.zeros(n, 2), old_mean=None, ref_mean=None, std=1.0, dt=-0.1, kl_coef=0.0)
+    args.update(kwargs)
+    old = torch.zeros(n) if old_log_prob is None else old_log_prob
+    return edit_grpo_objective(log_prob, old, advantages, clip_range=clip_range, **args)
+
+
 def test_clipped_loss_above_the_clip_range():
     # ratio = 1.1 for both samples, clip range 0.05 -> clipped ratio 1.05.
     # A = +1: max(-1.1, -1.05) = -1.05 (clipped branch, no gradient)
     # A = -1: max(+1.1, +1.05) = +1.10 (unclipped branch)
     # loss = (-1.05 + 1.10) / 2 = 0.025
-    old = torch.zeros(2)
     log_prob = torch.full((2,), math.log(1.1), requires_grad=True)
-    loss, stats = clipped_policy_loss(log_prob, old, torch.tensor([1.0, -1.0]), 0.05)
+    loss, stats = _objective(log_prob, torch.tensor([1.0, -1.0]), 0.05)
     assert loss.item() == pytest.approx(0.025, abs=1e-6)
     loss.backward()
     # d/dlogp of +A * ratio / 2 for the unclipped sample: 1.1 / 2 = 0.55; 0 for the clipped one
     torch.testing.assert_close(log_prob.grad, torch.tensor([0.0, 0.55]))
-    assert stats["clip_frac"].item() == 1.0
-    assert stats["ratio_mean"].item() == pytest.approx(1.1)
-    # approx_kl = 0.5 * mean(log(1.1)^2) = 0.5 * 0.0090840
-    assert stats["approx_kl"].item() == pytest.approx(0.5 * math.log(1.1) ** 2, rel=1e-5)
+    assert stats.clip_frac == 1.0
+    assert stats.ratio_mean == pytest.approx(1.1) and stats.ratio_min == pytest.approx(1.1) and stats.ratio_max == pytest.approx(1.1)
+    # approx_kl (k2) = 0.5 * mean(log(1.1)^2) = 0.5 * 0.0090840
+    assert stats.approx_kl == pytest.approx(0.5 * math.log(1.1) ** 2, rel=1e-5)
+    assert stats.kl_ref == 0.0 and stats.loss == pytest.approx(stats.pg_loss)
 
 
 def test_clipped_loss_below_the_clip_range():
@@ -75,7 +84,7 @@ def test_clipped_loss_below_the_clip_range():
     # A = -1: max(+0.90, +0.95) = +0.95 (clipped: no gradient)
     # loss = (-0.90 + 0.95) / 2 = 0.025
     log_prob = torch.full((2,), math.log(0.9), requires_grad=True)
-    loss, _ = clipped_policy_loss(log_prob, torch.zeros(2), torch.tensor([1.0, -1.0]), 0.05)
+    loss, _ = _objective(log_prob, torch.tensor([1.0, -1.0]), 0.05)
     assert loss.item() == pytest.approx(0.025, abs=1e-6)
     loss.backward()
     torch.testing.assert_close(log_prob.grad, torch.tensor([-0.45, 0.0]))
@@ -84,11 +93,53 @@ def test_clipped_loss_below_the_clip_range():
 def test_inside_the_clip_range_is_the_plain_policy_gradient():
     # ratio = 1 (on-policy): loss = mean(-A) = -(2 - 1) / 2 = -0.5, gradient -A / N
     log_prob = torch.zeros(2, requires_grad=True)
-    loss, stats = clipped_policy_loss(log_prob, torch.zeros(2), torch.tensor([2.0, -1.0]), 0.2)
+    loss, stats = _objective(log_prob, torch.tensor([2.0, -1.0]), 0.2)
     assert loss.item() == pytest.approx(-0.5)
     loss.backward()
     torch.testing.assert_close(log_prob.grad, torch.tensor([-1.0, 0.5]))
-    assert stats["clip_frac"].item() == 0.0 and stats["ratio_mean"].item() == 1.0
+    assert stats.clip_frac == 0.0 and stats.ratio_mean == 1.0 and stats.approx_kl == 0.0
+
+
+def test_kl_to_the_reference_by_hand():
+    # one sample of two elements, std 0.2: (mean - ref)^2 / (2 std^2) = (0.04 / 0.08, 0) = (0.5, 0),
+    # element mean 0.25 = kl_ref; on-policy with A = 0 the surrogate is 0, so loss = 0.1 * 0.25 = 0.025.
+    # d loss / d mean = 0.1 * (mean - ref) / std^2 / 2 elements = 0.1 * (0.2, 0) / 0.04 / 2 = (0.25, 0)
+    mean = torch.tensor([[0.3, 0.1]], requires_grad=True)
+    loss, stats = edit_grpo_objective(
+        torch.zeros(1), torch.zeros(1), torch.zeros(1), mean, None, torch.tensor([[0.1, 0.1]]), std=0.2, dt=-0.1,
+        clip_range=1e-3, kl_coef=0.1,
+    )
+    assert stats.kl_ref == pytest.approx(0.25) and loss.item() == pytest.approx(0.025)
+    loss.backward()
+    torch.testing.assert_close(mean.grad, torch.tensor([[0.25, 0.0]]))
+
+
+def test_ratio_statistics_are_those_of_the_normalised_ratio_under_grpo_guard():
+    # the GRPO-Guard numbers of test_grpo_guard_log_ratio_by_hand: raw log r = -0.2, normalised log rho = 0.01.
+    # The surrogate clips rho = exp(0.01) = 1.01005: outside eps = 0.005 -> clip_frac 1, ratio_mean 1.01005,
+    # approx_kl = 0.5 * 0.01^2 = 5e-5; the raw log-ratio is kept apart. A = -1: loss = max(1.01005, 1.005) = 1.01005,
+    # reweighted by -dt = 0.5: 2.0201.
+    args = (torch.tensor([-1.0]), torch.tensor([-0.8]), torch.tensor([-1.0]), torch.tensor([[0.3, 0.1]]), torch.tensor([[0.1, 0.1]]), None)
+    loss, stats = edit_grpo_objective(*args, std=0.2, dt=-0.5, clip_range=0.005, kl_coef=0.0, ratio_norm=True)
+    assert stats.ratio_mean == pytest.approx(math.exp(0.01), rel=1e-6) and stats.clip_frac == 1.0
+    assert stats.approx_kl == pytest.approx(5e-5, rel=1e-4)
+    assert stats.log_ratio.tolist() == pytest.approx([-0.2], abs=1e-6)
+    assert loss.item() == pytest.approx(math.exp(0.01), rel=1e-6)
+    reweighted, _ = edit_grpo_objective(*args, std=0.2, dt=-0.5, clip_range=0.005, kl_coef=0.0, ratio_norm=True, reweight=True)
+    assert reweighted.item() == pytest.approx(math.exp(0.01) / 0.5, rel=1e-6)
+
+
+def test_objective_refuses_what_it_cannot_compute():
+    one = torch.zeros(1)
+    mean = torch.zeros(1, 2)
+    with pytest.raises(ValueError, match="old_mean"):
+        edit_grpo_objective(one, one, one, mean, None, None, std=1.0, dt=-0.1, clip_range=0.1, kl_coef=0.0, ratio_norm=True)
+    with pytest.raises(ValueError, match="ref_mean"):
+        edit_grpo_objective(one, one, one, mean, None, None, std=1.0, dt=-0.1, clip_range=0.1, kl_coef=0.1)
+    with pytest.raises(ValueError, match="dt < 0"):
+        edit_grpo_objective(one, one, one, mean, None, None, std=1.0, dt=0.1, clip_range=0.1, kl_coef=0.0)
+    with pytest.raises(ValueError, match="needs ratio_norm"):
+        edit_grpo_objective(one, one, one, mean, None, None, std=1.0, dt=-0.1, clip_range=0.1, kl_coef=0.0, reweight=True)
 
 
 def test_grpo_guard_log_ratio_by_hand():
@@ -116,10 +167,3 @@ def test_grpo_guard_removes_the_bias_and_the_1_over_std_scale_of_gaussian_log_ra
         torch.testing.assert_close(normalised, expected, rtol=1e-3, atol=1e-6)
         raw_sizes.append((log_prob - old_log_prob).abs().mean().item())
     assert raw_sizes[1] > 50 * raw_sizes[0]
-
-
-def test_clipped_policy_loss_is_the_ratio_loss_of_the_log_prob_difference():
-    log_prob, old, adv = torch.tensor([0.01, -0.02, 0.0]), torch.tensor([0.0, 0.0, 0.001]), torch.tensor([1.0, -1.0, 2.0])
-    a, stats_a = clipped_policy_loss(log_prob, old, adv, 0.005)
-    b, stats_b = clipped_ratio_loss(log_prob - old, adv, 0.005)
-    assert torch.equal(a, b) and all(torch.equal(stats_a[k], stats_b[k]) for k in stats_a)

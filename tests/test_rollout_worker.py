@@ -11,12 +11,12 @@ import pytest
 import torch
 from conftest import CORPUS, structured_clip, tiny_policy_config
 
-from editrl.reward_process import RewardServerProcess, free_port
-from policy.config import SdeWindowSettings
-from policy.policy import adapter_checksum
-from protocol.rollout import Group, GroupFailure, GroupTask
-from protocol.video import encode_mp4
-from rollout_workers.worker import RolloutWorker
+from editrl.cluster.reward_process import RewardServerProcess, free_port
+from editrl.policy.adapter import adapter_checksum
+from editrl.policy.config import SdeWindowSettings
+from editrl.protocol.rollout import Group, GroupFailure, GroupTask
+from editrl.protocol.video import encode_mp4
+from editrl.rollout_workers.worker import RolloutWorker
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,7 +42,7 @@ def _worker(url: str) -> RolloutWorker:
 
 
 def _task(path: str, group_id: str = "s1-g0", instruction: str = CORPUS[0]) -> GroupTask:
-    return GroupTask(group_id, "p0", instruction, path, seed=5, group_size=3, eta=0.7)
+    return GroupTask(group_id, "p0", instruction, path, seed=5, group_size=3)
 
 
 def test_worker_returns_a_complete_scored_group(reward_url, clip_path):
@@ -150,7 +150,7 @@ def test_worker_samples_the_configured_window_and_records_means(reward_url, clip
     worker = RolloutWorker(0, config, CORPUS, str(ROOT), reward_url, reward_timeout_s=10, reward_max_attempts=2)
     state = worker.policy.adapter_state()
     worker.set_adapter(state, 0, adapter_checksum(state))
-    task = GroupTask("s3-g0", "p0", CORPUS[0], clip_path, seed=11, group_size=3, eta=0.7, record_means=True)
+    task = GroupTask("s3-g0", "p0", CORPUS[0], clip_path, seed=11, group_size=3, record_means=True)
     [group] = worker.sample([task])
     expected = worker.policy.sde_steps(seed=11, policy_version=0)
     assert group.sde_mask.tolist() == expected and sum(expected) == 1
@@ -162,14 +162,14 @@ def test_worker_samples_the_configured_window_and_records_means(reward_url, clip
 
 
 def test_evaluation_groups_do_not_share_noise_under_a_shared_noise_window(reward_url, clip_path):
-    from policy.config import SdeWindowSettings
+    from editrl.policy.config import SdeWindowSettings
 
     config = tiny_policy_config(sde_window=SdeWindowSettings(size=1, position="fixed", start=0, shared_initial_noise=True))
     worker = RolloutWorker(0, config, CORPUS, str(ROOT), reward_url, reward_timeout_s=10)
     state = worker.policy.adapter_state()
     worker.set_adapter(state, 0, adapter_checksum(state))
     [train_group] = worker.sample([_task(clip_path)])
-    [eval_group] = worker.sample([GroupTask("eval-0", "p0", CORPUS[0], clip_path, seed=5, group_size=3, eta=0.0)])
+    [eval_group] = worker.sample([GroupTask("eval-0", "p0", CORPUS[0], clip_path, seed=5, group_size=3, deterministic=True)])
     # training samples share the initial noise; deterministic evaluation samples must not
     assert torch.equal(train_group.latents[0, 0], train_group.latents[1, 0])
     assert not torch.equal(eval_group.latents[0, -1], eval_group.latents[1, -1])
@@ -180,7 +180,7 @@ def _shifted(state: dict[str, torch.Tensor], delta: float) -> dict[str, torch.Te
 
 
 def test_a_new_adapter_is_staged_and_loaded_before_the_next_group(reward_url, clip_path):
-    from policy.policy import AdapterMismatchError
+    from editrl.policy.adapter import AdapterMismatchError
 
     worker = _worker(reward_url)
     [first] = worker.sample([_task(clip_path)])
@@ -213,8 +213,8 @@ def ray_session():
 
 
 def test_a_group_queued_behind_the_sampling_one_starts_with_the_newest_adapter(ray_session, reward_url, clip_path):
-    from policy.policy import EditPolicy
-    from rollout_workers.actor import make_rollout_actor
+    from editrl.policy.policy import EditPolicy
+    from editrl.rollout_workers.actor import make_rollout_actor
 
     ray = ray_session
     config = tiny_policy_config(num_steps=40)  # group A samples for about a second: time for the staging call
@@ -224,12 +224,14 @@ def test_a_group_queued_behind_the_sampling_one_starts_with_the_newest_adapter(r
     ray.get(worker.set_adapter.remote(adapter, 0, adapter_checksum(adapter)))
     # group A starts sampling with version 0 and group B waits behind it in the one-at-a-time
     # compute group; version 1 is staged while A samples (staging does not wait for compute)
-    worker.submit.remote(GroupTask("a", "p0", CORPUS[0], clip_path, seed=1, group_size=8, eta=0.7))
-    worker.submit.remote(GroupTask("b", "p0", CORPUS[0], clip_path, seed=2, group_size=8, eta=0.7))
+    worker.submit.remote(GroupTask("a", "p0", CORPUS[0], clip_path, seed=1, group_size=8))
+    worker.submit.remote(GroupTask("b", "p0", CORPUS[0], clip_path, seed=2, group_size=8))
     v1 = _shifted(adapter, 0.01)
     assert ray.get(worker.set_adapter.remote(v1, 1, adapter_checksum(v1))) == 1
     groups = []
+    deadline = time.monotonic() + 120
     while len(groups) < 2:
+        assert time.monotonic() < deadline, f"groups a and b did not both come back within 120 s (got {len(groups)})"
         groups += ray.get(worker.collect.remote(5.0))
     assert {g.task.group_id: g.policy_version for g in groups} == {"a": 0, "b": 1}
     ray.kill(worker)
@@ -238,8 +240,8 @@ def test_a_group_queued_behind_the_sampling_one_starts_with_the_newest_adapter(r
 def test_pool_reports_a_group_whose_submit_raised(ray_session, reward_url, clip_path):
     # the worker raises inside submit (no adapter ever arrives); the group must come back
     # as a failure naming the error instead of vanishing and stalling the run
-    from editrl.pool import WorkerPool
-    from rollout_workers.actor import make_rollout_actor
+    from editrl.cluster.pool import WorkerPool
+    from editrl.rollout_workers.actor import make_rollout_actor
 
     actor_cls = make_rollout_actor(num_cpus=0)
     pool = WorkerPool(lambda worker_id: actor_cls.remote(
@@ -252,7 +254,7 @@ def test_pool_reports_a_group_whose_submit_raised(ray_session, reward_url, clip_
             got, gone = pool.poll(timeout_s=0.5)
             results += got
             lost += gone
-        assert lost == [] and len(results) == 1
+        assert lost == [] and len(results) == 1, f"the failed group did not come back within 60 s: {results}, lost {lost}"
         [failure] = results
         assert isinstance(failure, GroupFailure) and failure.task.group_id == "never-sampled"
         assert "no adapter loaded after 0.2 s" in failure.reason and "worker 0" in failure.reason
@@ -267,9 +269,9 @@ def test_pool_keeps_a_worker_sampling_while_its_groups_wait_for_scores(ray_sessi
     # second from being handed out, and two waiting for scores fill the worker
     import yaml
 
-    from editrl.pool import WorkerPool
-    from policy.policy import EditPolicy
-    from rollout_workers.actor import make_rollout_actor
+    from editrl.cluster.pool import WorkerPool
+    from editrl.policy.policy import EditPolicy
+    from editrl.rollout_workers.actor import make_rollout_actor
 
     ray = ray_session
     config = yaml.safe_load((ROOT / "configs/reward_server.yaml").read_text())
@@ -285,7 +287,7 @@ def test_pool_keeps_a_worker_sampling_while_its_groups_wait_for_scores(ray_sessi
                           prefetch_per_worker=1, scoring_per_worker=1)
         try:
             pool.publish(ray.put(adapter), 0, adapter_checksum(adapter), wait=True)
-            actor = pool.workers[0].actor
+            worker = pool.workers[0]
             results = []
 
             def poll_until(done, what: str) -> None:
@@ -297,13 +299,11 @@ def test_pool_keeps_a_worker_sampling_while_its_groups_wait_for_scores(ray_sessi
             assert pool.capacity() == 1
             pool.submit(_task(clip_path, group_id="g1"))
             assert pool.capacity() == 0  # g1 waits to be sampled or is being sampled
-            poll_until(lambda: ray.get(actor.pending.remote()) == 1, "g1 was sampled")
-            pool.poll(timeout_s=0.0)  # sees g1's submit call return
+            poll_until(lambda: not worker.submit_refs, "the pool saw g1's submit call return (g1 was sampled)")
             assert results == [] and pool.in_flight() == 1  # g1 waits for its scores (3 s) ...
             assert pool.capacity() == 1  # ... and the worker can sample the next group meanwhile
             pool.submit(_task(clip_path, group_id="g2"))
-            poll_until(lambda: ray.get(actor.pending.remote()) == 2, "g2 was sampled")
-            pool.poll(timeout_s=0.0)
+            poll_until(lambda: not worker.submit_refs, "the pool saw g2's submit call return (g2 was sampled)")
             assert results == [] and pool.in_flight() == 2
             assert pool.capacity() == 0  # two groups waiting for scores: prefetch 1 + scoring 1
             poll_until(lambda: len(results) == 2, "both groups came back")
@@ -314,7 +314,7 @@ def test_pool_keeps_a_worker_sampling_while_its_groups_wait_for_scores(ray_sessi
 
 
 def test_pool_refuses_limits_below_their_minimum(ray_session):
-    from editrl.pool import WorkerPool
+    from editrl.cluster.pool import WorkerPool
 
     with pytest.raises(ValueError, match="prefetch_per_worker"):
         WorkerPool(lambda worker_id: None, initial=0, prefetch_per_worker=0)

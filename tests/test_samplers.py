@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch.distributions import Normal
 
-from policy.cps import cps_mean, cps_noise_level, cps_step
-from policy.samplers import SAMPLERS, sampler_step, wan_noise_range
-from policy.sde import flow_sde_mean, flow_sde_step, ode_step, wan_noise_level
+from editrl.policy.cps import cps_mean, cps_noise_level, cps_step
+from editrl.policy.samplers import SAMPLERS, sampler_step, wan_noise_range
+from editrl.policy.sde import flow_sde_mean, flow_sde_step, ode_step, wan_noise_level
 
 
 def test_cps_mean_by_hand():
@@ -24,11 +24,18 @@ def test_cps_mean_by_hand():
 
 @pytest.mark.parametrize("eta", [0.0, 0.3, 0.7, 1.0])
 @pytest.mark.parametrize("sigma_next", [0.9, 0.5, 0.05])
-def test_cps_noise_coefficients_stay_on_the_schedule(eta, sigma_next):
-    # predicted-noise coefficient^2 + fresh-noise std^2 = sigma_next^2 exactly (no excess noise)
+def test_cps_mean_keeps_the_noise_on_the_schedule(eta, sigma_next):
+    # On the exact flow path x = (1 - sigma) x0 + sigma eps with the true velocity v = eps - x0,
+    # x0_hat = x0 and x1_hat = eps, so cps_mean = (1 - sigma_next) x0 + c eps with
+    # c = sqrt(sigma_next^2 - s^2): the predicted noise and the fresh noise s add up to sigma_next.
+    sigma = min(sigma_next + 0.1, 1.0)
+    x0, eps = torch.tensor([[0.3, -1.2, 0.8]], dtype=torch.float64), torch.tensor([[1.1, 0.4, -0.7]], dtype=torch.float64)
+    x, v = (1 - sigma) * x0 + sigma * eps, eps - x0
     s = cps_noise_level(sigma_next, eta)
-    coefficient = math.sqrt(max(sigma_next**2 - s**2, 0.0))
-    assert coefficient**2 + s**2 == pytest.approx(sigma_next**2, rel=1e-12)
+    mean = cps_mean(x, v, sigma, sigma_next, s)
+    coefficient = (mean - (1 - sigma_next) * x0) / eps  # the same for every element
+    torch.testing.assert_close(coefficient, torch.full_like(coefficient, math.sqrt(sigma_next**2 - s**2)), rtol=1e-9, atol=1e-12)
+    assert coefficient[0, 0].item() ** 2 + s**2 == pytest.approx(sigma_next**2, rel=1e-9)
 
 
 def test_cps_sample_has_the_schedule_noise_level_and_flow_sde_has_more():

@@ -4,10 +4,11 @@ import pytest
 import torch
 from conftest import CORPUS, structured_clip, tiny_policy_config
 
-from policy.config import LoraSettings, SdeWindowSettings
-from policy.policy import EditPolicy
-from policy.sampling import policy_step, sample_trajectories
-from policy.schedule import fraction_steps, stochastic_steps, window_start
+from editrl.policy.config import LoraSettings, SdeWindowSettings
+from editrl.policy.policy import EditPolicy
+from editrl.policy.sampling import policy_step, sample_trajectories
+from editrl.policy.schedule import fraction_steps, stochastic_steps, window_start
+from editrl.protocol.rollout import SamplerSpec
 
 
 def _on(mask: list[bool]) -> list[int]:
@@ -71,6 +72,11 @@ def test_a_window_that_does_not_fit_the_fraction_is_refused_by_the_config():
         tiny_policy_config(sde_window=SdeWindowSettings(size=4))
 
 
+def _spec(policy: EditPolicy, mask: list[bool]) -> SamplerSpec:
+    """Flow-SDE with eta 0.7 and CFG 2.0 on the steps of ``mask``."""
+    return SamplerSpec.build("flow_sde", 0.7, 2.0, policy.sigmas(), mask)
+
+
 def _inputs(policy: EditPolicy):
     source = policy.encode_video(structured_clip(5, 32)[None])
     return source, policy.encode_text([CORPUS[1]]), policy.encode_text([""])
@@ -82,10 +88,9 @@ def test_window_trajectories_share_the_ode_prefix_only_when_asked(shared):
     policy = EditPolicy.from_config(config, CORPUS)
     mask = stochastic_steps(5, 0.8, window_size=2, position="fixed", start=2)  # steps 2 and 3
     traj = sample_trajectories(
-        policy, *_inputs(policy), 3, policy.sigmas(), mask, 0.7, 2.0, torch.Generator().manual_seed(0),
-        shared_initial_noise=shared,
+        policy, *_inputs(policy), 3, _spec(policy, mask), torch.Generator().manual_seed(0), shared_initial_noise=shared,
     )
-    assert traj.sde_mask.tolist() == mask
+    assert list(traj.spec.stochastic) == mask
     assert torch.isfinite(traj.log_probs[:, [2, 3]]).all() and torch.isnan(traj.log_probs[:, [0, 1, 4]]).all()
     latents = traj.latents  # (G, T + 1, ...): x_0 .. x_2 are before the window's first step
     for t in range(6):
@@ -96,20 +101,14 @@ def test_window_trajectories_share_the_ode_prefix_only_when_asked(shared):
 def test_cps_trajectory_does_not_train_its_deterministic_last_step():
     # all four steps requested stochastic; CPS's last step (sigma_next = 0) has s = 0
     policy = EditPolicy.from_config(tiny_policy_config(sampler="cps", sde_fraction=1.0), CORPUS)
-    traj = sample_trajectories(
-        policy, *_inputs(policy), 2, policy.sigmas(), policy.sde_steps(), policy.config.eta, 2.0,
-        torch.Generator().manual_seed(1), sampler="cps",
-    )
-    assert traj.sde_mask.tolist() == [True, True, True, False]
+    traj = sample_trajectories(policy, *_inputs(policy), 2, policy.sampler_spec(), torch.Generator().manual_seed(1))
+    assert list(traj.spec.stochastic) == [True, True, True, False]
     assert torch.isnan(traj.log_probs[:, 3]).all() and torch.isfinite(traj.log_probs[:, :3]).all()
 
 
 def test_recorded_means_are_the_transition_means():
     policy = EditPolicy.from_config(tiny_policy_config(), CORPUS)
-    traj = sample_trajectories(
-        policy, *_inputs(policy), 2, policy.sigmas(), policy.sde_steps(), 0.7, 2.0, torch.Generator().manual_seed(2),
-        record_means=True,
-    )
+    traj = sample_trajectories(policy, *_inputs(policy), 2, policy.sampler_spec(), torch.Generator().manual_seed(2), record_means=True)
     assert traj.means.shape == traj.latents[:, 1:].shape
     # the deterministic last step lands on its mean
     assert torch.equal(traj.means[:, 3], traj.latents[:, 4])
@@ -147,9 +146,9 @@ def test_adapter_acts_only_on_its_steps_and_the_base_model_runs_the_rest():
     limited = _with_nonzero_adapter(tiny_policy_config(sde_window=window, lora=LoraSettings(rank=4, alpha=8, active_steps=1)))
     everywhere = _with_nonzero_adapter(tiny_policy_config(sde_window=window))
     source, text, null = _inputs(limited)
-    sigmas, mask = limited.sigmas(), limited.sde_steps()
-    traj = sample_trajectories(limited, source, text, null, 2, sigmas, mask, 0.7, 2.0, torch.Generator().manual_seed(4))
-    same = sample_trajectories(everywhere, source, text, null, 2, sigmas, mask, 0.7, 2.0, torch.Generator().manual_seed(4))
+    spec = limited.sampler_spec()
+    traj = sample_trajectories(limited, source, text, null, 2, spec, torch.Generator().manual_seed(4))
+    same = sample_trajectories(everywhere, source, text, null, 2, spec, torch.Generator().manual_seed(4))
     # step 0 (stochastic, trained) is the adapted policy's in both
     assert torch.equal(traj.latents[:, 1], same.latents[:, 1])
     assert torch.equal(traj.log_probs[:, 0], same.log_probs[:, 0])
@@ -158,8 +157,8 @@ def test_adapter_acts_only_on_its_steps_and_the_base_model_runs_the_rest():
     g = x.shape[0]
     with limited.adapter_disabled():
         for t in range(1, 4):
-            x = policy_step(limited, x, sigmas[t], sigmas[t + 1], source.expand(g, *source.shape[1:]), text.expand(g, -1, -1),
-                            null.expand(g, -1, -1), 0.0, 2.0, sampler="ode").x_next
+            x = policy_step(limited, spec, t, x, source.expand(g, *source.shape[1:]), text.expand(g, -1, -1),
+                            null.expand(g, -1, -1)).x_next
             assert torch.equal(traj.latents[:, t + 1], x), t
     # and the adapter does change those steps when it acts on them
     assert not torch.allclose(same.latents[:, -1], traj.latents[:, -1], atol=1e-4)
@@ -168,15 +167,14 @@ def test_adapter_acts_only_on_its_steps_and_the_base_model_runs_the_rest():
 def test_sampling_refuses_a_stochastic_step_the_adapter_does_not_act_on():
     policy = EditPolicy.from_config(tiny_policy_config(sampler="ode", lora=LoraSettings(rank=4, alpha=8, active_steps=1)), CORPUS)
     with pytest.raises(ValueError, match=r"steps \[1\] are stochastic but the adapter does not act"):
-        sample_trajectories(policy, *_inputs(policy), 2, policy.sigmas(), [True, True, False, False], 0.7, 2.0,
-                            torch.Generator().manual_seed(0))
+        sample_trajectories(policy, *_inputs(policy), 2, _spec(policy, [True, True, False, False]), torch.Generator().manual_seed(0))
 
 
 def test_antithetic_pairs_draw_opposite_noise_and_have_equal_first_step_log_probs():
     config = tiny_policy_config(sde_window=SdeWindowSettings(size=2, start=0, position="fixed"), antithetic=True)
     policy = EditPolicy.from_config(config, CORPUS)
     traj = sample_trajectories(
-        policy, *_inputs(policy), 4, policy.sigmas(), policy.sde_steps(), 0.7, 2.0, torch.Generator().manual_seed(5),
+        policy, *_inputs(policy), 4, policy.sampler_spec(), torch.Generator().manual_seed(5),
         shared_initial_noise=True, antithetic=True, record_means=True,
     )
     for t in (0, 1):  # stochastic steps: x_{t+1} - mean_t is +noise for sample i and -noise for sample i + 2
@@ -188,5 +186,4 @@ def test_antithetic_pairs_draw_opposite_noise_and_have_equal_first_step_log_prob
     torch.testing.assert_close(traj.log_probs[:2, 0], traj.log_probs[2:, 0], rtol=0, atol=1e-5)
     assert not torch.allclose(traj.latents[0, -1], traj.latents[2, -1])
     with pytest.raises(ValueError, match="even group size"):
-        sample_trajectories(policy, *_inputs(policy), 3, policy.sigmas(), policy.sde_steps(), 0.7, 2.0,
-                            torch.Generator().manual_seed(5), antithetic=True)
+        sample_trajectories(policy, *_inputs(policy), 3, policy.sampler_spec(), torch.Generator().manual_seed(5), antithetic=True)

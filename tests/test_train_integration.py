@@ -7,10 +7,10 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import tiny_policy_config
 
-from editrl.config import EvalConfig, RolloutConfig, RuntimeConfig, TrainConfig
-from editrl.run_log import paired_gain
-from editrl.train import train
-from learner.config import LearnerConfig
+from editrl.cluster.config import EvalConfig, RolloutConfig, RuntimeConfig, TrainConfig
+from editrl.cluster.run_log import paired_gain
+from editrl.cluster.train import train
+from editrl.learner.config import LearnerConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,6 +60,9 @@ def test_two_training_steps_through_ray_and_the_reward_server(tmp_path):
     assert sorted({(r["step"], r["policy_version"]) for r in rollouts}) == [(1, 0), (2, 1)]
     assert {r["staleness"] for r in rollouts} == {0}  # sequential mode is on-policy
     assert len({r["group_id"] for r in rollouts}) == 4  # each group trained once
+    # ... and with how it was sampled: the configured sampler on the first int(0.75 * 4) = 3 steps
+    assert {(r["sampler"], r["eta"], r["guidance_scale"], tuple(r["stochastic_steps"])) for r in rollouts} == {
+        ("flow_sde", 0.7, 2.0, (0, 1, 2))}
 
     # adapter in peft format, plot, held-out sample videos, resolved config
     adapter = Path(summary["checkpoint"])

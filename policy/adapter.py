@@ -1,0 +1,181 @@
+"""The LoRA adapter's weights as they travel: an index of the adapter's parameters,
+the flat buffer the learner publishes (:class:`PackedAdapter`), the layout and
+checksum checks a worker runs before loading, and the in-place load."""
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from peft.utils import get_peft_model_state_dict
+
+
+class AdapterMismatchError(RuntimeError):
+    """Adapter weights that do not fit the policy's LoRA modules."""
+
+
+class AdapterIndex:
+    """Every key of peft's adapter state dict mapped to its LoRA parameter, once.
+
+    The keys, shapes and module count never change after the adapter is
+    attached, so publishing and loading walk this index (one entry per LoRA
+    matrix) instead of the whole model's state dict: their cost depends on the
+    adapter's size, not the model's.
+
+    Args:
+        transformer: the DiT with the adapter attached (peft).
+        adapter_name: peft's name of the adapter.
+        num_modules: how many modules the adapter was attached to.
+
+    Raises:
+        AdapterMismatchError: a key of peft's state dict is not a parameter of
+            the transformer, or the keys do not cover ``num_modules`` modules.
+    """
+
+    def __init__(self, transformer: torch.nn.Module, adapter_name: str, num_modules: int):
+        by_pointer = {p.data_ptr(): p for n, p in transformer.named_parameters() if "lora_" in n}
+        state = get_peft_model_state_dict(transformer, adapter_name=adapter_name)
+        keys = tuple(sorted(state))
+        params = []
+        for key in keys:
+            param = by_pointer.get(state[key].data_ptr())
+            if param is None:
+                raise AdapterMismatchError(f"adapter key {key} is not a LoRA parameter of the transformer")
+            params.append(param)
+        self.keys = keys
+        self.params = tuple(params)
+        self.shapes = tuple(tuple(p.shape) for p in params)
+        self.offsets = tuple(np.cumsum([0] + [p.numel() for p in params]).tolist())
+        modules = _adapter_modules(keys)
+        if modules != num_modules:
+            raise AdapterMismatchError(f"adapter covers {modules} modules, policy has {num_modules}")
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The adapter's weights in peft's key format (keys sorted), as contiguous CPU fp32 copies."""
+        return {k: p.detach().to("cpu", torch.float32, copy=True).contiguous() for k, p in zip(self.keys, self.params)}
+
+    def pack(self) -> "PackedAdapter":
+        """The adapter's weights as one flat CPU fp32 buffer (see :class:`PackedAdapter`):
+        what the learner publishes (one buffer travels through Ray's object store
+        without a copy per tensor and is checksummed in one pass)."""
+        with torch.no_grad():
+            flat = torch.cat([p.detach().reshape(-1) for p in self.params])
+        return PackedAdapter(keys=self.keys, shapes=self.shapes, values=flat.to("cpu", torch.float32).numpy())
+
+    def load(self, state: "dict[str, torch.Tensor] | PackedAdapter", checksum: str | None = None) -> None:
+        """Load adapter weights produced by :meth:`state` or :meth:`pack`, copying them
+        in place into the LoRA parameters.
+
+        Everything is verified (:meth:`check`) before a single parameter changes, so
+        a rejected adapter leaves the loaded one intact.
+
+        Args:
+            state: peft-format key -> tensor (any float dtype, any shape-compatible
+                layout), or a :class:`PackedAdapter`.
+            checksum: :func:`adapter_checksum` of the weights as published; checked
+                when given.
+
+        Raises:
+            AdapterMismatchError: see :meth:`check`.
+        """
+        keys = self.check(state, checksum)
+        with torch.no_grad():
+            if isinstance(state, PackedAdapter):
+                self._copy_packed(state.values)
+            else:
+                for key, param in zip(keys, self.params):
+                    param.copy_(state[key])
+
+    def check(self, state: "dict[str, torch.Tensor] | PackedAdapter", checksum: str | None = None) -> tuple[str, ...]:
+        """Verify that ``state`` fits this adapter, without loading it.
+
+        Args:
+            state: as for :meth:`load`.
+            checksum: :func:`adapter_checksum` of the weights as published; checked
+                when given (a CRC-32 over every value: the only check whose cost
+                grows with the adapter size).
+
+        Returns:
+            The adapter's keys in load order.
+
+        Raises:
+            AdapterMismatchError: the keys do not cover exactly this adapter's LoRA
+                modules, a shape differs, a packed buffer has the wrong length, or
+                ``checksum`` does not match the weights.
+        """
+        if isinstance(state, PackedAdapter):
+            keys, shapes = tuple(state.keys), tuple(tuple(s) for s in state.shapes)
+        else:
+            keys = tuple(sorted(state))
+            shapes = tuple(tuple(state[k].shape) for k in keys)
+        if keys != self.keys:
+            expected = set(self.keys)
+            missing, extra = sorted(expected - set(keys))[:3], sorted(set(keys) - expected)[:3]
+            raise AdapterMismatchError(f"adapter keys differ: missing {missing}, unexpected {extra}")
+        if shapes != self.shapes:
+            bad = [(k, got, want) for k, got, want in zip(keys, shapes, self.shapes) if got != want]
+            raise AdapterMismatchError(f"adapter shapes differ: {bad[:3]} (key, got, expected)")
+        # Equal keys mean the adapter covers exactly the modules that the index
+        # counted, so the module count needs no separate check here.
+        if isinstance(state, PackedAdapter) and state.values.shape != (self.offsets[-1],):
+            raise AdapterMismatchError(f"packed adapter holds {state.values.shape} values, expected ({self.offsets[-1]},)")
+        if checksum is not None and adapter_checksum(state) != checksum:
+            raise AdapterMismatchError("adapter checksum mismatch")
+        return keys
+
+    def _copy_packed(self, values: np.ndarray) -> None:
+        """Copy a flat fp32 buffer (possibly a read-only view of Ray's object store)
+        into the LoRA parameters, slice by slice in key order."""
+        offsets, params = self.offsets, self.params
+        if all(p.device.type == "cpu" and p.dtype == torch.float32 for p in params):
+            for i, param in enumerate(params):  # numpy views of the parameters: no temporary tensors
+                param.detach().numpy().reshape(-1)[:] = values[offsets[i] : offsets[i + 1]]
+            return
+        flat = torch.from_numpy(np.array(values, dtype=np.float32, copy=True)).to(params[0].device)
+        for i, param in enumerate(params):
+            param.copy_(flat[offsets[i] : offsets[i + 1]].view(param.shape))
+
+
+@dataclass(frozen=True)
+class PackedAdapter:
+    """An adapter's weights in one flat buffer, as the learner publishes them.
+
+    Attributes:
+        keys: peft-format keys, sorted (``...attn1.to_q.lora_A.weight``).
+        shapes: each key's tensor shape, in the same order.
+        values: ``float32`` ``(N,)``, the tensors' values (C order) one after the
+            other in key order; ``N`` is the sum of the shapes' sizes.
+    """
+
+    keys: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    values: np.ndarray
+
+
+def _adapter_modules(keys) -> int:
+    """How many modules the keys' LoRA matrices belong to."""
+    return len({k.rsplit(".lora_", 1)[0] for k in keys})
+
+
+def adapter_checksum(state: "dict[str, torch.Tensor] | PackedAdapter") -> str:
+    """CRC-32 over the adapter's layout (sorted keys and shapes) and then its raw fp32
+    bytes in that key order, as ``"crc32:<8 hex digits>"``.
+
+    A dict and the :class:`PackedAdapter` of the same weights give the same value.
+    It detects corrupted or mismatched transfers (any change of up to 32 bits,
+    others with probability 1 - 2^-32), not deliberate tampering; it is one
+    pass over the bytes at memory speed, which keeps publishing cheap.
+    """
+    if isinstance(state, PackedAdapter):
+        keys, shapes = tuple(state.keys), tuple(tuple(s) for s in state.shapes)
+        chunks = [np.ascontiguousarray(state.values, dtype=np.float32)]
+    else:
+        keys = tuple(sorted(state))
+        shapes = tuple(tuple(state[k].shape) for k in keys)
+        chunks = [state[k].detach().to("cpu", torch.float32).contiguous().numpy() for k in keys]
+    header = "\n".join(f"{k}:{','.join(map(str, shape))}" for k, shape in zip(keys, shapes))
+    crc = zlib.crc32(header.encode())
+    for chunk in chunks:
+        crc = zlib.crc32(memoryview(chunk).cast("B"), crc)
+    return f"crc32:{crc:08x}"
