@@ -43,7 +43,9 @@ class BusyClock:
     from any thread at any time and includes the busy period still running.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        """``clock``: the time source, in seconds (monotonic)."""
+        self._clock = clock
         self._lock = threading.Lock()
         self._in_flight = 0
         self._since = 0.0
@@ -53,7 +55,7 @@ class BusyClock:
         """A call started."""
         with self._lock:
             if self._in_flight == 0:
-                self._since = time.perf_counter()
+                self._since = self._clock()
             self._in_flight += 1
 
     def exit(self) -> None:
@@ -67,7 +69,7 @@ class BusyClock:
                 raise RuntimeError("BusyClock.exit without a matching enter")
             self._in_flight -= 1
             if self._in_flight == 0:
-                self._total += time.perf_counter() - self._since
+                self._total += self._clock() - self._since
 
     @property
     def in_flight(self) -> int:
@@ -78,7 +80,7 @@ class BusyClock:
     def seconds(self) -> float:
         """Busy wall seconds so far, the running busy period included."""
         with self._lock:
-            running = time.perf_counter() - self._since if self._in_flight else 0.0
+            running = self._clock() - self._since if self._in_flight else 0.0
             return self._total + running
 
 

@@ -1,4 +1,4 @@
-"""Run reward servers for tests: the app in a uvicorn thread, or ``python -m reward_server`` as a process.
+"""Run reward servers for tests: the app in a uvicorn thread, or ``python -m editrl.reward_server`` as a process.
 
 Both are real HTTP servers on free local ports, stopped through their own
 handles (the uvicorn ``Server`` object, the ``Popen`` handle).
@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -16,30 +15,31 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import pytest
 import uvicorn
 import yaml
+
+from editrl.cluster.reward_process import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def wait_healthy(url: str, timeout_s: float = 30.0, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
+    """Poll ``GET {url}/healthz`` until it answers 200; fail the test (with the server's log) when ``proc``
+    exits first or ``timeout_s`` passes."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text() if log else ''}")
+            pytest.fail(f"reward server for {url} exited with {proc.returncode} before it was healthy:\n"
+                        f"{log.read_text() if log else ''}")
         try:
             if httpx.get(f"{url}/healthz", timeout=1.0).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
-        time.sleep(0.05)
-    raise RuntimeError(f"{url} not healthy after {timeout_s} s:\n{log.read_text() if log else ''}")
+        time.sleep(0.05)  # poll interval
+    pytest.fail(f"reward server at {url} did not answer GET /healthz with 200 within {timeout_s} s:\n"
+                f"{log.read_text() if log else ''}")
 
 
 @contextlib.contextmanager
@@ -52,11 +52,11 @@ def app_server(app) -> Iterator[str]:
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30
-        while not server.started:
+        while not server.started:  # uvicorn offers no event for this; its flag is polled
             if not thread.is_alive():
-                raise RuntimeError("uvicorn exited during startup (see the log)")
+                pytest.fail(f"uvicorn exited before it served {url} (see the log)")
             if time.monotonic() > deadline:
-                raise RuntimeError("uvicorn did not start in 30 s")
+                pytest.fail(f"uvicorn did not start serving {url} within 30 s")
             time.sleep(0.02)
         yield url
     finally:
@@ -66,7 +66,7 @@ def app_server(app) -> Iterator[str]:
 
 @contextlib.contextmanager
 def process_servers(tmp_path: Path, specs: list[tuple[str, dict, dict[str, str] | None]]) -> Iterator[list[str]]:
-    """``python -m reward_server --config <config>`` per (name, config, env), started together; yields their URLs.
+    """``python -m editrl.reward_server --config <config>`` per (name, config, env), started together; yields their URLs.
 
     PYTHONPATH is this worktree; each process is stopped through its Popen handle.
     """
@@ -81,7 +81,7 @@ def process_servers(tmp_path: Path, specs: list[tuple[str, dict, dict[str, str] 
             full_env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})}
             with log_path.open("wb") as log:
                 proc = subprocess.Popen(
-                    [sys.executable, "-m", "reward_server", "--config", str(config_path), "--port", str(port)],
+                    [sys.executable, "-m", "editrl.reward_server", "--config", str(config_path), "--port", str(port)],
                     cwd=REPO_ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT,
                 )
             procs.append(proc)
@@ -102,6 +102,6 @@ def process_servers(tmp_path: Path, specs: list[tuple[str, dict, dict[str, str] 
 
 @contextlib.contextmanager
 def process_server(tmp_path: Path, config: dict, env: dict[str, str] | None = None, name: str = "server") -> Iterator[str]:
-    """One ``python -m reward_server`` process (see :func:`process_servers`); yields its URL."""
+    """One ``python -m editrl.reward_server`` process (see :func:`process_servers`); yields its URL."""
     with process_servers(tmp_path, [(name, config, env)]) as (url,):
         yield url

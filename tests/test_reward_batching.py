@@ -3,15 +3,16 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from pathlib import Path
 
 import httpx
 import pytest
 from pydantic import ValidationError
 
-from reward_server.backends.specs import InternalVLMSpec, PixelSpec
-from reward_server.batching import BatcherStopped, BusyClock, DynamicBatcher
-from reward_server.config import AggregationError, RewardConfig, ServerConfig, load_server_config
+from editrl.reward_server.backends.specs import InternalVLMSpec, PixelSpec
+from editrl.reward_server.batching import BatcherStopped, BusyClock, DynamicBatcher
+from editrl.reward_server.config import AggregationError, RewardConfig, ServerConfig, load_server_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,46 +76,71 @@ def test_batcher_delivers_failures_and_stops():
     asyncio.run(main())
 
 
-def slow_until(gate: asyncio.Event, loop: asyncio.AbstractEventLoop):
+def slow_until(gate: asyncio.Event, loop: asyncio.AbstractEventLoop, entered: threading.Event):
+    """A ``process`` that sets ``entered`` and then returns only once ``gate`` (on ``loop``) is set."""
     def process(items: list[int]) -> list[int]:
+        entered.set()
         asyncio.run_coroutine_threadsafe(gate.wait(), loop).result(timeout=5)
         return items
 
     return process
 
 
+async def _entered(event: threading.Event, what: str, timeout_s: float = 10.0) -> None:
+    """Wait (off the event loop) until a ``process`` running in the batcher's thread set ``event``."""
+    if not await asyncio.to_thread(event.wait, timeout_s):
+        pytest.fail(f"{what} did not happen within {timeout_s} s")
+
+
+async def _until(condition, what: str, timeout_s: float = 10.0) -> None:
+    """Poll ``condition()`` on the event loop (letting the batcher's task run) until it is true."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} did not happen within {timeout_s} s")
+        await asyncio.sleep(0.001)
+
+
 def test_batcher_stop_fails_queued_items_and_zero_wait():
     release = asyncio.Event()
     sizes: list[int] = []
+    slow_entered = threading.Event()
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
 
         def slow(items: list[int]) -> list[int]:
             sizes.append(len(items))
+            slow_entered.set()
             asyncio.run_coroutine_threadsafe(release.wait(), loop).result(timeout=5)
             return items
 
         batcher = DynamicBatcher(slow, max_batch_size=1, max_wait_s=0.0)
         first = asyncio.ensure_future(batcher.submit([1]))
         queued = asyncio.ensure_future(batcher.submit([2]))
-        await asyncio.sleep(0.05)  # [1] is being processed, [2] waits in the queue
+        # [1] is being processed; [2] was queued by its submit before the batcher's task first ran
+        await _entered(slow_entered, "the first batch entering process")
         assert sizes == [1]
         release.set()
         assert await first == [1]
         assert await queued == [2]
         stopping = DynamicBatcher(lambda items: items, max_batch_size=4, max_wait_s=30.0)
-        collecting = asyncio.ensure_future(stopping.submit([7, 8]))  # taken off the queue, waiting to fill
-        await asyncio.sleep(0.02)
+        collecting = asyncio.ensure_future(stopping.submit([7, 8]))
+        # [7, 8] taken off the queue, the batch waiting to fill: stop must fail the items being
+        # collected (not only queued ones). No public view of the queue, so its private one is read.
+        await _until(lambda: stopping._queue is not None and stopping._queue.empty(),
+                     "the batcher taking [7, 8] off its queue")
         await stopping.stop()
         with pytest.raises(BatcherStopped):
             await asyncio.wait_for(collecting, timeout=1)
         # one batch inside process (blocked), one item queued behind it: both fail on stop
         gate = asyncio.Event()
-        busy = DynamicBatcher(slow_until(gate, loop), max_batch_size=1, max_wait_s=0.0)
+        busy_entered = threading.Event()
+        busy = DynamicBatcher(slow_until(gate, loop, busy_entered), max_batch_size=1, max_wait_s=0.0)
         in_process = asyncio.ensure_future(busy.submit([5]))
         behind = asyncio.ensure_future(busy.submit([6]))
-        await asyncio.sleep(0.05)
+        await _entered(busy_entered, "[5] entering process")
+        assert busy._queue.qsize() == 1  # [6] was queued before the batcher's task ran (no public view of the queue)
         await busy.stop()
         gate.set()
         for future in (in_process, behind):
@@ -212,8 +238,10 @@ def test_backpressure_holds_new_batches_until_a_call_returns():
         assert batcher.busy.in_flight == 2
         # both slots taken: these wait in the queue and then leave as one batch
         rest = [asyncio.ensure_future(batcher.submit([x])) for x in (3, 4, 5)]
-        await asyncio.sleep(0.05)
-        assert len(calls) == 2
+        # a third call would release `started` again: nothing to wait for but a bounded window in
+        # which a batcher ignoring the limit would start one (the event loop runs meanwhile)
+        third = await asyncio.to_thread(started.acquire, True, 0.2)
+        assert not third and len(calls) == 2, f"a third batch started with both slots taken: {calls}"
         release.set()
         try:
             return [await f for f in (first, second, *rest)]
@@ -239,7 +267,10 @@ def test_stop_fails_calls_in_flight_and_queued_items_then_restarts():
         await asyncio.to_thread(started.acquire, True, 10)
         await asyncio.to_thread(started.acquire, True, 10)
         queued = asyncio.ensure_future(batcher.submit([3]))
-        await asyncio.sleep(0.02)
+        # one turn of the loop: the task of `queued` runs submit(), which queues [3] before its
+        # first await (a stop before that would let this submit start the batcher again)
+        await asyncio.sleep(0)
+        assert batcher._queue.qsize() == 1  # [3] is queued (no public view of the queue)
         await batcher.stop()
         assert not batcher.running and batcher.busy.in_flight == 0
         gate.set()
@@ -261,7 +292,7 @@ def test_stop_cancels_coroutine_calls_in_flight():
         async def process(items: list[int]) -> list[int]:
             try:
                 await both_in.wait()
-                await asyncio.sleep(3600)
+                await asyncio.sleep(3600)  # never returns: stop() cancels it
             except asyncio.CancelledError:
                 cancelled.extend(items)
                 raise
@@ -280,14 +311,27 @@ def test_stop_cancels_coroutine_calls_in_flight():
 
 
 def test_busy_clock_counts_overlapping_calls_once():
-    clock = BusyClock()
+    # a clock the test sets: call A runs [0, 3], call B [1, 4] (they overlap), call C [10, 13]
+    now = [0.0]
+    clock = BusyClock(clock=lambda: now[0])
     assert clock.seconds() == 0.0
-    clock.enter()
-    clock.enter()
+    clock.enter()  # A at 0
+    now[0] = 1.0
+    clock.enter()  # B at 1
     assert clock.in_flight == 2
+    now[0] = 3.0
+    clock.exit()  # A at 3
+    assert clock.seconds() == 3.0  # busy since 0, still running
+    now[0] = 4.0
+    clock.exit()  # B at 4: one busy period [0, 4] = 4 s, not 3 + 3
+    now[0] = 10.0
+    assert clock.in_flight == 0 and clock.seconds() == 4.0  # idle time is not counted
+    clock.enter()  # C at 10
+    now[0] = 12.0
+    assert clock.seconds() == 6.0  # 4 + the running 2
+    now[0] = 13.0
     clock.exit()
-    clock.exit()
-    assert clock.in_flight == 0 and clock.seconds() >= 0.0
+    assert clock.seconds() == 7.0
     with pytest.raises(RuntimeError, match="without a matching enter"):
         clock.exit()
 
@@ -311,7 +355,7 @@ class _BarrierPixel:
     """The pixel backend, but a call returns only when ``parties`` calls are in it together."""
 
     def __init__(self, parties: int) -> None:
-        from reward_server.backends.pixel import PixelBackend
+        from editrl.reward_server.backends.pixel import PixelBackend
 
         self._pixel = PixelBackend()
         self.name, self.version, self.dimensions = self._pixel.name, self._pixel.version, self._pixel.dimensions
@@ -325,9 +369,9 @@ class _BarrierPixel:
 def test_server_runs_a_backends_batches_concurrently():
     import numpy as np
 
-    from protocol.reward import VideoPayload
-    from protocol.video import encode_mp4
-    from reward_server.app import create_app
+    from editrl.protocol.reward import VideoPayload
+    from editrl.protocol.video import encode_mp4
+    from editrl.reward_server.app import create_app
     from tests.reward_servers import app_server
 
     video = VideoPayload.from_bytes(encode_mp4(np.full((2, 8, 8, 3), 90, dtype=np.uint8))).model_dump()
@@ -367,7 +411,7 @@ class _StubBackend:
     dimensions = ("instruction_following", "preservation", "temporal_consistency")
 
     def score_batch(self, items):
-        from reward_server.backends import PixelResult
+        from editrl.reward_server.backends import PixelResult
 
         if any(item.instruction == "explode" for item in items):
             raise RuntimeError("backend crashed")
@@ -380,13 +424,12 @@ class _StubBackend:
 
 
 def test_app_reports_non_finite_and_inapplicable_dimensions_as_failures():
+    import numpy as np
     from fastapi.testclient import TestClient
 
-    import numpy as np
-
-    from protocol.reward import VideoPayload
-    from protocol.video import encode_mp4
-    from reward_server.app import create_app
+    from editrl.protocol.reward import VideoPayload
+    from editrl.protocol.video import encode_mp4
+    from editrl.reward_server.app import create_app
 
     video = VideoPayload.from_bytes(encode_mp4(np.zeros((2, 8, 8, 3), dtype=np.uint8))).model_dump()
     app = create_app(ServerConfig(max_wait_s=0.0), backend=_StubBackend())
@@ -410,7 +453,7 @@ def test_app_reports_non_finite_and_inapplicable_dimensions_as_failures():
 
 
 def test_app_rejects_weights_for_unknown_dimensions():
-    from reward_server.app import create_app
+    from editrl.reward_server.app import create_app
 
     config = ServerConfig(reward=RewardConfig(weights={"aesthetics": 1.0}))
     with pytest.raises(ValueError, match="aesthetics"):

@@ -4,17 +4,18 @@ from __future__ import annotations
 import json
 import math
 import threading
+import time
 
 import httpx
 import pytest
-
-from protocol.reward import ImagePayload, ScoreRequest
-from reward_server.app import create_app
-from reward_server.config import RewardConfig, ServerConfig
 from reward_media import brighter, camera_pan, item
 from reward_servers import app_server
-from rollout_workers.reward_client import RewardClient
 from standins import GEMINI_ANSWER_BLOCK, GeminiStandIn, gemini_text_answer
+
+from editrl.protocol.reward import ImagePayload, ScoreRequest
+from editrl.reward_server.app import create_app
+from editrl.reward_server.config import RewardConfig, ServerConfig
+from editrl.rollout_workers.reward_client import RewardClient
 
 SOURCE = camera_pan(frames=4, size=32)
 
@@ -104,8 +105,10 @@ def test_strict_config_fails_the_item_when_a_backend_fails():
 
 def test_cache_answers_retries_and_joins_concurrent_duplicates():
     gate = threading.Event()
+    judged = threading.Event()
 
     def gated(body):
+        judged.set()
         gate.wait(timeout=20)
         return rvedit_answer(70, 70, 70)
 
@@ -125,9 +128,13 @@ def test_cache_answers_retries_and_joins_concurrent_duplicates():
             threads = [threading.Thread(target=call) for _ in range(3)]
             for thread in threads:
                 thread.start()
-            while not standin.requests:
-                gate.wait(0.01)
-            gate.wait(0.2)  # the duplicates arrive while the first is still with the judge
+            assert judged.wait(timeout=10), "the judge never got the first request"
+            # the duplicates arrive while the first is still with the judge: both joined its scoring
+            joins = 'reward_cache_joins_total{backend="gemini"} 2.0'
+            deadline = time.monotonic() + 10
+            while joins not in httpx.get(f"{url}/metrics").text:
+                assert time.monotonic() < deadline, "the two duplicates did not join the scoring in flight within 10 s"
+                time.sleep(0.01)
             gate.set()
             for thread in threads:
                 thread.join(timeout=20)
@@ -146,8 +153,9 @@ def test_cache_answers_retries_and_joins_concurrent_duplicates():
 
 
 def test_shipped_example_configs_validate():
-    from reward_server.config import load_server_config
     from reward_servers import REPO_ROOT
+
+    from editrl.reward_server.config import load_server_config
 
     paths = sorted((REPO_ROOT / "configs").glob("reward_server*.yaml"))
     server_configs = [p for p in paths if p.name != "reward_server_serve.yaml"]

@@ -8,16 +8,18 @@ import time
 
 import httpx
 import pytest
+import redis
 import redis.asyncio as aioredis
-
-from protocol.reward import ScoreRequest
-from reward_server.cache import RedisCache
-from reward_server.config_store import ConfigConflict, RedisConfigStore
-from reward_server.reward_config import RewardConfig
 from reward_media import brighter, camera_pan, item
 from reward_servers import process_servers
-from rollout_workers.reward_client import RewardClient
 from standins import GeminiStandIn, gemini_text_answer
+
+from editrl.cluster.reward_process import free_port
+from editrl.protocol.reward import ScoreRequest
+from editrl.reward_server.cache import RedisCache
+from editrl.reward_server.config_store import ConfigConflict, RedisConfigStore
+from editrl.reward_server.reward_config import RewardConfig
+from editrl.rollout_workers.reward_client import RewardClient
 
 TOKEN = "replica-admin-token"
 SOURCE = camera_pan(frames=4, size=32)
@@ -26,8 +28,22 @@ SOURCE = camera_pan(frames=4, size=32)
 def test_cache_entries_claims_and_waiting(redis_url, redis_prefix):
     async def main():
         client = aioredis.Redis.from_url(redis_url)
+        other_client = aioredis.Redis.from_url(redis_url)
+        # wait_for checks whether the claim is still held with EXISTS (nothing else here sends it):
+        # counting those checks tells when a waiter has seen the claim and gone on waiting
+        claim_checks = {"n": 0, "seen": asyncio.Event()}
+        real_exists = other_client.exists
+
+        async def counting_exists(*names):
+            held = await real_exists(*names)
+            claim_checks["n"] += 1
+            if claim_checks["n"] >= 2:
+                claim_checks["seen"].set()
+            return held
+
+        other_client.exists = counting_exists
         cache = RedisCache(client, redis_prefix, ttl_s=30, claim_ttl_s=5, poll_initial_s=0.01)
-        other = RedisCache(aioredis.Redis.from_url(redis_url), redis_prefix, ttl_s=30, claim_ttl_s=5, poll_initial_s=0.01)
+        other = RedisCache(other_client, redis_prefix, ttl_s=30, claim_ttl_s=5, poll_initial_s=0.01)
         try:
             assert await cache.get_many(["k1", "k2"]) == [None, None]
             await cache.put_many({"k1": {"dimensions": {"a": 1.5}, "reason": "r"}})
@@ -37,8 +53,11 @@ def test_cache_entries_claims_and_waiting(redis_url, redis_prefix):
             assert await cache.get_many(["bad"]) == [None]  # a corrupt entry is a miss
             assert await cache.claim("k3") and not await other.claim("k3")
             waiter = asyncio.ensure_future(other.wait_for("k3"))
-            await asyncio.sleep(0.05)
-            assert not waiter.done()
+            try:
+                await asyncio.wait_for(claim_checks["seen"].wait(), 5)  # it found the claim held twice...
+            except TimeoutError:
+                pytest.fail(f"the waiter checked the claim on k3 {claim_checks['n']} times in 5 s, not twice")
+            assert not waiter.done()  # ...and still waits
             await cache.put_many({"k3": {"dimensions": {"a": 3.0}}})
             await cache.release("k3")
             assert await asyncio.wait_for(waiter, 2) == {"dimensions": {"a": 3.0}}
@@ -48,6 +67,7 @@ def test_cache_entries_claims_and_waiting(redis_url, redis_prefix):
             assert await asyncio.wait_for(waiter, 2) is None
         finally:
             await client.aclose()
+            await other_client.aclose()
 
     asyncio.run(main())
 
@@ -68,7 +88,11 @@ def test_registry_publishes_and_replicas_follow(redis_url, redis_prefix):
             assert await a.start(v1) == (v1, 1)
             assert await b.start(v2) == (v1, 1)  # the registry wins over a late replica's file
             b.follow(on_change)
-            await asyncio.sleep(0.1)
+            # b's follower subscribed to the change channel (else the notice is lost and only the 30 s poll remains)
+            deadline = time.monotonic() + 5
+            while (await a_client.pubsub_numsub(b.channel))[0][1] < 1:
+                assert time.monotonic() < deadline, f"replica b did not subscribe to {b.channel} within 5 s"
+                await asyncio.sleep(0.01)
             assert await a.publish(v2) == (2, True)
             assert await asyncio.wait_for(seen.get(), 2) == (v2, 2)  # a change notice, not the 30 s poll
             assert await a.publish(v2) == (2, False)
@@ -85,10 +109,21 @@ def test_registry_publishes_and_replicas_follow(redis_url, redis_prefix):
     asyncio.run(main())
 
 
+def _exists_calls(redis_url: str) -> int:
+    """EXISTS commands the Redis server has run so far (``INFO commandstats``)."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        return int(client.info("commandstats").get("cmdstat_exists", {}).get("calls", 0))
+    finally:
+        client.close()
+
+
 def test_replicas_share_scores_and_follow_a_config_change(tmp_path, redis_url, redis_prefix):
     gate = threading.Event()
+    judged = threading.Event()
 
     def gated(body):
+        judged.set()
         gate.wait(timeout=20)
         return 200, gemini_text_answer(json.dumps(
             {"instruction_following": 8, "edit_quality": 6, "source_preservation": 4, "reason": "ok"}))
@@ -106,13 +141,18 @@ def test_replicas_share_scores_and_follow_a_config_change(tmp_path, redis_url, r
                 with RewardClient(url, max_attempts=1) as client:
                     responses[name] = client.score(request)
 
+            exists_before = _exists_calls(redis_url)
             threads = [threading.Thread(target=call, args=(n, u)) for n, u in (("a", url_a), ("b", url_b))]
             for thread in threads:
                 thread.start()
+            # both replicas hold the item: one claimed it and is with the judge, the other waits for
+            # that claim, which it checks with EXISTS (only RedisCache.wait_for sends EXISTS; on a
+            # Redis shared with other clients their EXISTS could end this wait early, never hang it)
+            assert judged.wait(timeout=10), "the judge never got the item"
             deadline = time.monotonic() + 10
-            while not standin.requests and time.monotonic() < deadline:
+            while _exists_calls(redis_url) == exists_before:
+                assert time.monotonic() < deadline, "the second replica never waited for the first one's claim"
                 time.sleep(0.01)
-            time.sleep(0.3)  # both replicas hold the item now
             gate.set()
             for thread in threads:
                 thread.join(timeout=20)
@@ -124,7 +164,7 @@ def test_replicas_share_scores_and_follow_a_config_change(tmp_path, redis_url, r
             assert put.status_code == 200 and put.json()["revision"] == 2
             deadline = time.monotonic() + 5  # far below config_poll_s: the change notice did it
             while httpx.get(f"{url_b}/v1/config").json()["version"] != "pixel-v9":
-                assert time.monotonic() < deadline, "replica b did not follow the change"
+                assert time.monotonic() < deadline, "replica b did not switch to pixel-v9 within 5 s"
                 time.sleep(0.05)
             assert httpx.get(f"{url_b}/v1/config").json()["revision"] == 2
             with RewardClient(url_a) as client_a, RewardClient(url_b) as client_b:
@@ -139,8 +179,6 @@ def test_replicas_share_scores_and_follow_a_config_change(tmp_path, redis_url, r
 
 
 def test_an_unreachable_redis_degrades_to_scoring_without_the_cache(caplog):
-    from reward_servers import free_port
-
     async def main():
         client = aioredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=0.2)
         cache = RedisCache(client, "nowhere", ttl_s=30, claim_ttl_s=1)

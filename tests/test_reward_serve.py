@@ -7,9 +7,10 @@ import time
 import httpx
 import pytest
 import yaml
+from reward_servers import REPO_ROOT, app_server
 
-from reward_server.serve_app import RewardServerReplica, build_app
-from reward_servers import REPO_ROOT, app_server, free_port
+from editrl.cluster.reward_process import free_port
+from editrl.reward_server.serve_app import RewardServerReplica, build_app
 
 TOKEN = "serve-admin-token"
 
@@ -38,7 +39,7 @@ def test_application_construction_without_starting_serve(tmp_path, redis_url, re
 def test_shipped_serve_config_names_a_loadable_builder():
     serve_config = yaml.safe_load((REPO_ROOT / "configs" / "reward_server_serve.yaml").read_text())
     (application,) = serve_config["applications"]
-    assert application["import_path"] == "reward_server.serve_app:build_app"
+    assert application["import_path"] == "editrl.reward_server.serve_app:build_app"
     server_config = yaml.safe_load((REPO_ROOT / application["args"]["config"]).read_text())
     assert server_config["redis_url"] and application["args"]["num_replicas"] == 2
 
@@ -70,8 +71,8 @@ def test_two_serve_replicas_follow_a_config_change(tmp_path, redis_url, redis_pr
         while (len(seen) < 2 or set(seen.values()) != {"serve-2"}) and time.monotonic() < deadline:
             body = httpx.get(f"{url}/v1/config", timeout=10).json()
             seen[body["replica"]] = body["version"]
-            time.sleep(0.02)
-        assert len(seen) == 2 and set(seen.values()) == {"serve-2"}, seen
+            time.sleep(0.02)  # poll interval
+        assert len(seen) == 2 and set(seen.values()) == {"serve-2"}, f"two replicas on serve-2 within 20 s, got {seen}"
     finally:
         serve.shutdown()
         ray.shutdown()

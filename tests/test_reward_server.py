@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -21,10 +20,11 @@ import pytest
 import yaml
 from skimage import data as skdata
 
-from protocol.reward import ScoreItem, ScoreRequest, VideoPayload
-from protocol.video import decode_video, encode_mp4
-from reward_server.backends.pixel import PixelInput, score_batch
-from rollout_workers.reward_client import RewardClient, RewardServerError
+from editrl.cluster.reward_process import free_port
+from editrl.protocol.reward import ScoreItem, ScoreRequest, VideoPayload
+from editrl.protocol.video import decode_video, encode_mp4
+from editrl.reward_server.backends.pixel import PixelInput, score_batch
+from editrl.rollout_workers.reward_client import RewardClient, RewardServerError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TEST_REWARD_VERSION = "pixel-test-3"
@@ -32,15 +32,9 @@ MAX_REQUEST_BYTES = 2 * 1024 * 1024
 WEIGHTS = {"instruction_following": 0.5, "preservation": 0.3, "temporal_consistency": 0.2}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextlib.contextmanager
 def running_server(tmp_path: Path, port: int, wait: bool = True):
-    """``python -m reward_server`` in a subprocess; stopped through its Popen handle."""
+    """``python -m editrl.reward_server`` in a subprocess; stopped through its Popen handle."""
     reward = {"version": TEST_REWARD_VERSION, "weights": WEIGHTS}
     config = {"max_batch_size": 16, "max_wait_s": 0.1, "max_request_bytes": MAX_REQUEST_BYTES, "reward": reward}
     config_path = tmp_path / f"reward_server_{port}.yaml"
@@ -49,7 +43,7 @@ def running_server(tmp_path: Path, port: int, wait: bool = True):
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "reward_server", "--config", str(config_path), "--port", str(port)],
+            [sys.executable, "-m", "editrl.reward_server", "--config", str(config_path), "--port", str(port)],
             cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
         )
     url = f"http://127.0.0.1:{port}"
@@ -331,8 +325,8 @@ def test_client_retries_until_the_server_is_up(tmp_path, caplog):
     thread.start()
     deadline = time.monotonic() + 10
     while "attempt 1/40 failed" not in caplog.text and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert "attempt 1/40 failed" in caplog.text
+        time.sleep(0.02)  # poll interval
+    assert "attempt 1/40 failed" in caplog.text, "the client did not log its first failed attempt within 10 s"
     with running_server(tmp_path, port, wait=False):
         thread.join(timeout=40)
     assert "error" not in outcome, outcome.get("error")

@@ -3,18 +3,17 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
 import httpx
 import pytest
-
-from protocol.reward import ScoreRequest
-from reward_server.app import create_app
-from reward_server.config import ServerConfig
 from reward_media import brighter, camera_pan, item
 from reward_servers import app_server
-from rollout_workers.reward_client import RewardClient
 from standins import GeminiStandIn, gemini_text_answer
+
+from editrl.protocol.reward import ScoreRequest
+from editrl.reward_server.app import create_app
+from editrl.reward_server.config import ServerConfig
+from editrl.rollout_workers.reward_client import RewardClient
 
 TOKEN = "admin-token-for-tests"
 SOURCE = camera_pan(frames=4, size=32)
@@ -40,8 +39,10 @@ def admin(token: str = TOKEN) -> dict:
 
 def test_swap_without_restart_lets_running_batches_finish_on_the_old_config(env):
     gate = threading.Event()
+    judged = threading.Event()
 
     def gated(body):
+        judged.set()
         gate.wait(timeout=20)
         return 200, gemini_text_answer(json.dumps({**JUDGE_SCORES, "reason": "fine"}))
 
@@ -57,10 +58,7 @@ def test_swap_without_restart_lets_running_batches_finish_on_the_old_config(env)
 
             thread = threading.Thread(target=score_old)
             thread.start()
-            deadline = time.monotonic() + 10
-            while not standin.requests and time.monotonic() < deadline:
-                time.sleep(0.01)
-            assert standin.requests, "the judge never got the first request"
+            assert judged.wait(timeout=10), "the judge never got the first request"
             put = httpx.put(f"{url}/v1/config", json=PIXEL_V2, headers=admin())
             assert put.status_code == 200, put.text
             assert put.json()["version"] == "pixel-v2" and put.json()["changed"] is True and put.json()["revision"] == 2

@@ -13,13 +13,13 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
-from safetensors.torch import load_file
 from conftest import tiny_policy_config
+from safetensors.torch import load_file
 
-from editrl.config import EvalConfig, RolloutConfig, RuntimeConfig, TrainConfig
-from editrl.controller import DEFAULT_NAME, NAMESPACE
-from editrl.train import train
-from learner.config import LearnerConfig
+from editrl.cluster.config import EvalConfig, RolloutConfig, RuntimeConfig, TrainConfig
+from editrl.cluster.controller import DEFAULT_NAME, NAMESPACE
+from editrl.cluster.train import train
+from editrl.learner.config import LearnerConfig
 
 pytestmark = pytest.mark.slow
 
@@ -37,25 +37,31 @@ def _config(**runtime) -> TrainConfig:
     )
 
 
-def _controller():
+def _controller(timeout_s=120):
     """The running job's controller, once the run has started Ray and created it."""
+    deadline = time.monotonic() + timeout_s
     while not ray.is_initialized():
-        time.sleep(0.05)
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the run did not start Ray within {timeout_s} s")
+        time.sleep(0.05)  # poll interval
     while True:
         try:
             return ray.get_actor(DEFAULT_NAME, namespace=NAMESPACE)
-        except (ValueError, Exception):
-            time.sleep(0.1)
+        except (ValueError, Exception) as exc:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the run did not create its controller actor {DEFAULT_NAME!r} within {timeout_s} s") from exc
+            time.sleep(0.1)  # poll interval
 
 
-def _wait_status(controller, predicate, timeout_s=300):
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
+def _wait_status(controller, what, predicate, timeout_s=300):
+    """The controller's status once ``predicate`` holds for it; ``what`` names that state in the failure."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
         status = ray.get(controller.get_status.remote())
         if status and predicate(status):
             return status
-        time.sleep(0.05)
-    raise TimeoutError("the run never reached the awaited state")
+        time.sleep(0.05)  # poll interval
+    raise AssertionError(f"the run did not reach '{what}' within {timeout_s} s")
 
 
 @pytest.fixture(scope="module")
@@ -66,17 +72,21 @@ def disturbed_run(tmp_path_factory):
     events = {}
 
     def operator():
-        controller = _controller()
-        status = _wait_status(controller, lambda s: s["step"] >= 1 and s["worker_pids"])
-        victim = int(next(iter(status["worker_pids"].values())))
-        os.kill(victim, signal.SIGKILL)
-        events["killed"] = victim
-        _wait_status(controller, lambda s: s["step"] >= 3)
-        ray.get(controller.set_rollout_workers.remote(3))
-        events["scaled_to_3"] = _wait_status(controller, lambda s: s["rollout_workers"] == 3)["step"]
-        _wait_status(controller, lambda s: s["step"] >= events["scaled_to_3"] + 1)
-        ray.get(controller.set_rollout_workers.remote(1))
-        events["scaled_to_1"] = True
+        try:
+            controller = _controller()
+            status = _wait_status(controller, "step 1 with worker pids", lambda s: s["step"] >= 1 and s["worker_pids"])
+            victim = int(next(iter(status["worker_pids"].values())))
+            os.kill(victim, signal.SIGKILL)
+            events["killed"] = victim
+            _wait_status(controller, "step 3", lambda s: s["step"] >= 3)
+            ray.get(controller.set_rollout_workers.remote(3))
+            events["scaled_to_3"] = _wait_status(controller, "3 rollout workers", lambda s: s["rollout_workers"] == 3)["step"]
+            _wait_status(controller, "a step after scaling to 3", lambda s: s["step"] >= events["scaled_to_3"] + 1)
+            ray.get(controller.set_rollout_workers.remote(1))
+            events["scaled_to_1"] = True
+        except BaseException as exc:  # a thread's exception fails no test: the tests report it from events
+            events["error"] = repr(exc)
+            raise
 
     thread = threading.Thread(target=operator, daemon=True)
     thread.start()
@@ -89,7 +99,7 @@ def disturbed_run(tmp_path_factory):
 
 def test_killed_worker_loses_no_group_and_trains_none_twice(disturbed_run):
     summary, train_records, rollouts, events = disturbed_run
-    assert "killed" in events
+    assert "killed" in events, events.get("error")
     assert train_records[-1]["worker_restarts_total"] >= 1
     assert summary["groups_reissued"] >= 1  # the dead worker's groups were handed out again
     group_ids = [r["group_id"] for r in rollouts if r["sample"] == 0]
@@ -99,7 +109,7 @@ def test_killed_worker_loses_no_group_and_trains_none_twice(disturbed_run):
 def test_pool_scales_from_2_to_3_to_1_during_the_run(disturbed_run):
     _, train_records, _, events = disturbed_run
     sizes = [int(r["rollout_workers"]) for r in train_records]
-    assert events.get("scaled_to_1")
+    assert events.get("scaled_to_1"), events.get("error")
     assert sizes[0] == 2 and 3 in sizes and sizes[-1] == 1
     assert sizes.index(3) < len(sizes) - 1 - sizes[::-1].index(3) + 1  # 3 comes before the final 1
 
@@ -144,11 +154,16 @@ def test_resume_after_killing_the_learner_continues_the_uninterrupted_run(tmp_pa
     expected_summary = train(config, uninterrupted)
 
     run_dir = tmp_path / "interrupted"
+    killer_error = []
 
-    def kill_learner_after_first_checkpoint():
+    def kill_learner_after_first_checkpoint(timeout_s=300):
         pointer = run_dir / "checkpoints" / "latest"
+        deadline = time.monotonic() + timeout_s
         while not (pointer.is_file() and pointer.read_text() == "step_000002"):
-            time.sleep(0.02)
+            if time.monotonic() > deadline:
+                killer_error.append(f"checkpoints/latest did not name step_000002 within {timeout_s} s")
+                return
+            time.sleep(0.02)  # poll interval: the checkpoint is written by the learner actor, out of reach
         ray.kill(ray.get_actor(f"{DEFAULT_NAME}-learner", namespace=NAMESPACE))
 
     killer = threading.Thread(target=kill_learner_after_first_checkpoint, daemon=True)
@@ -156,6 +171,7 @@ def test_resume_after_killing_the_learner_continues_the_uninterrupted_run(tmp_pa
     with pytest.raises(ray.exceptions.RayActorError):
         train(config, run_dir)
     killer.join(timeout=5)
+    assert not killer_error, killer_error
     summary = train(config, run_dir, resume=True)
 
     # on CPU in sequential mode the resumed run is the uninterrupted run, bit for bit:

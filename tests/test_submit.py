@@ -20,7 +20,8 @@ import psutil
 import pytest
 
 from editrl.cli import main
-from editrl.submit import DEFAULT_EXCLUDES, PROJECT_ROOT, build_entrypoint, build_runtime_env, job_config_path
+from editrl.cluster.reward_process import free_port
+from editrl.cluster.submit import DEFAULT_EXCLUDES, PROJECT_ROOT, build_entrypoint, build_runtime_env, job_config_path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MARKER = "editrl-job-ok"
@@ -62,12 +63,6 @@ def test_a_bad_override_is_refused_before_anything_is_submitted():
 
 
 # ------------------------------------------------------------ a real Ray head
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _port_open(port: int) -> bool:
     try:
         socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
@@ -104,14 +99,14 @@ def ray_head():
     from ray.job_submission import JobSubmissionClient
 
     temp_dir = tempfile.mkdtemp(prefix="ers", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    dashboard_port, agent_port = _free_port(), _free_port()
+    dashboard_port, agent_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(PYTHONPATH=str(REPO_ROOT), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32),
                RAY_USAGE_STATS_ENABLED="0", RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")
     command = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--temp-dir", temp_dir,
-               "--port", str(_free_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
+               "--port", str(free_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
                "--include-dashboard", "true", "--dashboard-agent-listen-port", str(agent_port),
-               "--ray-client-server-port", str(_free_port()), "--num-cpus", "1", "--disable-usage-stats"]
+               "--ray-client-server-port", str(free_port()), "--num-cpus", "1", "--disable-usage-stats"]
     log_path = Path(temp_dir) / "ray_start.log"
     with log_path.open("w") as log:
         head = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -130,7 +125,7 @@ def ray_head():
                 except (ConnectionError, RuntimeError):
                     pass
             assert time.monotonic() < deadline, f"job server at {url} not ready in 180 s:\n{log_path.read_text()[-3000:]}"
-            time.sleep(0.3)
+            time.sleep(0.3)  # poll interval
         yield url, env, headers
     finally:
         started = {head.pid: "ray start", **_descendants(head.pid)}
@@ -142,7 +137,7 @@ def ray_head():
             head.wait()
         deadline = time.monotonic() + 15
         while any(_alive(pid) for pid in started) and time.monotonic() < deadline:
-            time.sleep(0.2)
+            time.sleep(0.2)  # poll interval; what is still alive at the deadline is killed and reported below
         leftover = {pid: name for pid, name in started.items() if _alive(pid)}
         for pid in leftover:
             psutil.Process(pid).kill()
@@ -160,7 +155,7 @@ uploaded = sorted(str(p) for p in Path(".").rglob("*") if p.is_file())  # before
 import ray
 
 import editrl
-from cluster.ray_cluster import init_ray
+from editrl.cluster.ray_cluster import init_ray
 
 init_ray("auto")
 
@@ -213,7 +208,7 @@ def test_a_job_runs_in_the_uploaded_working_dir_and_joins_the_cluster(ray_head, 
     assert report["driver_file"] == os.path.join(cwd, "editrl", "__init__.py")
     assert report["worker"] == {"file": os.path.join(cwd, "editrl", "__init__.py"), "env": "from-submit"}
     uploaded = set(report["uploaded"])
-    assert {"job_check.py", "editrl/submit.py", "configs/default.yaml", "bench/keep.py"} <= uploaded
+    assert {"job_check.py", "cluster/submit.py", "configs/default.yaml", "bench/keep.py"} <= uploaded
     assert not {f for f in uploaded if f.split("/")[0] in (".venv", "runs", ".git") or "__pycache__" in f or f.startswith("bench/results/")}
 
     info = JobSubmissionClient(url, headers=headers).get_job_info(job_id)
@@ -235,6 +230,7 @@ def test_a_failing_job_fails_the_command_and_no_wait_returns_at_once(ray_head, t
     assert "about-to-fail" in out and "FAILED" in out and "exit code 3" in out
 
     job_id = f"editrl-nowait-{uuid.uuid4().hex[:8]}"
+    # `sleep 30`: a job still running when submit returns (stopped below)
     assert main(["submit", "--address", url, "--working-dir", str(work), "--job-id", job_id, "--no-wait", "--entrypoint", "sleep 30"]) == 0
     client = JobSubmissionClient(url, headers=headers)
     assert client.get_job_status(job_id) in ("PENDING", "RUNNING")  # returned without waiting for the job
