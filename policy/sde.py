@@ -2,9 +2,10 @@
 deterministic Euler (ODE) step, the Gaussian log-probability of a transition and
 the KL between two transitions; pure functions on fp32 tensors.
 
-Time convention (DESIGN.md section 3): ``x_sigma = (1 - sigma) x0 + sigma eps``,
-sigma = 1 is noise and sigma = 0 is data; the network predicts the velocity
-``v ~ eps - x0``; sampling walks sigma down, so ``dt = sigma_next - sigma < 0``.
+Time convention (docs/policy_and_objective.md, "Conventions"):
+``x_sigma = (1 - sigma) x0 + sigma eps``, sigma = 1 is noise and sigma = 0 is
+data; the network predicts the velocity ``v ~ eps - x0``; sampling walks sigma
+down, so ``dt = sigma_next - sigma < 0``.
 """
 from __future__ import annotations
 
@@ -86,7 +87,8 @@ def wan_noise_level(sigma: float, s_max: float, s_min: float, eta: float = 1.0) 
 
 
 def flow_sde_mean(x: torch.Tensor, v: torch.Tensor, sigma: float, sigma_next: float, s: float) -> torch.Tensor:
-    """Mean of the Flow-SDE transition (Flow-GRPO eq. 12, DESIGN.md section 3).
+    """Mean of the Flow-SDE transition (Flow-GRPO, Liu et al. 2025, arXiv 2505.05470, eq. 12;
+    docs/policy_and_objective.md, "Samplers").
 
     ``mean = x (1 + s^2 dt / (2 sigma)) + v (1 + s^2 (1 - sigma) / (2 sigma)) dt``
     with ``dt = sigma_next - sigma``. With ``s = 0`` this is the Euler (ODE) step
