@@ -39,7 +39,22 @@ def _recent() -> dict[str, bytes]:
     return _RECENT.videos
 
 
+SAFE_ID_PATTERN = r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029\u200b-\u200f\u202a-\u202e\u2066-\u2069\ufeff]+$"
+"""``request_id`` and ``item_id``: no control characters (C0, DEL, C1), line or paragraph
+separators, zero-width or bidirectional controls or BOM, so that an id cannot break or
+disguise a log line (lone surrogates are refused by JSON string validation already)."""
+
+BASE64_PATTERN = "^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
+"""Standard padded base64, as published in the OpenAPI schema of ``data``; the validator
+enforces exactly this language (alphabet and padding via :func:`base64.b64decode`, length
+a multiple of 4, at most two ``=``) without a second pass of a regular expression over megabytes."""
+
+
 def _decode_base64(value: str) -> bytes:
+    if len(value) % 4:
+        raise ValueError(f"not valid base64: {len(value)} characters, not a multiple of 4")
+    if value.endswith("==="):
+        raise ValueError("not valid base64: more than two '=' of padding")
     try:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError) as exc:
@@ -64,7 +79,7 @@ class VideoPayload(BaseModel):
 
     format: Literal["mp4", "raw"] = "mp4"
     """``mp4`` (H.264 in an mp4 container) or ``raw`` (uint8 RGB frames, see ``shape``)."""
-    data: str = Field(min_length=1)
+    data: str = Field(min_length=1, json_schema_extra={"pattern": BASE64_PATTERN})
     """Standard base64 of the video file's bytes (mp4) or of the frames' bytes (raw)."""
     shape: tuple[int, int, int, int] | None = None
     """Raw frames only: ``[F, H, W, 3]`` (frames, height, width, RGB channels)."""
@@ -162,7 +177,7 @@ class ImagePayload(BaseModel):
 
     format: Literal["png", "jpeg"] = "png"
     """Encoding of ``data``."""
-    data: str = Field(min_length=1)
+    data: str = Field(min_length=1, json_schema_extra={"pattern": BASE64_PATTERN})
     """Standard base64 of the image file's bytes."""
 
     @field_validator("data")
@@ -189,8 +204,8 @@ class ScoreItem(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    item_id: str = Field(min_length=1, max_length=256)
-    """Caller's id, echoed back (e.g. ``<group_id>/<sample index>``)."""
+    item_id: str = Field(min_length=1, max_length=256, pattern=SAFE_ID_PATTERN)
+    """Caller's id, echoed back (e.g. ``<group_id>/<sample index>``); :data:`SAFE_ID_PATTERN`."""
     instruction: str = Field(min_length=1, max_length=2000)
     """The editing instruction the edited video should follow."""
     source: VideoPayload
@@ -209,8 +224,8 @@ class ScoreRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    request_id: str = Field(min_length=1, max_length=256)
-    """Caller's id for this request; echoed back and used in logs."""
+    request_id: str = Field(min_length=1, max_length=256, pattern=SAFE_ID_PATTERN)
+    """Caller's id for this request; echoed back and used in logs; :data:`SAFE_ID_PATTERN`."""
     items: list[ScoreItem] = Field(min_length=1, max_length=256)
     """Items to score; ids must be unique within the request."""
 

@@ -1,10 +1,13 @@
 """Video <-> bytes with PyAV (H.264 in mp4), used on the wire and on disk; still images with Pillow.
 
 Frames are always ``uint8`` arrays of shape ``(F, H, W, 3)`` in RGB order, images ``(H, W, 3)``.
+Decoding can be bounded by a :class:`DecodeBudget` (the reward server's guard against a
+small file of many large frames).
 """
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 
 import av
 import numpy as np
@@ -15,8 +18,58 @@ class VideoDecodeError(ValueError):
     """Raised when bytes are not a decodable video with at least one frame."""
 
 
+class VideoTooLargeError(VideoDecodeError):
+    """Raised when a video holds more frames or pixels than its :class:`DecodeBudget` allows."""
+
+
 class ImageDecodeError(ValueError):
     """Raised when bytes are not a decodable still image."""
+
+
+def _mpx(pixels: int) -> str:
+    """``55.3 Mpx`` (10^6 pixels), or ``10240 px`` below a megapixel."""
+    return f"{pixels / 1e6:.1f} Mpx" if pixels >= 1_000_000 else f"{pixels} px"
+
+
+@dataclass(frozen=True)
+class DecodeBudget:
+    """The most one video may decode to; ``None`` is no limit.
+
+    Attributes:
+        max_pixels: frames x height x width of the whole video (the decoded
+            ``uint8`` RGB frames take 3 bytes per pixel).
+        max_frames: number of frames.
+    """
+
+    max_pixels: int | None = None
+    max_frames: int | None = None
+
+    def max_frames_of(self, height: int, width: int) -> int | None:
+        """Most frames of ``height`` x ``width`` within the budget (None: no limit)."""
+        limits = [n for n in (self.max_frames, None if self.max_pixels is None else self.max_pixels // max(height * width, 1))
+                  if n is not None]
+        return min(limits) if limits else None
+
+    def check(self, frames: int, height: int, width: int, what: str, note: str = "from the container's header") -> None:
+        """Refuse ``frames`` frames of ``height`` x ``width`` pixels past the budget.
+
+        Args:
+            frames: number of frames; 0 checks the size of one frame alone.
+            height, width: frame size in pixels.
+            what: the video's name for the message.
+            note: where the numbers come from, for the message.
+
+        Raises:
+            VideoTooLargeError: past ``max_frames`` or ``max_pixels``; the
+                message gives the numbers, e.g. ``60 frames of 1280x720 = 55.3 Mpx
+                > budget 50.0 Mpx``.
+        """
+        pixels = max(frames, 1) * height * width
+        if self.max_pixels is not None and pixels > self.max_pixels:
+            counted = f"{frames} frames of {width}x{height}" if frames else f"a frame of {width}x{height}"
+            raise VideoTooLargeError(f"{what}: {counted} = {_mpx(pixels)} > budget {_mpx(self.max_pixels)} ({note})")
+        if self.max_frames is not None and frames > self.max_frames:
+            raise VideoTooLargeError(f"{what}: {frames} frames of {width}x{height} > budget {self.max_frames} frames ({note})")
 
 
 # Largest accepted reference image, in pixels (guards against decompression bombs).
@@ -103,53 +156,120 @@ def rgb_to_yuv420p(frame: np.ndarray) -> np.ndarray:
     return np.clip(np.round(planes), 0, 255).astype(np.uint8).reshape(height * 3 // 2, width)
 
 
-def yuv420p_to_rgb(planes: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Inverse of :func:`rgb_to_yuv420p` (chroma repeated over each 2x2 block)."""
-    flat = planes.reshape(-1).astype(np.float64)
-    y = flat[: height * width].reshape(height, width)
+_BAND_PIXELS = 1 << 16
+"""Pixels :func:`yuv420p_to_rgb` converts per step: its float64 temporaries stay near
+2 MB whatever the frame size (converting a whole 1280x720 frame at once peaked at 109 MiB)."""
+
+
+def yuv420p_to_rgb(planes: np.ndarray, height: int, width: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Inverse of :func:`rgb_to_yuv420p` (chroma repeated over each 2x2 block).
+
+    Args:
+        planes: ``uint8`` yuv420p planes, ``(H * 3 / 2, W)`` or flat.
+        height, width: frame size in pixels, both even.
+        out: ``uint8 (H, W, 3)`` to write the result into (e.g. a row of a
+            video's frame array); None allocates it.
+
+    Returns:
+        ``uint8 (H, W, 3)`` RGB (``out`` when given). A band of rows at a time
+        goes through float64, with the same operations, row for row, as a
+        whole-frame conversion, so the result is bit-identical to it.
+    """
+    flat = planes.reshape(-1)
     quarter = (height // 2) * (width // 2)
+    y = flat[: height * width].reshape(height, width)
     u = flat[height * width : height * width + quarter].reshape(height // 2, width // 2)
     v = flat[height * width + quarter : height * width + 2 * quarter].reshape(height // 2, width // 2)
-    u = np.repeat(np.repeat(u, 2, axis=0), 2, axis=1)
-    v = np.repeat(np.repeat(v, 2, axis=0), 2, axis=1)
-    ycc = np.stack([y, u, v], axis=-1) - _YCBCR_OFFSET
-    rgb = ycc @ _YCBCR_TO_RGB.T * 255.0
-    return np.clip(np.round(rgb), 0, 255).astype(np.uint8)
+    if out is None:
+        out = np.empty((height, width, 3), np.uint8)
+    band = max(2, _BAND_PIXELS // max(width, 1) // 2 * 2)
+    for top in range(0, height, band):
+        bottom = min(height, top + band)
+        ycc = np.empty((bottom - top, width, 3), np.float64)
+        ycc[..., 0] = y[top:bottom]
+        for channel, plane in ((1, u), (2, v)):
+            ycc[..., channel] = np.repeat(np.repeat(plane[top // 2 : (bottom + 1) // 2], 2, axis=0), 2, axis=1)
+        ycc -= _YCBCR_OFFSET
+        rgb = ycc @ _YCBCR_TO_RGB.T
+        rgb *= 255.0
+        np.round(rgb, out=rgb)
+        np.clip(rgb, 0, 255, out=rgb)
+        out[top:bottom] = rgb
+    return out
 
 
-def _frame_to_rgb(frame: "av.VideoFrame") -> np.ndarray:
+def _frame_to_rgb(frame: "av.VideoFrame", out: np.ndarray) -> None:
+    """Write one decoded frame into ``out`` (``uint8 (H, W, 3)``)."""
     if frame.format.name == "yuv420p" and frame.width % 2 == 0 and frame.height % 2 == 0:
-        return yuv420p_to_rgb(frame.to_ndarray(format="yuv420p"), frame.height, frame.width)
-    return frame.to_ndarray(format="rgb24")
+        yuv420p_to_rgb(frame.to_ndarray(format="yuv420p"), frame.height, frame.width, out=out)
+    else:
+        out[...] = frame.to_ndarray(format="rgb24")
 
 
-def decode_video(data: bytes, what: str = "video") -> np.ndarray:
+def _decode_frames(container: "av.container.InputContainer", budget: DecodeBudget, declared: int, what: str) -> np.ndarray:
+    """Decode the first video stream into one ``uint8 (F, H, W, 3)`` array, stopping
+    (with :class:`VideoTooLargeError`) at the frame that passes ``budget``. The array
+    is sized from the declared frame count (0: grown by doubling, within the budget)."""
+    out: np.ndarray | None = None
+    count = 0
+    declares = f"{declared} frames" if declared else "no frame count"
+    counted = f"counted while decoding, stopped there; the container declares {declares}"
+    for frame in container.decode(video=0):
+        height, width = frame.height, frame.width
+        count += 1
+        if out is not None and (height, width) != out.shape[1:3]:
+            raise VideoDecodeError(f"{what}: frame {count} is {width}x{height}, the first was {out.shape[2]}x{out.shape[1]}")
+        budget.check(count, height, width, what, note=counted)
+        limit = budget.max_frames_of(height, width)
+        if out is None:
+            capacity = declared or 16
+            out = np.empty((capacity if limit is None else min(capacity, limit), height, width, 3), np.uint8)
+        elif count > len(out):
+            grown = np.empty((2 * len(out) if limit is None else min(2 * len(out), limit), height, width, 3), np.uint8)
+            grown[: len(out)] = out
+            out = grown
+        _frame_to_rgb(frame, out[count - 1])
+    if out is None:
+        raise VideoDecodeError(f"{what}: video has no frames")
+    return out[:count]
+
+
+def decode_video(data: bytes, what: str = "video", budget: DecodeBudget | None = None) -> np.ndarray:
     """Decode any container/codec PyAV reads into RGB frames.
 
     Args:
         data: the file's bytes.
         what: a name for the video used in error messages (e.g. an item id).
+        budget: the most frames and pixels to decode; None is no limit. The
+            frame count and size the container declares are checked before
+            decoding, and decoding stops at the frame that passes the budget
+            whatever the container declared (a missing or false count).
 
     Returns:
         ``uint8`` array ``(F, H, W, 3)``.
 
     Raises:
-        VideoDecodeError: the bytes are empty, not a video, or hold no frames.
+        VideoTooLargeError: the video passes ``budget``.
+        VideoDecodeError: the bytes are empty, not a video, hold no frames, or
+            change frame size mid-stream.
     """
     if not data:
         raise VideoDecodeError(f"{what}: empty video bytes")
+    budget = budget if budget is not None else DecodeBudget()
     try:
         with av.open(io.BytesIO(data), mode="r") as container:
             if not container.streams.video:
                 raise VideoDecodeError(f"{what}: no video stream")
-            frames = [_frame_to_rgb(f) for f in container.decode(video=0)]
+            stream = container.streams.video[0]
+            declared = max(int(stream.frames or 0), 0)
+            height, width = int(stream.codec_context.height or 0), int(stream.codec_context.width or 0)
+            if height and width:
+                budget.check(declared, height, width, what, note="from the container's header, before decoding")
+            return _decode_frames(container, budget, declared, what)
     except VideoDecodeError:
         raise
     except (av.error.FFmpegError, ValueError, OSError) as exc:  # PyAV raises FFmpegError subclasses
         raise VideoDecodeError(f"{what}: cannot decode video ({exc})") from exc
-    if not frames:
-        raise VideoDecodeError(f"{what}: video has no frames")
-    return np.stack(frames)
 
 
 def read_video(path: str) -> np.ndarray:

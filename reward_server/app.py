@@ -19,8 +19,11 @@ Every response carries ``Server-Timing: app;dur=<ms>`` (:class:`ServerTiming`).
 
 Bodies larger than ``max_request_bytes`` get HTTP 413 (FastAPI's ``max_body_size``
 checks the Content-Length header and the bytes actually received); malformed
-JSON and schema violations get FastAPI's 422 naming the field. OpenAPI is at
-``/openapi.json``. Only JSON travels: nothing is pickled.
+JSON, bodies that are not UTF-8 JSON and schema violations get 422
+``{"detail": [{loc, msg, type}]}`` naming the field, bounded and always encodable
+(:mod:`editrl.reward_server.http_errors`; never a 500, never the whole input echoed).
+OpenAPI is at ``/openapi.json`` and documents every status a route answers. Only
+JSON travels: nothing is pickled.
 """
 from __future__ import annotations
 
@@ -34,14 +37,17 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from pydantic import BaseModel, ConfigDict
 from redis.exceptions import RedisError
 
 from editrl.protocol.reward import ScoreRequest, ScoreResponse
+from editrl.protocol.video import DecodeBudget
 from editrl.reward_server.backends import Backend
+from editrl.reward_server.backends.allowlist import JudgeAllowlist
 from editrl.reward_server.config import ServerConfig
 from editrl.reward_server.config_store import ConfigConflict
+from editrl.reward_server.http_errors import ErrorMessage, install, log_safe
 from editrl.reward_server.metrics import Metrics
 from editrl.reward_server.reward_config import DimensionError, RewardConfig
 from editrl.reward_server.runtime import BackendPool, ConfigBuildError, Runtime, RuntimeManager
@@ -51,6 +57,13 @@ from editrl.reward_server.state import open_state
 logger = logging.getLogger(__name__)
 
 REPLICA_ID = f"{socket.gethostname()}:{os.getpid()}"
+
+_ERROR = {"model": ErrorMessage}
+STARTING = {503: {**_ERROR, "description": "the reward server is starting or stopping"}}
+TOO_LARGE = {413: {"description": "request body larger than max_request_bytes (Starlette's plain-text answer)",
+                   "content": {"text/plain": {"schema": {"type": "string"}}}}}
+METRICS_CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
+"""``GET /metrics``: Prometheus text exposition format 0.0.4."""
 
 
 class ActiveConfig(BaseModel):
@@ -142,7 +155,8 @@ def create_app(config: ServerConfig, backend: Backend | None = None) -> FastAPI:
     except DimensionError as exc:
         raise ValueError(f"reward config {reward.version!r}: {exc}") from exc
     metrics = Metrics()
-    pool = BackendPool(metrics, config.max_batch_size, config.max_wait_s, injected)
+    pool = BackendPool(metrics, config.max_batch_size, config.max_wait_s, injected,
+                       allowlist=JudgeAllowlist(config.judge_key_envs, config.judge_hosts))
     manager = RuntimeManager(pool, metrics)
     admin_token = os.environ.get(config.admin_token_env) or None
     bearer = HTTPBearer(auto_error=False, description=f"the token in ${config.admin_token_env}")
@@ -157,7 +171,7 @@ def create_app(config: ServerConfig, backend: Backend | None = None) -> FastAPI:
                 raise RuntimeError(f"cannot serve reward config {initial.version!r} (revision {revision}): {exc}") from exc
             state.store.follow(manager.apply)
             app.state.store = state.store
-            app.state.scorer = Scorer(state.cache, metrics)
+            app.state.scorer = Scorer(state.cache, metrics, DecodeBudget(config.max_video_pixels, config.max_video_frames))
             logger.info(
                 "reward server ready: reward config %s (revision %d), backends %s, cache %s, registry %s",
                 initial.version, revision, manager.current.versions if manager.current else {},
@@ -171,6 +185,7 @@ def create_app(config: ServerConfig, backend: Backend | None = None) -> FastAPI:
 
     app = FastAPI(title="editrl reward server", version="2", lifespan=lifespan, max_body_size=config.max_request_bytes)
     app.add_middleware(ServerTiming)
+    install(app)
     app.state.config = config
     app.state.manager = manager
     app.state.metrics_registry = metrics.registry
@@ -190,16 +205,17 @@ def create_app(config: ServerConfig, backend: Backend | None = None) -> FastAPI:
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/v1/config", response_model=ActiveConfig, response_model_exclude_none=True)
+    @app.get("/v1/config", response_model=ActiveConfig, response_model_exclude_none=True, responses=STARTING)
     async def get_config() -> ActiveConfig:
         return _view(current(), manager.sync_error)
 
     @app.put(
         "/v1/config", response_model=ActiveConfig, response_model_exclude_none=True,
         dependencies=[Depends(require_admin)],
-        responses={401: {"description": "missing or wrong token"}, 403: {"description": "admin routes disabled"},
-                   409: {"description": "another definition is active under this version"},
-                   503: {"description": "the config registry (Redis) is unreachable"}},
+        responses={401: {**_ERROR, "description": "missing or wrong token"},
+                   403: {**_ERROR, "description": "admin routes disabled"},
+                   409: {**_ERROR, "description": "another definition is active under this version"}, **TOO_LARGE,
+                   503: {**_ERROR, "description": "the config registry (Redis) is unreachable, or the server is starting"}},
     )
     async def put_config(new: RewardConfig, request: Request) -> ActiveConfig:
         store = request.app.state.store
@@ -224,14 +240,17 @@ def create_app(config: ServerConfig, backend: Backend | None = None) -> FastAPI:
                 raise HTTPException(503, detail=f"config registry unreachable: {exc}") from exc
             runtime.revision = revision
             manager.install(runtime)
-            logger.info("reward config %s active (revision %d) by PUT /v1/config", new.version, revision)
+            logger.info("reward config %s active (revision %d) by PUT /v1/config", log_safe(new.version), revision)
             return _view(runtime, None, changed=True)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response, responses={200: {
+        "description": "Prometheus text exposition", "content": {METRICS_CONTENT_TYPE: {"schema": {"type": "string"}}}}})
     async def get_metrics() -> Response:
-        return Response(content=generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(content=generate_latest(metrics.registry), media_type=METRICS_CONTENT_TYPE)
 
-    @app.post("/v1/score", response_model=ScoreResponse, responses={413: {"description": "request body too large"}})
+    @app.post("/v1/score", response_model=ScoreResponse, responses={**STARTING, 413: {
+        **_ERROR, "content": {**TOO_LARGE[413]["content"]}, "description": "request body larger than max_request_bytes "
+        "(plain text), or a video past max_video_pixels or max_video_frames (JSON naming the item and field)"}})
     async def score(score_request: ScoreRequest, request: Request) -> Response:
         started = time.perf_counter()
         try:
@@ -239,13 +258,14 @@ def create_app(config: ServerConfig, backend: Backend | None = None) -> FastAPI:
                 try:
                     scores = await request.app.state.scorer.score(runtime, score_request)
                 except UndecodableInputs as exc:
-                    logger.info("request %s rejected: %s", score_request.request_id, exc)
-                    raise HTTPException(status_code=422, detail=exc.errors) from exc
+                    logger.info("request %s rejected: %s", score_request.request_id, log_safe(exc))
+                    raise HTTPException(status_code=exc.status_code, detail=exc.detail) from exc
         finally:
             metrics.request_latency.observe(time.perf_counter() - started)
         failed = [s for s in scores if not s.ok]
         for item_score in failed:
-            logger.warning("request %s item %s failed: %s", score_request.request_id, item_score.item_id, item_score.error)
+            logger.warning("request %s item %s failed: %s", score_request.request_id, item_score.item_id,
+                           log_safe(item_score.error))
         logger.info(
             "request %s: %d items (%d failed) on %s in %.3f s",
             score_request.request_id, len(scores), len(failed), runtime.config.version, time.perf_counter() - started,

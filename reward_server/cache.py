@@ -7,17 +7,23 @@ same backend definition is looked up instead of scored again: a retried request
 never costs a second judge call. Only successful scores are stored; failures
 are scored again on the next attempt. Values are JSON (never pickle).
 
-With Redis, a replica about to score an item first *claims* its key (``SET NX``
-with a time limit); another replica asked for the same item meanwhile waits for
-the result instead of scoring it twice. Redis being unreachable degrades to no
-caching (logged), never to failed requests.
+With Redis, a replica about to score an item first *claims* its key: ``SET NX``
+of an owner token (replica id and a random part) with a short lease, which the
+owner renews in the background while it scores and deletes only while it still
+owns it (compare-and-delete). Another replica asked for the same item meanwhile
+waits for the result instead of scoring it twice, and takes the item over
+(claims and scores it itself) when the lease lapses: a replica killed mid-batch
+holds its items up for at most one lease. Redis being unreachable degrades to
+no caching (logged), never to failed requests.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
+import secrets
 from collections import OrderedDict
 from typing import Any, Protocol
 
@@ -71,9 +77,19 @@ class ScoreCache(Protocol):
 
     async def get_many(self, keys: list[str]) -> list[dict[str, Any] | None]: ...
     async def put_many(self, entries: dict[str, dict[str, Any]]) -> None: ...
-    async def claim(self, key: str) -> bool: ...
-    async def release(self, key: str) -> None: ...
-    async def wait_for(self, key: str) -> dict[str, Any] | None: ...
+    async def claim(self, key: str) -> bool:
+        """Whether this process may score ``key`` now (it then calls :meth:`release` when done)."""
+        ...
+
+    async def release(self, key: str) -> None:
+        """End this process's claim on ``key`` (nothing if it holds none)."""
+        ...
+
+    async def wait_for(self, key: str) -> dict[str, Any] | None:
+        """The entry another process stores for ``key``, or None once this process holds the claim
+        (it scores ``key`` itself and calls :meth:`release`)."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -119,34 +135,75 @@ class InProcessCache:
         self._entries.clear()
 
 
+_RENEW = """
+local renewed = {}
+for i, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[i + 1] then
+    redis.call('PEXPIRE', key, ARGV[1])
+    renewed[i] = 1
+  else
+    renewed[i] = 0
+  end
+end
+return renewed
+"""
+"""Extend every claim in KEYS whose value is still its owner token (ARGV[i + 1]) to ARGV[1] ms."""
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+"""Delete the claim KEYS[1] only while its value is the owner token ARGV[1]."""
+
+
 class RedisCache:
     """Scores in Redis under ``<prefix>:score:<key>`` with a time to live; claims under ``<prefix>:claim:<key>``.
+
+    A claim's value is ``<owner>:<random hex>``; it lives ``claim_lease_s`` and is
+    renewed every third of that by a background task while this process holds it.
 
     Args:
         client: a ``redis.asyncio`` client.
         prefix: key prefix of this deployment.
         ttl_s: seconds an entry lives.
-        claim_ttl_s: seconds a claim lasts (and the longest :meth:`wait_for` waits).
-        poll_initial_s: first wait between checks in :meth:`wait_for`, doubled up to 0.5 s.
+        claim_lease_s: seconds a claim lives without renewal (a crashed owner's claim
+            lapses after at most this long and a waiter takes the item over).
+        owner: who claims (the replica id, ``host:pid``); logged and stored in the claim.
+        poll_initial_s: first wait between checks in :meth:`wait_for`, doubled up to
+            a quarter of the lease (at most 0.5 s).
     """
 
     shared = True
 
     def __init__(
-        self, client: aioredis.Redis, prefix: str, ttl_s: float, claim_ttl_s: float, poll_initial_s: float = 0.05
+        self, client: aioredis.Redis, prefix: str, ttl_s: float, claim_lease_s: float, owner: str = "replica",
+        poll_initial_s: float = 0.05,
     ) -> None:
         self._client = client
         self._prefix = prefix
         self._ttl_ms = max(1, int(ttl_s * 1000))
-        self._claim_ttl_ms = max(1, int(claim_ttl_s * 1000))
-        self._claim_ttl_s = claim_ttl_s
-        self._poll_initial_s = poll_initial_s
+        self._lease_ms = max(1, int(claim_lease_s * 1000))
+        self._lease_s = claim_lease_s
+        self.owner = owner
+        self._poll_initial_s = min(poll_initial_s, claim_lease_s / 4)
+        self._poll_max_s = min(0.5, claim_lease_s / 4)
+        self._held: dict[str, str] = {}
+        self._renewer: asyncio.Task[None] | None = None
+        self._renew = client.register_script(_RENEW)
+        self._release = client.register_script(_RELEASE)
 
     def _score_key(self, key: str) -> str:
         return f"{self._prefix}:score:{key}"
 
     def _claim_key(self, key: str) -> str:
         return f"{self._prefix}:claim:{key}"
+
+    @property
+    def held(self) -> frozenset[str]:
+        """Keys whose claim this process holds (and renews)."""
+        return frozenset(self._held)
 
     async def get_many(self, keys: list[str]) -> list[dict[str, Any] | None]:
         if not keys:
@@ -170,35 +227,83 @@ class RedisCache:
             logger.warning("score cache store failed: %s", exc)
 
     async def claim(self, key: str) -> bool:
+        """``SET NX`` of a fresh owner token with the lease; True when this process now holds
+        ``key`` (or Redis failed: then it scores without a claim)."""
+        if key in self._held:
+            return True
+        token = f"{self.owner}:{secrets.token_hex(8)}"
         try:
-            return bool(await self._client.set(self._claim_key(key), "1", nx=True, px=self._claim_ttl_ms))
+            won = bool(await self._client.set(self._claim_key(key), token, nx=True, px=self._lease_ms))
         except RedisError as exc:
             logger.warning("score cache claim failed, scoring anyway: %s", exc)
             return True
+        if won:
+            self._held[key] = token
+            if self._renewer is None or self._renewer.done():
+                self._renewer = asyncio.get_running_loop().create_task(self._renew_loop(), name="claim-renewal")
+        return won
+
+    async def _renew_loop(self) -> None:
+        """Extend every held claim each third of the lease until none is held; a claim found
+        owned by someone else (lapsed while this process stalled) is dropped with a warning."""
+        while self._held:
+            await asyncio.sleep(self._lease_s / 3)
+            held = dict(self._held)
+            if not held:
+                return
+            try:
+                renewed = await self._renew(
+                    keys=[self._claim_key(k) for k in held], args=[self._lease_ms, *held.values()]
+                )
+            except RedisError as exc:
+                logger.warning("renewing %d score claims failed: %s", len(held), exc)
+                continue
+            for (key, token), ok in zip(held.items(), renewed):
+                if not ok and self._held.get(key) == token:
+                    del self._held[key]
+                    logger.warning("score claim %s lapsed before it was renewed; another replica may score it", key)
 
     async def release(self, key: str) -> None:
+        """Delete the claim on ``key`` if this process still owns it (another owner's claim stays)."""
+        token = self._held.pop(key, None)
+        if token is None:
+            return
         try:
-            await self._client.delete(self._claim_key(key))
+            await self._release(keys=[self._claim_key(key)], args=[token])
         except RedisError as exc:
-            logger.warning("score cache release failed (the claim expires by itself): %s", exc)
+            logger.warning("score cache release failed (the claim lapses by itself): %s", exc)
 
     async def wait_for(self, key: str) -> dict[str, Any] | None:
-        """Wait for another replica's score of ``key``; None when its claim ended without one."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._claim_ttl_s
+        """Wait for another replica's score of ``key``.
+
+        Returns:
+            The stored entry, or None once this process has claimed ``key`` itself
+            (the other claim ended without a score, e.g. its lease lapsed after a
+            crash): the caller then scores it and calls :meth:`release`. On a Redis
+            error, None without a claim (the caller scores anyway).
+        """
         delay = self._poll_initial_s
         try:
-            while loop.time() < deadline:
+            while True:
                 entry = _decode_entry(await self._client.get(self._score_key(key)))
                 if entry is not None:
                     return entry
-                if not await self._client.exists(self._claim_key(key)):
-                    return _decode_entry(await self._client.get(self._score_key(key)))
+                if not await self._client.exists(self._claim_key(key)) and await self.claim(key):
+                    entry = _decode_entry(await self._client.get(self._score_key(key)))
+                    if entry is not None:  # stored between the lookup and the claim
+                        await self.release(key)
+                        return entry
+                    logger.info("took over score claim %s (its owner ended without a score)", key)
+                    return None
                 await asyncio.sleep(delay)
-                delay = min(0.5, delay * 2)
+                delay = min(self._poll_max_s, delay * 2)
         except RedisError as exc:
-            logger.warning("waiting for a shared score failed: %s", exc)
+            logger.warning("waiting for a shared score failed, scoring it here: %s", exc)
         return None
 
     async def close(self) -> None:
-        return None  # the client belongs to the caller
+        """Stop renewing (claims still held lapse after their lease); the client belongs to the caller."""
+        if self._renewer is not None:
+            self._renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewer

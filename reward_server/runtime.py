@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from editrl.reward_server.backends import Backend, BackendResult, BackendSpec, ScoreInput, build_backend
+from editrl.reward_server.backends.allowlist import AllowlistError, JudgeAllowlist
 from editrl.reward_server.backends.base import close_backend, fingerprint, is_async, is_remote
 from editrl.reward_server.batching import BusyClock, DynamicBatcher
 from editrl.reward_server.metrics import Metrics
@@ -117,13 +118,16 @@ class BackendPool:
         metrics: the app's collectors.
         max_batch_size, max_wait_s: batching defaults for specs that leave them unset.
         injected: (key, spec JSON) -> a ready backend to use instead of building one.
+        allowlist: the judge key variables and hosts specs may name; None is
+            :class:`~editrl.reward_server.backends.allowlist.JudgeAllowlist`'s defaults.
     """
 
     def __init__(
         self, metrics: Metrics, max_batch_size: int, max_wait_s: float,
-        injected: dict[tuple[str, str], Backend] | None = None,
+        injected: dict[tuple[str, str], Backend] | None = None, allowlist: JudgeAllowlist | None = None,
     ) -> None:
         self._metrics = metrics
+        self.allowlist = allowlist if allowlist is not None else JudgeAllowlist()
         self._defaults = (max_batch_size, max_wait_s)
         self._injected = dict(injected or {})
         self._entries: dict[tuple[str, str], _PoolEntry] = {}
@@ -136,8 +140,15 @@ class BackendPool:
         else the backend's name.
 
         Raises:
-            ConfigBuildError: building failed; ``loc`` is ``("backends", key)``.
+            ConfigBuildError: the spec names a key variable or host outside the
+                allowlist (``loc`` is ``("backends", key, "api_key_env" | "base_url")``),
+                or building failed (``loc`` is ``("backends", key)``).
         """
+        try:
+            self.allowlist.check(spec)
+        except AllowlistError as exc:
+            logger.warning("refused backend %r (%s): %s", key, spec.type, exc)
+            raise ConfigBuildError(("backends", key, exc.field), f"backend {key!r}: {exc}") from exc
         pool_key = (key if qualified else "", spec.model_dump_json())
         async with self._lock:
             entry = self._entries.get(pool_key)

@@ -20,7 +20,9 @@ from typing import Any
 import numpy as np
 
 from editrl.protocol.reward import ItemScore, ScoreItem, ScoreRequest, VideoPayload
-from editrl.protocol.video import ImageDecodeError, VideoDecodeError, decode_image, decode_video
+from editrl.protocol.video import (
+    DecodeBudget, ImageDecodeError, VideoDecodeError, VideoTooLargeError, decode_image, decode_video,
+)
 from editrl.reward_server.backends import BackendResult, ScoreInput
 from editrl.reward_server.cache import ScoreCache, cache_key, content_digest
 from editrl.reward_server.metrics import Metrics
@@ -31,11 +33,22 @@ logger = logging.getLogger(__name__)
 
 
 class UndecodableInputs(Exception):
-    """Videos or images of the request cannot be decoded; ``errors`` are FastAPI-style 422 details."""
+    """Videos or images of the request cannot be decoded; ``errors`` are FastAPI-style details."""
 
     def __init__(self, errors: list[dict[str, Any]]) -> None:
         super().__init__("; ".join(error["msg"] for error in errors))
         self.errors = errors
+
+    @property
+    def status_code(self) -> int:
+        """413 when a video is past the decode budget, else 422."""
+        return 413 if any(error["type"] == "video_too_large" for error in self.errors) else 422
+
+    @property
+    def detail(self) -> str | list[dict[str, Any]]:
+        """The response's ``detail``: for 413 the messages joined (a string, as for a body over
+        the size limit; each names ``items[i].field`` and the item id), for 422 the errors."""
+        return str(self) if self.status_code == 413 else self.errors
 
 
 @dataclass
@@ -51,27 +64,34 @@ class _Wire:
 
 class _Decoded:
     """Each distinct video of one request decoded once, keyed by its content digest
-    (a GRPO group sends its source video with every one of its G items)."""
+    (a GRPO group sends its source video with every one of its G items), each within
+    ``budget`` (raw frames too, by their shape)."""
 
-    def __init__(self) -> None:
+    def __init__(self, budget: DecodeBudget | None = None) -> None:
         self._videos: dict[str, np.ndarray | tuple[str, VideoDecodeError]] = {}
+        self.budget = budget if budget is not None else DecodeBudget()
 
     def video(self, payload: VideoPayload, data: bytes, digest: str, what: str) -> np.ndarray:
         """``uint8 (F, H, W, 3)`` frames (read-only for raw payloads, shared between items).
 
         Raises:
-            VideoDecodeError: the mp4 cannot be decoded (raised again for every item that sends it).
+            VideoTooLargeError: the video is past the budget.
+            VideoDecodeError: the mp4 cannot be decoded (both raised again for every item that sends it).
         """
         if digest not in self._videos:
             try:
-                self._videos[digest] = payload.to_frames() if payload.format == "raw" else decode_video(data, what=what)
+                if payload.format == "raw":
+                    self.budget.check(*payload.shape[:3], what=what, note="raw frames of that shape")  # type: ignore[index]
+                    self._videos[digest] = payload.to_frames()
+                else:
+                    self._videos[digest] = decode_video(data, what=what, budget=self.budget)
             except VideoDecodeError as exc:
                 self._videos[digest] = (what, exc)
         found = self._videos[digest]
         if isinstance(found, tuple):
             first_what, exc = found
             message = str(exc)
-            raise VideoDecodeError(what + message[len(first_what):] if message.startswith(first_what) else message)
+            raise type(exc)(what + message[len(first_what):] if message.startswith(first_what) else message)
         return found
 
 
@@ -90,7 +110,8 @@ def decode_item(index: int, wire: _Wire, decoded: _Decoded | None = None) -> tup
         try:
             frames[field] = decoded.video(payload, data, digest, what)
         except VideoDecodeError as exc:
-            errors.append({"loc": ["body", "items", index, field, "data"], "msg": str(exc), "type": "video_decode_error"})
+            kind = "video_too_large" if isinstance(exc, VideoTooLargeError) else "video_decode_error"
+            errors.append({"loc": ["body", "items", index, field, "data"], "msg": str(exc), "type": kind})
     reference = None
     if wire.reference is not None:
         try:
@@ -145,9 +166,9 @@ def _needs_decoding(wires: list[_Wire], needed: list[int]) -> bool:
                for i in needed)
 
 
-def _decode_all(wires: list[_Wire], needed: list[int]) -> dict[int, ScoreInput]:
+def _decode_all(wires: list[_Wire], needed: list[int], budget: DecodeBudget | None = None) -> dict[int, ScoreInput]:
     inputs, errors = {}, []
-    decoded = _Decoded()
+    decoded = _Decoded(budget)
     for index in needed:
         item_input, problems = decode_item(index, wires[index], decoded)
         errors.extend(problems)
@@ -164,11 +185,13 @@ class Scorer:
     Args:
         cache: the score cache, or None to score everything.
         metrics: the app's collectors.
+        budget: the most frames and pixels each video of a request may decode to (None: no limit).
     """
 
-    def __init__(self, cache: ScoreCache | None, metrics: Metrics) -> None:
+    def __init__(self, cache: ScoreCache | None, metrics: Metrics, budget: DecodeBudget | None = None) -> None:
         self.cache = cache
         self.metrics = metrics
+        self.budget = budget
         self._flights: dict[str, asyncio.Future[BackendResult]] = {}
 
     async def score(self, runtime: Runtime, request: ScoreRequest) -> list[ItemScore]:
@@ -176,7 +199,8 @@ class Scorer:
 
         Raises:
             UndecodableInputs: a video or the reference image of an item that had
-                to be scored cannot be decoded (HTTP 422 naming the item and field).
+                to be scored cannot be decoded (HTTP 422 naming the item and field),
+                or a video is past the decode budget (HTTP 413).
         """
         inline = _payload_chars(request) <= INLINE_BYTES
         wires = _wire_items(request) if inline else await asyncio.to_thread(_wire_items, request)
@@ -194,9 +218,9 @@ class Scorer:
         if not needed:
             inputs = {}
         elif inline and not _needs_decoding(wires, needed):
-            inputs = _decode_all(wires, needed)  # raw frames: views, nothing to decode
+            inputs = _decode_all(wires, needed, self.budget)  # raw frames: views, nothing to decode
         else:
-            inputs = await asyncio.to_thread(_decode_all, wires, needed)
+            inputs = await asyncio.to_thread(_decode_all, wires, needed, self.budget)
         per_backend = await asyncio.gather(*(
             self._resolve(active, keys[active.key], found[active.key], inputs) for active in runtime.backends
         ))
@@ -247,37 +271,43 @@ class Scorer:
         return [(result, hit) for result, hit in zip(results, cached)]  # type: ignore[misc]
 
     async def _compute(self, active: ActiveBackend, todo: dict[str, ScoreInput]) -> dict[str, BackendResult]:
-        """Score ``todo`` (cache key -> item); with a shared cache, items claimed by another replica are awaited."""
+        """Score ``todo`` (cache key -> item). With a shared cache each item is claimed first; an
+        item another replica stored meanwhile is taken from the cache, one claimed elsewhere is
+        awaited, and scored here when that claim lapses without a score."""
         if not todo:
             return {}
-        shared = self.cache is not None and self.cache.shared
-        claimed, elsewhere = list(todo), []
-        if shared:
-            claims = await asyncio.gather(*(self.cache.claim(key) for key in todo))  # type: ignore[union-attr]
-            claimed = [key for key, ok in zip(todo, claims) if ok]
-            elsewhere = [key for key, ok in zip(todo, claims) if not ok]
+        cache = self.cache
+        if cache is None or not cache.shared:
+            return await self._run(active, todo)
+        claims = await asyncio.gather(*(cache.claim(key) for key in todo))
+        claimed = [key for key, ok in zip(todo, claims) if ok]
+        elsewhere = [key for key, ok in zip(todo, claims) if not ok]
+        done: dict[str, BackendResult] = {}
+        try:
+            # another replica may have stored the score and released its claim after our lookup
+            for key, entry in zip(claimed, await cache.get_many(claimed)):
+                if entry is not None:
+                    done[key] = _from_entry(entry)
+                    self.metrics.cache_joins.labels(backend=active.label).inc()
+            await asyncio.gather(*(cache.release(key) for key in done))
 
-        async def own() -> dict[str, BackendResult]:
-            try:
-                return await self._run(active, {key: todo[key] for key in claimed})
-            finally:
-                if shared:
-                    await asyncio.gather(*(self.cache.release(key) for key in claimed))  # type: ignore[union-attr]
+            async def wait(key: str) -> tuple[str, BackendResult | None]:
+                entry = await cache.wait_for(key)
+                return key, (_from_entry(entry) if entry is not None else None)
 
-        async def wait(key: str) -> tuple[str, BackendResult | None]:
-            entry = await self.cache.wait_for(key)  # type: ignore[union-attr]
-            return key, (_from_entry(entry) if entry is not None else None)
-
-        done, *waited = await asyncio.gather(own(), *(wait(key) for key in elsewhere))
-        leftover = {}
-        for key, result in waited:
-            if result is None:
-                leftover[key] = todo[key]  # the other replica failed or vanished: score it here
-            else:
-                done[key] = result
-                self.metrics.cache_joins.labels(backend=active.label).inc()
-        if leftover:
-            done.update(await self._run(active, leftover))
+            mine = {key: todo[key] for key in claimed if key not in done}
+            scored, *waited = await asyncio.gather(self._run(active, mine), *(wait(key) for key in elsewhere))
+            done.update(scored)
+            taken_over = {}
+            for key, result in waited:
+                if result is None:
+                    taken_over[key] = todo[key]  # the other claim ended without a score: ours now
+                else:
+                    done[key] = result
+                    self.metrics.cache_joins.labels(backend=active.label).inc()
+            done.update(await self._run(active, taken_over))
+        finally:
+            await asyncio.gather(*(cache.release(key) for key in todo))
         return done
 
     async def _run(self, active: ActiveBackend, todo: dict[str, ScoreInput]) -> dict[str, BackendResult]:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -14,6 +16,9 @@ from editrl.reward_server.config import ServerConfig
 from editrl.reward_server.config_store import ConfigStore, InProcessConfigStore, RedisConfigStore
 
 logger = logging.getLogger(__name__)
+
+REPLICA_ID = f"{socket.gethostname()}:{os.getpid()}"
+"""This server process (``host:pid``): the owner named in its score claims."""
 
 
 @dataclass
@@ -57,9 +62,13 @@ async def open_state(config: ServerConfig) -> AsyncIterator[SharedState]:
             raise RuntimeError(f"Redis at {redacted(config.redis_url)} is unreachable: {exc}") from exc
         logger.info("using Redis at %s (prefix %s)", redacted(config.redis_url), config.redis_prefix)
         cache = (
-            RedisCache(client, config.redis_prefix, config.cache.ttl_s, config.cache.claim_ttl_s)
+            RedisCache(client, config.redis_prefix, config.cache.ttl_s, config.cache.claim_lease_s, owner=REPLICA_ID)
             if config.cache.enabled else None
         )
-        yield SharedState(cache=cache, store=RedisConfigStore(client, config.redis_prefix, config.config_poll_s))
+        try:
+            yield SharedState(cache=cache, store=RedisConfigStore(client, config.redis_prefix, config.config_poll_s))
+        finally:
+            if cache is not None:
+                await cache.close()
     finally:
         await client.aclose()

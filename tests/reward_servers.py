@@ -24,6 +24,17 @@ from editrl.cluster.reward_process import free_port
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+class ServedURL(str):
+    """A reward server's URL that also carries the server process's ``pid``."""
+
+    pid: int
+
+    def __new__(cls, url: str, pid: int) -> "ServedURL":
+        served = super().__new__(cls, url)
+        served.pid = pid
+        return served
+
+
 def wait_healthy(url: str, timeout_s: float = 30.0, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
     """Poll ``GET {url}/healthz`` until it answers 200; fail the test (with the server's log) when ``proc``
     exits first or ``timeout_s`` passes."""
@@ -66,7 +77,8 @@ def app_server(app) -> Iterator[str]:
 
 @contextlib.contextmanager
 def process_servers(tmp_path: Path, specs: list[tuple[str, dict, dict[str, str] | None]]) -> Iterator[list[str]]:
-    """``python -m editrl.reward_server --config <config>`` per (name, config, env), started together; yields their URLs.
+    """``python -m editrl.reward_server --config <config>`` per (name, config, env), started together; yields
+    their URLs (:class:`ServedURL`, with the process id).
 
     PYTHONPATH is this worktree; each process is stopped through its Popen handle.
     """
@@ -85,7 +97,7 @@ def process_servers(tmp_path: Path, specs: list[tuple[str, dict, dict[str, str] 
                     cwd=REPO_ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT,
                 )
             procs.append(proc)
-            started.append((f"http://127.0.0.1:{port}", proc, log_path))
+            started.append((ServedURL(f"http://127.0.0.1:{port}", proc.pid), proc, log_path))
         for url, proc, log_path in started:
             wait_healthy(url, proc=proc, log=log_path)
         yield [url for url, _, _ in started]

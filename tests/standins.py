@@ -17,7 +17,7 @@ import base64
 import json
 import re
 import threading
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -147,6 +147,12 @@ class GeminiStandIn(_StandIn):
                     mime = inline.get("mimeType") or inline.get("mime_type")
                     out.append((mime, base64.urlsafe_b64decode(inline["data"])))
         return out
+
+    def instructions(self, since: int = 0) -> Counter[str]:
+        """Calls per instruction among the requests recorded from index ``since`` on."""
+        with self._lock:
+            recorded = self.requests[since:]
+        return Counter(self.instruction_of(request["body"]) for request in recorded)
 
     def answer(self, path: str, body: dict[str, Any]) -> Answer:
         instruction = self.instruction_of(body)

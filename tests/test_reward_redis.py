@@ -42,8 +42,8 @@ def test_cache_entries_claims_and_waiting(redis_url, redis_prefix):
             return held
 
         other_client.exists = counting_exists
-        cache = RedisCache(client, redis_prefix, ttl_s=30, claim_ttl_s=5, poll_initial_s=0.01)
-        other = RedisCache(other_client, redis_prefix, ttl_s=30, claim_ttl_s=5, poll_initial_s=0.01)
+        cache = RedisCache(client, redis_prefix, ttl_s=30, claim_lease_s=5, owner="a", poll_initial_s=0.01)
+        other = RedisCache(other_client, redis_prefix, ttl_s=30, claim_lease_s=5, owner="b", poll_initial_s=0.01)
         try:
             assert await cache.get_many(["k1", "k2"]) == [None, None]
             await cache.put_many({"k1": {"dimensions": {"a": 1.5}, "reason": "r"}})
@@ -63,9 +63,13 @@ def test_cache_entries_claims_and_waiting(redis_url, redis_prefix):
             assert await asyncio.wait_for(waiter, 2) == {"dimensions": {"a": 3.0}}
             assert await cache.claim("k4")
             waiter = asyncio.ensure_future(other.wait_for("k4"))
-            await cache.release("k4")  # the claimer gave up without a score
-            assert await asyncio.wait_for(waiter, 2) is None
+            await cache.release("k4")  # the claimer gave up without a score...
+            assert await asyncio.wait_for(waiter, 2) is None  # ...so the waiter claimed k4 to score it itself
+            assert other.held == {"k4"} and not await cache.claim("k4")
+            await other.release("k4")
         finally:
+            await cache.close()
+            await other.close()
             await client.aclose()
             await other_client.aclose()
 
@@ -181,7 +185,7 @@ def test_replicas_share_scores_and_follow_a_config_change(tmp_path, redis_url, r
 def test_an_unreachable_redis_degrades_to_scoring_without_the_cache(caplog):
     async def main():
         client = aioredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=0.2)
-        cache = RedisCache(client, "nowhere", ttl_s=30, claim_ttl_s=1)
+        cache = RedisCache(client, "nowhere", ttl_s=30, claim_lease_s=1)
         try:
             assert await cache.get_many(["k"]) == [None]
             await cache.put_many({"k": {"dimensions": {"a": 1.0}}})  # logged, not raised
