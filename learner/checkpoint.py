@@ -3,7 +3,8 @@
 Layout of a run directory::
 
     checkpoints/step_000010/   adapter_model.safetensors  (LoRA weights, peft keys)
-                               learner.pt                 (optimizer, RNG, policy version)
+                               learner.pt                 (optimizer, RNG, policy version; tensors and
+                                                          plain containers only, loaded with weights_only=True)
                                driver.json                (step, data cursor, counters)
     checkpoints/latest         name of the newest complete checkpoint
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
@@ -77,15 +79,45 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return path if path.is_dir() else None
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be loaded safely (it names the file)."""
+
+
+def load_learner_state(path: Path) -> dict:
+    """``learner.pt`` as written by :func:`save_checkpoint`, loaded with ``weights_only=True``:
+    tensors, numbers, strings, None and dicts/lists/tuples of them, nothing that runs code
+    when unpickled (the optimizer state, the RNG states and the policy version need no more).
+
+    Raises:
+        FileNotFoundError: no such file.
+        CheckpointError: the file holds other objects (e.g. a tampered or foreign file), is
+            not a torch file, or lacks a key of the learner state.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file {path} is missing")
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        first = next((line for line in lines if "WeightsUnpickler error" in line), lines[0] if lines else type(exc).__name__)
+        raise CheckpointError(f"refusing to load {path}: it is not a plain learner state (tensors and containers only): "
+                              f"{first[:300]}") from None
+    missing = [k for k in ("optimizer", "generator", "policy_version", "torch_rng") if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"refusing to load {path}: not a learner state, missing {missing}")
+    return state
+
+
 def load_checkpoint(path: Path, learner) -> dict:
     """Restore the learner from ``path`` and return the driver state saved with it.
 
     Raises:
         FileNotFoundError: a file of the checkpoint is missing.
+        CheckpointError: ``learner.pt`` holds anything but tensors and plain containers.
         policy.policy.AdapterMismatchError: the adapter does not fit the policy.
     """
     learner.policy.load_adapter_state(load_file(str(path / "adapter_model.safetensors")))
-    state = torch.load(path / "learner.pt", weights_only=False)
+    state = load_learner_state(path / "learner.pt")
     learner.optimizer.load_state_dict(state["optimizer"])
     learner.generator.set_state(state["generator"])
     learner.policy_version = state["policy_version"]

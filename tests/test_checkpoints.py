@@ -84,3 +84,60 @@ def test_vace_kind_round_trip_and_its_context_matches_the_diffusers_pipeline(tmp
     again = EditPolicy.from_config(config, CORPUS)
     with torch.no_grad():
         torch.testing.assert_close(again.velocity(x, 0.5, source, text, null, 2.0), v)
+
+
+class _RunsCode:
+    """Unpickling this calls a function of the attacker's choosing (here: one that leaves a mark)."""
+
+    def __init__(self, mark: str):
+        self.mark = mark
+
+    def __reduce__(self):
+        return (exec, (f"open({self.mark!r}, 'w').write('ran')",))
+
+
+def _learner_after_one_update():
+    from conftest import sample_group
+
+    from editrl.learner.config import LearnerConfig
+    from editrl.learner.learner import Learner
+
+    policy = EditPolicy.from_config(tiny_policy_config(), CORPUS, seed=0)
+    learner = Learner(policy, LearnerConfig(learning_rate=1e-2))
+    learner.train_step([sample_group(policy, seed, torch.tensor([0.0, 1.0])) for seed in range(2)])
+    return learner
+
+
+def test_a_checkpoint_round_trips_through_a_weights_only_load(tmp_path):
+    from editrl.learner.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+
+    learner = _learner_after_one_update()
+    save_checkpoint(tmp_path, 1, learner, {"cursor": 3})
+    fresh = _fresh_learner()
+    assert load_checkpoint(latest_checkpoint(tmp_path), fresh) == {"step": 1, "cursor": 3}
+    assert fresh.policy_version == 1
+    saved, loaded = learner.optimizer.state_dict(), fresh.optimizer.state_dict()
+    assert saved["param_groups"] == loaded["param_groups"]
+    for key, state in saved["state"].items():
+        assert all(torch.equal(state[name], loaded["state"][key][name]) for name in state)
+
+
+def _fresh_learner():
+    from editrl.learner.config import LearnerConfig
+    from editrl.learner.learner import Learner
+
+    return Learner(EditPolicy.from_config(tiny_policy_config(), CORPUS, seed=0), LearnerConfig(learning_rate=1e-2))
+
+
+def test_a_tampered_learner_state_is_refused_without_running_its_code(tmp_path):
+    from editrl.learner.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+
+    learner = _learner_after_one_update()
+    path = save_checkpoint(tmp_path, 1, learner, {})
+    mark = tmp_path / "code-ran"
+    state = torch.load(path / "learner.pt", weights_only=True)
+    state["optimizer"]["param_groups"][0]["lr"] = _RunsCode(str(mark))
+    torch.save(state, path / "learner.pt")
+    with pytest.raises(CheckpointError, match=f"refusing to load {path / 'learner.pt'}: .*Unsupported global"):
+        load_checkpoint(latest_checkpoint(tmp_path), _fresh_learner())
+    assert not mark.exists()
