@@ -20,8 +20,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test,bench]'
 	touch $@
 
+# `make train` replaces the outputs of its previous run in $(RUN_DIR) (editrl train
+# refuses a used run directory without --overwrite or --resume); TRAIN_ARGS= keeps them.
+TRAIN_ARGS ?= --overwrite
+
 train: venv
-	$(VENV)/bin/editrl train --config $(CONFIG) --run-dir $(RUN_DIR)
+	$(VENV)/bin/editrl train --config $(CONFIG) --run-dir $(RUN_DIR) $(TRAIN_ARGS)
 
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -108,6 +108,15 @@ class RuntimeConfig(BaseModel):
     """Name of the run's controller actor, the handle of ``editrl scale``."""
     autoscale: AutoscaleConfig | None = None
     """Resize the rollout pool automatically; None keeps the size set by config or ``editrl scale``."""
+    on_score_failure: Literal["reissue", "drop"] = "reissue"
+    """What happens to a group that was sampled but could not be scored (the reward server
+    unreachable for all ``rollout.reward_max_attempts``, a rejected request, items the judge
+    could not score): ``reissue`` hands the same task (id and seed) out again, to be sampled
+    and scored anew, at most ``max_score_reissues`` times, then drops it; ``drop`` drops it at
+    once. Either way it is logged and counted in ``groups_failed`` (re-issues also in
+    ``groups_reissued``) and never trained on made-up rewards."""
+    max_score_reissues: int = Field(3, ge=0)
+    """Most re-issues of one group after failed scoring (``on_score_failure: reissue``)."""
 
 
 class RewardServerSettings(BaseModel):
@@ -202,10 +211,20 @@ def load_train_config(path: str | Path, overrides: dict | None = None) -> TrainC
     presets bundled with editrl (:func:`editrl.resources.resolve_path`).
 
     Raises:
-        FileNotFoundError: no such file.
+        FileNotFoundError: no such file (the message names it).
+        ValueError: the file is not valid YAML, or not a mapping (the message names the file and the line).
         pydantic.ValidationError: a field is wrong (the message names it).
     """
-    data = yaml.safe_load(resolve_path(path).read_text()) or {}
+    resolved = resolve_path(path)
+    if not resolved.is_file():
+        raise FileNotFoundError(f"no such config file: {path}")
+    try:
+        with resolved.open(encoding="utf-8") as stream:  # the stream's name is in the error's position
+            data = yaml.safe_load(stream) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{resolved}: not valid YAML: {' '.join(str(exc).split())}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{resolved}: expected a mapping of config fields, got {type(data).__name__}")
     for key, value in (overrides or {}).items():
         _set_nested(data, key.split("."), value)
     return TrainConfig.model_validate(data)

@@ -10,12 +10,14 @@ import contextlib
 import json
 import logging
 import math
+import signal
 import time
 from pathlib import Path
 
 import ray
 
 from editrl.cluster.config import TrainConfig, save_config, with_resolved_paths
+from editrl.cluster.preflight import latest_checkpoint_name
 from editrl.cluster.ray_cluster import init_ray
 from editrl.cluster.reward_process import RewardServerProcess
 from editrl.cluster.run import Run
@@ -39,12 +41,44 @@ def load_datasets(config: TrainConfig) -> tuple[PromptDataset, PromptDataset]:
     return train_set, heldout_set
 
 
+def checkpoint_on_interrupt(run: Run, run_dir: Path, timeout_s: float = 300.0) -> Path | None:
+    """After an interrupt: checkpoint the last finished step unless it already is.
+
+    The learner is asked for its policy version first (behind any update still
+    running); a checkpoint is written only when that version is the driver's step,
+    so learner and driver state match. Failures are logged, never raised: the run
+    is being stopped anyway.
+
+    Returns:
+        The checkpoint written, or None.
+    """
+    newest = latest_checkpoint_name(run_dir)
+    saved = int(newest.removeprefix("step_")) if newest and newest.removeprefix("step_").isdigit() else 0
+    if run.step <= saved:
+        logger.info("interrupted at step %d; checkpoint %s already holds it", run.step, newest)
+        return None
+    try:
+        version = ray.get(run.learner.ready.remote(), timeout=timeout_s)
+        if version != run.step:
+            logger.warning("interrupted during an update (learner at policy version %d, driver at step %d); "
+                           "the newest consistent checkpoint is %s", version, run.step, newest)
+            return None
+        path = Path(ray.get(run.learner.save_checkpoint.remote(str(run_dir), run.step, run.driver_state()), timeout=timeout_s))
+    except Exception as exc:  # noqa: BLE001 - e.g. the learner died with the interrupt
+        logger.error("interrupted at step %d; could not write its checkpoint: %s: %s", run.step, type(exc).__name__, exc)
+        return None
+    logger.info("interrupted: checkpoint of step %d written to %s", run.step, path)
+    return path
+
+
 def train(config: TrainConfig, run_dir: Path, resume: bool = False) -> dict:
     """Run Edit-GRPO as configured; write everything under ``run_dir``; return the summary.
 
-    With ``resume``, continue from the newest checkpoint in ``run_dir``. The config
-    is saved as given; the run reads its files through absolute paths
-    (:func:`editrl.cluster.config.with_resolved_paths`).
+    With ``resume``, continue from the newest checkpoint in ``run_dir``. On
+    KeyboardInterrupt (``editrl train`` turns SIGTERM into one too) the last finished
+    step is checkpointed (:func:`checkpoint_on_interrupt`), everything the run started
+    is stopped and the interrupt is re-raised. The config is saved as given; the run
+    reads its files through absolute paths (:func:`editrl.cluster.config.with_resolved_paths`).
     """
     started = time.perf_counter()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -55,6 +89,8 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False) -> dict:
     logger.info("%d train prompts, %d held-out prompts; %s mode", len(train_set), len(heldout_set), config.runtime.mode)
 
     with contextlib.ExitStack() as stack:
+        ignored: dict = {}  # signal handlers set aside while an interrupted run stops; restored last
+        stack.callback(lambda: [signal.signal(sig, handler) for sig, handler in ignored.items()])
         reward_url = config.reward_server.url or stack.enter_context(
             RewardServerProcess(config.reward_server.config, run_dir / "reward_server.log", config.reward_server.startup_timeout_s)
         )
@@ -71,7 +107,13 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False) -> dict:
         stack.callback(ray.shutdown)
         run = Run(config, run_dir, corpus, reward_url, train_set, heldout_set)
         stack.callback(run.close)
-        summary = run.execute(resume, SCHEDULES[config.runtime.mode])
+        try:
+            summary = run.execute(resume, SCHEDULES[config.runtime.mode])
+        except KeyboardInterrupt:
+            # a second Ctrl-C must not cut the checkpoint or the shutdown of what the run started short
+            ignored.update({sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)})
+            checkpoint_on_interrupt(run, run_dir)
+            raise
 
     summary["wall_time_s"] = time.perf_counter() - started
     plot_rewards(run_dir / "metrics.jsonl", run_dir / "reward_curves.png")

@@ -6,8 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from editrl.policy.samplers import DEFAULT_ETA, SamplerName
-from editrl.policy.schedule import num_fraction_steps
+from editrl.policy.sampler_names import DEFAULT_ETA, SamplerName, num_fraction_steps
 
 
 class TinyModelConfig(BaseModel):

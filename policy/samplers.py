@@ -6,24 +6,11 @@ that sampling and the learner's recomputation call the same function.
 """
 from __future__ import annotations
 
-from typing import Literal, get_args
-
 import torch
 
 from editrl.policy.cps import cps_step
+from editrl.policy.sampler_names import DEFAULT_ETA, SAMPLERS, SamplerName  # noqa: F401 (re-exported)
 from editrl.policy.sde import StepOutput, flow_sde_step, flow_sde_step_at_level, ode_step, wan_noise_level
-
-SamplerName = Literal["flow_sde", "flow_sde_wan", "cps", "ode"]
-"""``flow_sde``: Flow-GRPO's SDE with ``s = eta sqrt(sigma / (1 - sigma))``;
-``flow_sde_wan``: the same SDE with the Wan linear level ``s = eta (s_min + (s_max - s_min) sigma)``;
-``cps``: coefficients-preserving sampling; ``ode``: the deterministic Euler step."""
-
-SAMPLERS: tuple[str, ...] = get_args(SamplerName)
-
-DEFAULT_ETA: dict[str, float] = {"flow_sde": 0.7, "flow_sde_wan": 1.0, "cps": 0.7, "ode": 0.0}
-"""Noise scale used when the config leaves ``eta`` unset: Flow-GRPO's noise level 0.7
-for ``flow_sde`` and ``cps`` (its reference passes the same noise level to both);
-1.0 for ``flow_sde_wan``, whose reference has no eta."""
 
 
 def wan_noise_range(sigmas: list[float]) -> tuple[float, float]:

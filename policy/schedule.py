@@ -10,12 +10,9 @@ from typing import Literal
 
 import torch
 
+from editrl.policy.sampler_names import num_fraction_steps  # noqa: F401 (re-exported)
+
 WindowPosition = Literal["fixed", "random", "scheduled"]
-
-
-def num_fraction_steps(num_steps: int, fraction: float) -> int:
-    """How many leading steps :func:`fraction_steps` marks: ``max(1, int(fraction * num_steps))``."""
-    return max(1, int(fraction * num_steps))
 
 
 def fraction_steps(num_steps: int, fraction: float) -> list[bool]:

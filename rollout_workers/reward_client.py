@@ -2,9 +2,9 @@
 
 ``RewardClient.score`` posts a :class:`editrl.protocol.reward.ScoreRequest` and returns
 the validated :class:`editrl.protocol.reward.ScoreResponse`. Connection errors, timeouts,
-HTTP 429 and 5xx are retried with exponential backoff (the identical body, hence
-the same ``request_id``, is sent on every attempt); any other 4xx fails at once
-with the server's message. A response that is not the answer to this request
+HTTP 429 and 5xx (but 501 and 505) are retried with exponential backoff (the identical
+body, hence the same ``request_id``, is sent on every attempt); any other answer fails
+at once with the server's message, summarised (an HTML page by its first line). A response that is not the answer to this request
 (not JSON, not a ``ScoreResponse``, other ids) is an error, never passed on.
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ import httpx
 from pydantic import ValidationError
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
+from editrl.protocol.answers import first_line
 from editrl.protocol.reward import ScoreRequest, ScoreResponse
 
 logger = logging.getLogger(__name__)
@@ -32,12 +33,17 @@ class _RetryableStatus(Exception):
         self.status_code = status_code
 
 
+NOT_RETRIED_5XX = (501, 505)
+"""5xx answers that no retry changes (not implemented, HTTP version not supported): failed at once."""
+
+
 def _server_message(response: httpx.Response, limit: int = 2000) -> str:
-    """The ``detail`` of a FastAPI error body, or the start of the raw text."""
+    """The ``detail`` of a FastAPI error body; any other body (e.g. an HTML error page)
+    in one line of at most 200 characters (:func:`editrl.protocol.answers.first_line`)."""
     try:
         body = response.json()
     except ValueError:
-        return response.text[:limit]
+        return first_line(response.text, min(limit, 200))
     if isinstance(body, dict) and "detail" in body:
         detail = body["detail"]
         return (detail if isinstance(detail, str) else json.dumps(detail))[:limit]
@@ -94,7 +100,7 @@ class RewardClient:
 
     def _post_once(self, body: bytes) -> httpx.Response:
         response = self._client.post("/v1/score", content=body, headers={"Content-Type": "application/json"})
-        if response.status_code == 429 or response.status_code >= 500:
+        if response.status_code == 429 or (response.status_code >= 500 and response.status_code not in NOT_RETRIED_5XX):
             raise _RetryableStatus(response.status_code, _server_message(response, limit=500))
         return response
 

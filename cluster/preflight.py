@@ -1,0 +1,263 @@
+"""Checks ``editrl train`` makes before torch or Ray is imported or any process starts.
+
+Everything that can be known from the config and the file system is checked here:
+the video geometry against the model's spatial and temporal factors and patch size
+(read from a checkpoint's ``config.json`` files, without diffusers), the checkpoint
+and data paths, the run directory and, when ``reward_server.url`` is set, whether a
+reward server answers there. Each failure is a :class:`PreflightError` whose message
+is one line naming the field, file or URL. This module imports only the standard
+library and the torch-free config modules.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import socket
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from editrl.cluster.config import TrainConfig
+from editrl.protocol.answers import first_line
+from editrl.policy.config import PolicyConfig
+from editrl.resources import resolve_path
+
+logger = logging.getLogger(__name__)
+
+RUN_OUTPUTS = ("config.yaml", "train.log", "reward_server.log", "metrics.jsonl", "summary.json", "reward_curves.png",
+               "rollouts", "samples", "tensorboard", "checkpoints", "adapter")
+"""What a run writes into its directory; ``--overwrite`` removes exactly these."""
+STARTING_STATUSES = (502, 503, 504)
+"""HTTP answers of a reward server (or of the proxy in front of it) that is still starting: waited for."""
+
+
+class PreflightError(ValueError):
+    """A config, path or reward URL that cannot work; the message is one line naming it."""
+
+
+@dataclass(frozen=True)
+class ModelFactors:
+    """Pixels per latent cell (``spatial``), frames per latent frame after the first
+    (``temporal``) and the DiT's ``(frames, height, width)`` patch size."""
+
+    spatial: int
+    temporal: int
+    patch: tuple[int, int, int]
+    source: str
+
+
+def model_factors(policy: PolicyConfig) -> ModelFactors:
+    """The factors of the model ``policy`` names, as :mod:`editrl.policy.model` computes them:
+    ``spatial = 2 ** len(temperal_downsample)``, ``temporal = 2 ** sum(temperal_downsample)``,
+    the patch from the transformer config (the tiny model built in code uses ``(1, 2, 2)``).
+
+    Raises:
+        PreflightError: ``policy.checkpoint`` is missing, not a diffusers model directory,
+            or its ``vae/`` or ``transformer/`` config cannot be read.
+    """
+    if policy.checkpoint is None:
+        tiny = policy.tiny
+        return ModelFactors(2 ** (len(tiny.vae_dim_mult) - 1), 2 ** sum(tiny.vae_temporal_downsample), (1, 2, 2),
+                            "the tiny model (policy.tiny)")
+    path = checkpoint_dir(policy.checkpoint)
+    vae, transformer = _read_json(path / "vae" / "config.json"), _read_json(path / "transformer" / "config.json")
+    try:
+        downsample = [bool(d) for d in vae["temperal_downsample"]]
+        patch = tuple(int(p) for p in transformer.get("patch_size") or (1, 2, 2))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PreflightError(f"policy.checkpoint={policy.checkpoint}: unexpected vae/transformer config ({exc!r})") from None
+    if len(patch) != 3:
+        raise PreflightError(f"policy.checkpoint={policy.checkpoint}: transformer patch_size {list(patch)} is not (frames, height, width)")
+    return ModelFactors(2 ** len(downsample), 2 ** sum(downsample), patch, f"checkpoint {path.name}")  # type: ignore[arg-type]
+
+
+def checkpoint_dir(checkpoint: str) -> Path:
+    """The resolved ``policy.checkpoint`` directory.
+
+    Raises:
+        PreflightError: it does not exist, is not a directory, or lacks a model folder.
+    """
+    path = resolve_path(checkpoint)
+    if not path.exists():
+        raise PreflightError(f"policy.checkpoint={checkpoint}: no such directory ({path})")
+    if not path.is_dir():
+        raise PreflightError(f"policy.checkpoint={checkpoint}: not a directory ({path})")
+    for sub in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"):
+        if not (path / sub).is_dir():
+            raise PreflightError(f"policy.checkpoint={checkpoint}: not a diffusers model directory, no {sub}/ folder in {path}")
+    return path
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise PreflightError(f"{path}: cannot read the model config ({type(exc).__name__}: {exc})") from None
+
+
+def _nearest(value: int, step: int, offset: int = 0) -> str:
+    """The valid values ``offset + k * step`` (k >= 1 if that leaves 0) on both sides of ``value``."""
+    below = offset + ((value - offset) // step) * step
+    candidates = [v for v in (below, below + step) if v > 0]
+    return " or ".join(str(v) for v in candidates)
+
+
+def check_geometry(policy: PolicyConfig, factors: ModelFactors | None = None) -> None:
+    """``policy.height`` and ``policy.width`` are multiples of ``spatial * patch``;
+    ``policy.num_frames`` is ``temporal * k + 1`` and its latent frames a multiple of the temporal patch.
+
+    Raises:
+        PreflightError: naming the field, the rule and the nearest valid values.
+    """
+    f = factors or model_factors(policy)
+    pt, ph, pw = f.patch
+    for name, value, patch in (("height", policy.height, ph), ("width", policy.width, pw)):
+        step = f.spatial * patch
+        if value % step:
+            raise PreflightError(f"policy.{name}={value}: must be a multiple of {step} (VAE factor {f.spatial} x patch {patch} "
+                                 f"of {f.source}); nearest {_nearest(value, step)}")
+    step = f.temporal * pt
+    if (policy.num_frames - 1) % step:
+        rule = f"{step}k+1" + (f" (VAE temporal factor {f.temporal} x patch {pt})" if pt > 1 else f" (VAE temporal factor {f.temporal})")
+        raise PreflightError(f"policy.num_frames={policy.num_frames}: must be {rule} for {f.source}; "
+                             f"nearest {_nearest(policy.num_frames, step, offset=1)}")
+
+
+def check_paths(config: TrainConfig) -> None:
+    """The prompt tables and (when the run starts its own) the reward-server config exist.
+
+    Raises:
+        PreflightError: naming the field and the path looked up.
+    """
+    fields = [("data.train_prompts", config.data.train_prompts), ("data.heldout_prompts", config.data.heldout_prompts)]
+    if config.reward_server.url is None:
+        fields.append(("reward_server.config", config.reward_server.config))
+    for field, value in fields:
+        path = resolve_path(value)
+        if not path.exists():
+            raise PreflightError(f"{field}={value}: no such file or directory ({path})")
+
+
+def latest_checkpoint_name(run_dir: Path) -> str | None:
+    """The name of the newest complete checkpoint of ``run_dir`` (``checkpoints/latest``), or None."""
+    pointer = run_dir / "checkpoints" / "latest"
+    if not pointer.is_file():
+        return None
+    name = pointer.read_text().strip()
+    return name if name and (run_dir / "checkpoints" / name).is_dir() else None
+
+
+def check_resume_dir(run_dir: Path) -> None:
+    """``--resume RUN_DIR``: the directory holds a run's ``config.yaml`` and a complete checkpoint.
+
+    Raises:
+        PreflightError: naming the directory and what is missing.
+    """
+    if not run_dir.is_dir():
+        raise PreflightError(f"--resume {run_dir}: no such run directory")
+    if not (run_dir / "config.yaml").is_file():
+        raise PreflightError(f"--resume {run_dir}: no config.yaml there, so no run to continue")
+    if latest_checkpoint_name(run_dir) is None:
+        raise PreflightError(f"--resume {run_dir}: no checkpoint in {run_dir / 'checkpoints'} (a run writes one every "
+                             "runtime.checkpoint_every steps, at the end and when interrupted after a finished step)")
+
+
+def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """A new run may write into ``run_dir``: it is absent or empty, or ``overwrite`` removes
+    the old run's outputs (:data:`RUN_OUTPUTS`) so that nothing is appended to them.
+
+    Raises:
+        PreflightError: ``run_dir`` is a file, or is not empty and ``overwrite`` is False.
+    """
+    if run_dir.exists() and not run_dir.is_dir():
+        raise PreflightError(f"--run-dir {run_dir}: exists and is not a directory")
+    entries = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else []
+    if not entries:
+        return
+    if not overwrite:
+        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise PreflightError(f"--run-dir {run_dir} is not empty ({shown}); continue that run with --resume {run_dir}, "
+                             "or pass --overwrite to replace it")
+    for name in RUN_OUTPUTS:
+        path = run_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+    left = sorted(p.name for p in run_dir.iterdir())
+    if left:
+        logger.warning("--overwrite: kept files in %s that a run does not write: %s", run_dir, ", ".join(left[:10]))
+
+
+def check_reward_url(url: str, timeout_s: float, poll_interval_s: float = 0.5) -> None:
+    """Wait until ``GET url/healthz`` answers ``{"status": "ok"}``; a definite answer fails at once.
+
+    A refused connection, an unknown host, a non-http URL and any HTTP answer other than
+    200 or 502/503/504 are answers. Timeouts, resets and 502/503/504 mean the server is
+    still starting: those are waited for (logged once) up to ``timeout_s`` seconds.
+
+    Raises:
+        PreflightError: naming the URL and what it said.
+    """
+    if not url.startswith(("http://", "https://")):
+        raise PreflightError(f"reward_server.url={url}: not an http:// or https:// URL")
+    health = url.rstrip("/") + "/healthz"
+    deadline = time.monotonic() + timeout_s
+    said_waiting = False
+    while True:
+        answer, starting = _probe(health, timeout=min(2.0, max(0.1, timeout_s)))
+        if answer is None:
+            return
+        if not starting:
+            raise PreflightError(f"reward_server.url={url}: GET {health} {answer}")
+        if time.monotonic() >= deadline:
+            raise PreflightError(f"reward_server.url={url}: not ready after {timeout_s:.0f} s (reward_server.startup_timeout_s); "
+                                 f"GET {health} {answer}")
+        if not said_waiting:
+            logger.warning("reward server %s is not ready (%s); waiting up to %.0f s for it to start", url, answer, timeout_s)
+            said_waiting = True
+        time.sleep(poll_interval_s)
+
+
+def _probe(health: str, timeout: float) -> tuple[str | None, bool]:
+    """``(None, _)`` when healthy, else ``(what it said, whether that means still starting)``."""
+    try:
+        with urllib.request.urlopen(health, timeout=timeout) as response:  # noqa: S310 - http(s) checked above
+            body = response.read(2000)
+    except urllib.error.HTTPError as exc:
+        return f"answered HTTP {exc.code}: {first_line(exc.read(2000))}", exc.code in STARTING_STATUSES
+    except urllib.error.URLError as exc:
+        reason = exc.reason
+        if isinstance(reason, ConnectionRefusedError):
+            return "failed: connection refused (nothing listens there)", False
+        if isinstance(reason, socket.gaierror):
+            return f"failed: unknown host ({reason})", False
+        return f"failed: {reason}", True
+    except (TimeoutError, ConnectionError, OSError) as exc:
+        return f"failed: {type(exc).__name__}: {exc}", True
+    try:
+        if json.loads(body) == {"status": "ok"}:
+            return None, False
+    except ValueError:
+        pass
+    return f"answered HTTP 200 but not {{\"status\": \"ok\"}}: {first_line(body)}", False
+
+
+def preflight(config: TrainConfig, run_dir: Path, resume: bool = False, overwrite: bool = False) -> None:
+    """Every check of this module, cheapest first; the run directory is cleared (``overwrite``)
+    only once all others passed. ``resume`` assumes :func:`check_resume_dir` passed.
+
+    Raises:
+        PreflightError: the first problem found (one line).
+    """
+    if config.policy.checkpoint is not None:
+        checkpoint_dir(config.policy.checkpoint)
+    check_geometry(config.policy)
+    check_paths(config)
+    if config.reward_server.url:
+        check_reward_url(config.reward_server.url, config.reward_server.startup_timeout_s)
+    if not resume:
+        prepare_run_dir(run_dir, overwrite)
