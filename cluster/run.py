@@ -3,7 +3,7 @@ share. The loops themselves are in :mod:`editrl.cluster.schedules`.
 
 Public interface (what ``editrl train``, the schedules and the benchmarks use):
 :meth:`Run.execute` (the whole run with one schedule), the parts of a step
-(:meth:`Run.accept`, :meth:`Run.drop_stale`, :meth:`Run.publish`,
+(:meth:`Run.accept`, :meth:`Run.take_reissues`, :meth:`Run.drop_stale`, :meth:`Run.publish`,
 :meth:`Run.finish_step`, ...), :meth:`Run.evaluate`, :meth:`Run.driver_state`,
 :meth:`Run.reset` and the ``on_step_end`` callbacks.
 """
@@ -28,7 +28,7 @@ from editrl.cluster.step_metrics import autoscale_target, step_metrics
 from editrl.cluster.tasks import TaskSource
 from editrl.learner.actor import make_learner_actor
 from editrl.protocol.dataset import PromptDataset
-from editrl.protocol.rollout import Group, GroupFailure
+from editrl.protocol.rollout import Group, GroupFailure, GroupTask, ScoreFailure
 from editrl.resources import bundled_root
 from editrl.rollout_workers.actor import make_rollout_actor
 
@@ -78,6 +78,8 @@ class Run:
         self.trained_ids: set[str] = set()
         self.accepted_ids: set[str] = set()
         self.counters: collections.Counter = collections.Counter()
+        self._reissues: list[GroupTask] = []
+        self._score_reissues: collections.Counter = collections.Counter()  # group id -> re-issues after failed scoring
         if self.metrics_log is not None and metrics_log is not None:
             self.metrics_log.close()
         if metrics_log is not None:
@@ -125,19 +127,44 @@ class Run:
 
     # ---- parts of a step ------------------------------------------------
     def accept(self, results: list[Group | GroupFailure]) -> list[Group]:
-        """Complete groups not trained before; failures are logged and counted."""
+        """Complete groups not trained before; failures are logged and counted
+        (``groups_failed``). A group whose scoring failed (:class:`ScoreFailure`) is
+        queued for re-issue (:meth:`take_reissues`, counted in ``groups_reissued``)
+        under ``runtime.on_score_failure: reissue`` until it has been re-issued
+        ``runtime.max_score_reissues`` times; any other failure is dropped."""
         groups = []
         for result in results:
             if isinstance(result, GroupFailure):
                 self.counters["groups_failed"] += 1
                 self.counters["groups_failed_step"] += 1
-                logger.error("group %s (prompt %s) dropped: %s", result.task.group_id, result.task.prompt_id, result.reason)
+                self._failed(result)
             elif result.task.group_id in self.accepted_ids:
                 logger.warning("group %s came back twice; the copy is ignored", result.task.group_id)
             else:
                 self.accepted_ids.add(result.task.group_id)
                 groups.append(result)
         return groups
+
+    def _failed(self, failure: GroupFailure) -> None:
+        task, rt = failure.task, self.config.runtime
+        done = self._score_reissues[task.group_id]
+        if task.group_id in self.accepted_ids:
+            logger.warning("group %s failed on a second copy after it was accepted; ignored: %s", task.group_id, failure.reason)
+        elif isinstance(failure, ScoreFailure) and rt.on_score_failure == "reissue" and done < rt.max_score_reissues:
+            self._score_reissues[task.group_id] += 1
+            self.counters["groups_reissued"] += 1
+            self._reissues.append(task)
+            logger.warning("group %s (prompt %s) not scored, re-issued (%d of at most %d): %s", task.group_id,
+                           task.prompt_id, done + 1, rt.max_score_reissues, failure.reason)
+        else:
+            after = f" after {done} re-issues" if done else ""
+            logger.error("group %s (prompt %s) dropped%s: %s", task.group_id, task.prompt_id, after, failure.reason)
+
+    def take_reissues(self) -> list[GroupTask]:
+        """Tasks whose scoring failed and that are to be handed out again (same id and
+        seed), oldest first; the queue is emptied."""
+        tasks, self._reissues = self._reissues, []
+        return tasks
 
     def drop_stale(self, buffer: list[Group]) -> list[Group]:
         """The groups at most ``runtime.max_staleness`` policy versions old; the others are counted and logged."""

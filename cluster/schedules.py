@@ -7,6 +7,9 @@
   sampling and earlier groups are scored;
 * ``sequential``: sample B groups, score them, train, publish, repeat.
 
+In both, the groups of a dead worker and, under ``runtime.on_score_failure:
+reissue``, the groups whose scoring failed are handed out again before new tasks.
+
 Both drive a :class:`editrl.cluster.run.Run` through its public methods only.
 """
 from __future__ import annotations
@@ -39,6 +42,7 @@ def pipelined(run: Run, progress: tqdm) -> None:
         reissue.extend(lost)
         run.counters["groups_reissued"] += len(lost)
         buffer += run.accept(results)
+        reissue.extend(run.take_reissues())
         if training is None:
             # Oldest first (stable: completion order within a version): a group one version
             # from expiring is trained now, a fresher one can wait a step, so fewer expire.
@@ -72,7 +76,7 @@ def sequential(run: Run, progress: tqdm) -> None:
             results, lost = run.pool.run_sync(pending)
             run.counters["groups_reissued"] += len(lost)
             groups += run.accept(results)
-            pending = lost
+            pending = lost + run.take_reissues()
         if not groups:
             run.count_empty_step()
             continue

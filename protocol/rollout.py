@@ -148,3 +148,11 @@ class GroupFailure:
     task: GroupTask
     worker_id: int
     reason: str
+
+
+@dataclass
+class ScoreFailure(GroupFailure):
+    """A group that was sampled but not scored: the reward server stayed unreachable
+    for every attempt of the client, rejected the request, answered garbage, or could
+    not score some of its items. Sampling it again may succeed, so the driver re-issues
+    it or drops it as ``runtime.on_score_failure`` says; it never carries rewards."""

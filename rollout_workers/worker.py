@@ -24,7 +24,7 @@ from editrl.policy.policy import EditPolicy
 from editrl.policy.sampling import Trajectories, sample_trajectories
 from editrl.protocol.dataset import load_clip
 from editrl.protocol.reward import ScoreItem, ScoreRequest, VideoPayload
-from editrl.protocol.rollout import Group, GroupFailure, GroupTask
+from editrl.protocol.rollout import Group, GroupFailure, GroupTask, ScoreFailure
 from editrl.protocol.video import VideoDecodeError, encode_mp4
 from editrl.rollout_workers.reward_client import RewardClient, RewardServerError
 
@@ -158,7 +158,8 @@ class RolloutWorker:
     def sample(self, tasks: list[GroupTask]) -> list[Group | GroupFailure]:
         """Sample and score each task's group, one after the other (sequential mode,
         evaluation); a group that cannot be completed comes back as a
-        :class:`GroupFailure` with the reason (never with made-up rewards)."""
+        :class:`GroupFailure` with the reason (a :class:`ScoreFailure` when it was
+        sampled but not scored), never with made-up rewards."""
         return [self._score(task, *self._sample_or_fail(task)) for task in tasks]
 
     def submit(self, task: GroupTask) -> str:
@@ -204,7 +205,9 @@ class RolloutWorker:
             try:
                 return self._scored_group(task, sampled)
             except (ValueError, RewardServerError) as exc:
-                error = str(exc)
+                logger.error("worker %d: group %s (prompt %s) could not be scored: %s", self.worker_id, task.group_id,
+                             task.prompt_id, exc)
+                return ScoreFailure(task=task, worker_id=self.worker_id, reason=str(exc))
         logger.error("worker %d: group %s (prompt %s) failed: %s", self.worker_id, task.group_id, task.prompt_id, error)
         return GroupFailure(task=task, worker_id=self.worker_id, reason=str(error))
 

@@ -2,6 +2,7 @@
 mid-run, scaling 2 -> 3 -> 1 during a run, stale groups rejected under
 max_staleness = 0, and a resumed run that reproduces an uninterrupted one."""
 import json
+import logging
 import math
 import os
 import signal
@@ -19,6 +20,7 @@ from safetensors.torch import load_file
 from editrl.cluster.config import EvalConfig, RolloutConfig, RuntimeConfig, TrainConfig
 from editrl.cluster.controller import DEFAULT_NAME, NAMESPACE
 from editrl.cluster.train import train
+from editrl.learner.checkpoint import load_learner_state
 from editrl.learner.config import LearnerConfig
 
 pytestmark = pytest.mark.slow
@@ -148,7 +150,7 @@ def _differences(a: dict, b: dict) -> dict:
 
 
 @pytest.mark.timeout(600)  # three runs; on two busy cores they can pass the default 300 s
-def test_resume_after_killing_the_learner_continues_the_uninterrupted_run(tmp_path):
+def test_resume_after_killing_the_learner_continues_the_uninterrupted_run(tmp_path, caplog):
     config = _config(mode="sequential", steps=4, checkpoint_every=2)
     uninterrupted = tmp_path / "uninterrupted"
     expected_summary = train(config, uninterrupted)
@@ -172,7 +174,9 @@ def test_resume_after_killing_the_learner_continues_the_uninterrupted_run(tmp_pa
         train(config, run_dir)
     killer.join(timeout=5)
     assert not killer_error, killer_error
-    summary = train(config, run_dir, resume=True)
+    with caplog.at_level(logging.INFO, logger="editrl.cluster.run"):
+        summary = train(config, run_dir, resume=True)
+    assert "resumed from step 2 (policy version 2)" in caplog.messages  # the checkpoint's version, not 0
 
     # on CPU in sequential mode the resumed run is the uninterrupted run, bit for bit:
     # every record of metrics.jsonl (rewards and each reward dimension, advantages,
@@ -193,7 +197,7 @@ def test_resume_after_killing_the_learner_continues_the_uninterrupted_run(tmp_pa
     resumed_adapter, expected_adapter = final_adapter(run_dir), final_adapter(uninterrupted)
     assert resumed_adapter.keys() == expected_adapter.keys()
     assert all(torch.equal(resumed_adapter[k], expected_adapter[k]) for k in expected_adapter)
-    optimizer = lambda d: torch.load(d / "checkpoints" / "step_000004" / "learner.pt", weights_only=False)["optimizer"]
+    optimizer = lambda d: load_learner_state(d / "checkpoints" / "step_000004" / "learner.pt")["optimizer"]
     resumed_state, expected_state = optimizer(run_dir)["state"], optimizer(uninterrupted)["state"]
     assert resumed_state.keys() == expected_state.keys()
     for key in expected_state:
