@@ -102,14 +102,20 @@ def process_servers(tmp_path: Path, specs: list[tuple[str, dict, dict[str, str] 
             wait_healthy(url, proc=proc, log=log_path)
         yield [url for url, _, _ in started]
     finally:
-        for proc in procs:
+        stop_processes(procs)
+
+
+def stop_processes(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM each process still running, then wait for it (SIGKILL after 15 s)."""
+    for proc in procs:
+        if proc.poll() is None:
             proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=15)
+    for proc in procs:
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=15)
 
 
 @contextlib.contextmanager

@@ -14,6 +14,7 @@ track the most requests in flight at once. Start and stop them with ``with``.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import re
 import threading
@@ -184,3 +185,17 @@ class VLLMStandIn(_StandIn):
 
     def answer(self, path: str, body: dict[str, Any]) -> Answer:
         return self.respond(body)
+
+
+@contextlib.contextmanager
+def http_standin(handler_cls):
+    """A local ``http.server`` in a thread; yields its URL; shut down through its handle."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler_cls)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)

@@ -9,14 +9,13 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import yaml
 from conftest import tiny_policy_config
+from standins import http_standin
 
 ROOT = Path(__file__).resolve().parent.parent
 EDITRL = Path(sys.executable).parent / "editrl"
@@ -150,20 +149,6 @@ def test_resume_without_a_checkpoint_is_refused_at_once(tmp_path):
     assert_fails_before_heavy_imports(result, f"--resume {run}: no checkpoint in {run / 'checkpoints'}")
     result = editrl("train", "--resume", str(tmp_path / "nothing"), cwd=tmp_path)
     assert_fails_before_heavy_imports(result, f"--resume {tmp_path / 'nothing'}: no such run directory")
-
-
-@contextmanager
-def http_standin(handler_cls):
-    """A local ``http.server`` in a thread; yields its URL; shut down through its handle."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler_cls)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
 
 
 class _Quiet(http.server.BaseHTTPRequestHandler):

@@ -11,11 +11,10 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
 import redis.asyncio as aioredis
 import yaml
 from reward_media import brighter, camera_pan, item
-from reward_servers import REPO_ROOT, wait_healthy
+from reward_servers import REPO_ROOT, stop_processes, wait_healthy
 from standins import GeminiStandIn, gemini_text_answer
 
 from editrl.cluster.reward_process import free_port
@@ -150,15 +149,7 @@ def _replicas(tmp_path: Path, config: dict, env: dict[str, str]):
     try:
         yield start
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=15)
+        stop_processes(procs)
 
 
 def _timed_score(url: str, request: ScoreRequest, timeout_s: float):

@@ -4,12 +4,13 @@ import contextlib
 import json
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import CORPUS, structured_clip, tiny_policy_config
+from standins import http_standin
 
 from editrl.cluster.reward_process import RewardServerProcess, free_port
 from editrl.policy.adapter import adapter_checksum
@@ -127,15 +128,8 @@ def nan_reward_server():
         def log_message(self, *args):
             pass
 
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(timeout=5)
+    with http_standin(Handler) as url:
+        yield url
 
 
 def test_nan_reward_fails_the_group_naming_the_item(clip_path):
