@@ -110,7 +110,8 @@ def subprocess_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": path, **(extra or {})}
 
 
-def probe_memory(module: str, variants: list[str], settings: dict, timeout_s: float = 900.0) -> dict[str, dict[str, float | None]]:
+def probe_memory(module: str, variants: list[str], settings: dict, timeout_s: float = 900.0,
+                 env: Mapping[str, str] | None = None) -> dict[str, dict[str, float | None]]:
     """Peak memory of each variant, run once after its setup in a fresh process.
 
     The processes run at the same time (memory is per process, and nothing is
@@ -121,6 +122,7 @@ def probe_memory(module: str, variants: list[str], settings: dict, timeout_s: fl
             function returning name -> callable (setup done on the call).
         variants: the callables to run, one process each.
         settings: JSON-serialisable settings passed to ``memory_variants``.
+        env: extra environment variables of the probe processes (e.g. malloc tuning).
 
     Returns:
         variant -> ``setup_rss_mib`` (RSS after setup), ``peak_rss_mib`` (kernel
@@ -135,7 +137,7 @@ def probe_memory(module: str, variants: list[str], settings: dict, timeout_s: fl
     procs = {
         variant: subprocess.Popen(
             [sys.executable, "-m", "bench.memprobe", module, variant, json.dumps(settings)],
-            cwd=PROJECT_ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=PROJECT_ROOT, env=subprocess_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         for variant in variants
     }

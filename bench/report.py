@@ -14,6 +14,7 @@ ISSUE_ITEMS = {
     5: "Learner",
     6: "Scaling",
     7: "GPU section",
+    8: "Learner memory",
 }
 
 

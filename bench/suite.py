@@ -22,6 +22,7 @@ BENCHMARKS = (
     "learner_batching",
     "scaling",
     "gpu",
+    "learner_memory",
 )
 """Module names under ``bench``, in the order of the issue's items. Each module has
 ``NAME`` (its result file stem), ``ITEM``, ``TITLE`` and ``run(profile) -> BenchResult``."""

@@ -42,6 +42,20 @@ class LearnerConfig(BaseModel):
     """Trained timesteps of a trajectory stacked into one batched forward (and one
     backward); same loss and gradients as 1 up to float rounding, more memory. 1 keeps
     the sampling batch, so on-policy ratios are exactly 1."""
+    micro_batch_samples: int | None = Field(None, ge=1)
+    """Samples of a group per forward and backward in the learner (each with both CFG
+    branches, so 2 x this many sequences); None is the whole group. The micro-batches'
+    losses are weighted by their share of the group, so the accumulated gradient is the
+    whole group's (up to float rounding); 1 is the smallest, one sample's CFG pair."""
+    activation_checkpointing: Literal["auto", "on", "off"] = "auto"
+    """Recompute each transformer block's activations in the backward instead of keeping
+    them (diffusers' per-block gradient checkpointing): same gradients, about one more
+    forward of compute, activation memory of one block instead of all. ``auto`` turns it
+    on for sequences of at least ``checkpointing_min_tokens`` tokens."""
+    checkpointing_min_tokens: int = Field(4096, ge=1)
+    """``activation_checkpointing: auto``: tokens per sequence (latent frames x height x
+    width over the DiT's patch size) from which blocks are checkpointed. Wan at 480p x 81
+    frames has 32,760; the embedded default 120."""
     updates_per_step: int = Field(1, ge=1)
     """Optimizer steps per batch of groups: the groups are split into this many
     minibatches; after the first, ratios move off 1 and clipping acts."""

@@ -167,7 +167,11 @@ class Learner:
         recomputed with the sampler it was sampled with (``group.sampler``), never
         with the learner's own settings. ``timesteps_per_forward`` steps of a
         trajectory share one batched forward and backward; the loss and gradients
-        equal the per-step loop's up to float rounding.
+        equal the per-step loop's up to float rounding. The samples of a group go
+        through forward and backward ``micro_batch_samples`` at a time, each
+        micro-batch's loss weighted by its share of the group (the objective is a mean
+        over samples), so the gradient is the whole group's up to float rounding; the
+        DiT's blocks are checkpointed as ``activation_checkpointing`` says.
 
         Args:
             groups: the minibatch's groups.
@@ -193,34 +197,57 @@ class Learner:
                 continue
             group_error = 0.0
             sigmas = group.sampler.sigmas
+            size = group.latents.shape[0]
+            micro = cfg.micro_batch_samples or size
+            self._set_checkpointing(self.policy.tokens_per_sequence(group.latents.shape[-3:]))
             for first in range(0, len(steps), cfg.timesteps_per_forward):
                 chunk = steps[first : first + cfg.timesteps_per_forward]
-                outs, ref_means = self._forward(group, chunk)
-                chunk_loss = None
-                for j, (t, out) in enumerate(zip(chunk, outs)):
-                    device = out.log_prob.device
-                    loss, term = edit_grpo_objective(
-                        out.log_prob, group.log_probs[:, t].to(device), group_advantages_.to(device),
-                        out.mean, group.means[:, t].to(device) if ratio_norm else None,
-                        None if ref_means is None else ref_means[j], out.std, sigmas[t + 1] - sigmas[t],
-                        cfg.clip_range, cfg.kl_coef, ratio_norm=ratio_norm, reweight=ratio_norm and cfg.grpo_guard_reweight,
-                    )
-                    chunk_loss = loss if chunk_loss is None else chunk_loss + loss
+                parts: list[list[ObjectiveStats]] = [[] for _ in chunk]
+                for start in range(0, size, micro):
+                    rows = slice(start, min(start + micro, size))
+                    share = (rows.stop - rows.start) / size  # the micro-batch's weight in the group's sample mean
+                    outs, ref_means = self._forward(group, chunk, rows)
+                    chunk_loss = None
+                    for j, (t, out) in enumerate(zip(chunk, outs)):
+                        device = out.log_prob.device
+                        loss, term = edit_grpo_objective(
+                            out.log_prob, group.log_probs[rows, t].to(device), group_advantages_[rows].to(device),
+                            out.mean, group.means[rows, t].to(device) if ratio_norm else None,
+                            None if ref_means is None else ref_means[j], out.std, sigmas[t + 1] - sigmas[t],
+                            cfg.clip_range, cfg.kl_coef, ratio_norm=ratio_norm, reweight=ratio_norm and cfg.grpo_guard_reweight,
+                        )
+                        chunk_loss = loss * share if chunk_loss is None else chunk_loss + loss * share
+                        parts[j].append(term)
+                    (chunk_loss / num_terms).backward()
+                for step_parts in parts:
+                    term = ObjectiveStats.pooled(step_parts)
                     stats.add(term)
                     group_error = max(group_error, (term.log_ratio.exp() - 1.0).abs().max().item())
-                (chunk_loss / num_terms).backward()
             stats.ratio_error_per_group.append(group_error)
         return stats
 
-    def _forward(self, group: Group, chunk: list[int]) -> tuple[list[StepOutput], list[torch.Tensor] | None]:
-        """The policy's steps at ``chunk`` (with grad), recomputed with the group's
-        sampler spec, and, when the KL term is on, the reference policy's means there
-        (adapter disabled, no grad)."""
+    def _set_checkpointing(self, tokens: int) -> None:
+        """Per-block activation checkpointing of the DiT on or off, as ``activation_checkpointing``
+        says for sequences of ``tokens`` tokens (it only acts while gradients are recorded)."""
+        mode = self.config.activation_checkpointing
+        wanted = mode == "on" or (mode == "auto" and tokens >= self.config.checkpointing_min_tokens)
+        transformer = self.policy.transformer
+        if wanted != transformer.gradient_checkpointing:
+            if wanted:
+                transformer.enable_gradient_checkpointing()
+            else:
+                transformer.disable_gradient_checkpointing()
+            logger.info("activation checkpointing %s (%d tokens per sequence, %s)", "on" if wanted else "off", tokens, mode)
+
+    def _forward(self, group: Group, chunk: list[int], rows: slice) -> tuple[list[StepOutput], list[torch.Tensor] | None]:
+        """The policy's steps at ``chunk`` for the samples ``rows`` of ``group`` (with grad),
+        recomputed with the group's sampler spec, and, when the KL term is on, the
+        reference policy's means there (adapter disabled, no grad)."""
         device = self.policy.device
-        g = group.latents.shape[0]
+        g = len(range(*rows.indices(group.latents.shape[0])))
         cond = [t.to(device).expand(g, *t.shape[1:]) for t in (group.source_latents, group.text_embeds, group.null_embeds)]
-        xs = [group.latents[:, t].to(device) for t in chunk]
-        x_nexts = [group.latents[:, t + 1].to(device) for t in chunk]
+        xs = [group.latents[rows, t].to(device) for t in chunk]
+        x_nexts = [group.latents[rows, t + 1].to(device) for t in chunk]
         outs = policy_steps(self.policy, group.sampler, chunk, xs, *cond, x_nexts=x_nexts)
         for t, out in zip(chunk, outs):
             if out.log_prob is None:

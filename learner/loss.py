@@ -38,6 +38,29 @@ class ObjectiveStats:
     log_ratio: torch.Tensor
     """``(N,)`` fp32 CPU: the raw ``logp_theta - logp_old`` (the on-policy check reads it)."""
 
+    @classmethod
+    def pooled(cls, parts: list["ObjectiveStats"]) -> "ObjectiveStats":
+        """The statistics of one step whose N samples were evaluated in parts (micro-batches):
+        every mean weighted by its part's sample count (each is a mean over samples, so this
+        is the whole step's mean), extremes over the parts, log-ratios concatenated.
+
+        Raises:
+            ValueError: no parts.
+        """
+        if not parts:
+            raise ValueError("pooled needs at least one part")
+        counts = [len(part.log_ratio) for part in parts]
+        total = sum(counts)
+
+        def mean(key: str) -> float:
+            return sum(getattr(part, key) * n for part, n in zip(parts, counts)) / total
+
+        return cls(
+            loss=mean("loss"), pg_loss=mean("pg_loss"), kl_ref=mean("kl_ref"), ratio_mean=mean("ratio_mean"),
+            ratio_min=min(part.ratio_min for part in parts), ratio_max=max(part.ratio_max for part in parts),
+            clip_frac=mean("clip_frac"), approx_kl=mean("approx_kl"), log_ratio=torch.cat([part.log_ratio for part in parts]),
+        )
+
 
 def edit_grpo_objective(
     log_prob: torch.Tensor,

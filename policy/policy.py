@@ -205,6 +205,14 @@ class EditPolicy:
         v_text, v_null = out.chunk(2, dim=0)
         return v_null + guidance_scale * (v_text - v_null)
 
+    def tokens_per_sequence(self, latent_size: tuple[int, ...] | torch.Size) -> int:
+        """Tokens one sequence of latents of size ``(f, h, w)`` is to the DiT:
+        ``(f / p_t) (h / p_h) (w / p_w)`` with its patch size ``(p_t, p_h, p_w)``
+        (Wan2.1 at 480p x 81 frames: latents (21, 60, 104), patch (1, 2, 2): 32,760)."""
+        pt, ph, pw = self.transformer.config.patch_size
+        f, h, w = (int(n) for n in latent_size)
+        return (f // pt) * (h // ph) * (w // pw)
+
     def _conditioned_input(self, x: torch.Tensor, source_latents: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """The DiT's hidden states and extra keyword inputs for this policy kind."""
         kind = self.config.kind

@@ -96,8 +96,17 @@ def test_every_benchmark_module_declares_its_result():
     from bench.suite import load
 
     items = [load(name).ITEM for name in BENCHMARKS]
-    assert items == list(range(1, 8))
+    assert items == list(range(1, 9))
     assert BenchResult.model_json_schema()["properties"]["status"]["enum"] == ["measured", "not_measured", "skipped", "failed"]
+
+
+def test_learner_memory_smoke_measures_both_modes():
+    from bench import learner_memory
+
+    result = learner_memory.measure(learner_memory.SETTINGS["smoke"])
+    assert result.status == "measured" and [m.params["activation_checkpointing"] for m in result.measurements] == ["off", "on"]
+    assert result.settings["tokens_per_sequence"] == 2 * 4 * 4  # latents (2, 8, 8) over the patch (1, 2, 2)
+    assert result.targets[0].value is None and result.targets[0].met is None  # no memory probe in this profile
 
 
 @pytest.mark.parametrize("workers, max_staleness, limit", [
