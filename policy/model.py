@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel, WanVACETransformer3DModel
+from diffusers.configuration_utils import FrozenDict
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
@@ -30,13 +33,30 @@ PAD, UNK = "<pad>", "<unk>"
 
 @dataclass
 class PolicyComponents:
-    """The networks of a video-editing policy."""
+    """The networks of a video-editing policy. A learner loads the DiT alone
+    (:func:`load_components` with ``encoders=False``): ``text_encoder`` and
+    ``tokenizer`` are then None, and ``vae`` too unless the kind is ``vace``
+    (its context needs one VAE encode of a blank video); ``vae_config`` is
+    always there (latent channels, factors, normalisation)."""
 
     transformer: WanTransformer3DModel | WanVACETransformer3DModel
-    vae: AutoencoderKLWan
-    text_encoder: UMT5EncoderModel
-    tokenizer: PreTrainedTokenizerFast
+    vae: AutoencoderKLWan | None
+    text_encoder: UMT5EncoderModel | None
+    tokenizer: PreTrainedTokenizerFast | None
     scheduler: FlowMatchEulerDiscreteScheduler
+    vae_config: Mapping[str, Any] | None = None
+    """The VAE's config (``vae.config`` when the VAE is loaded; set by ``__post_init__``)."""
+
+    def __post_init__(self) -> None:
+        if self.vae_config is None:
+            if self.vae is None:
+                raise ValueError("PolicyComponents needs the VAE or its config")
+            self.vae_config = self.vae.config
+
+    def without_encoders(self, kind: str) -> "PolicyComponents":
+        """The same components without the text encoder, the tokenizer and (but for ``vace``) the VAE."""
+        return PolicyComponents(self.transformer, self.vae if kind == "vace" else None, None, None, self.scheduler,
+                                self.vae_config)
 
 
 def build_word_tokenizer(corpus: list[str]) -> PreTrainedTokenizerFast:
@@ -161,13 +181,13 @@ def cast_weights(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module
     return module
 
 
-def vae_spatial_factor(vae: AutoencoderKLWan) -> int:
-    """Pixels per latent cell along height and width (8 for Wan2.1's VAE), computed as
-    diffusers' Wan pipelines do."""
-    return 2 ** len(vae.config.temperal_downsample)
+def vae_spatial_factor(vae_config: Mapping[str, Any]) -> int:
+    """Pixels per latent cell along height and width (8 for Wan2.1's VAE), from the VAE's
+    config as diffusers' Wan pipelines compute it."""
+    return 2 ** len(vae_config["temperal_downsample"])
 
 
-def check_kind(transformer: torch.nn.Module, vae: AutoencoderKLWan, kind: str) -> None:
+def check_kind(transformer: torch.nn.Module, vae_config: Mapping[str, Any], kind: str) -> None:
     """Check that a transformer fits a policy kind and the VAE's latent channels C.
 
     ``concat`` needs a ``WanTransformer3DModel`` with 2C input channels, ``t2v`` one
@@ -177,11 +197,11 @@ def check_kind(transformer: torch.nn.Module, vae: AutoencoderKLWan, kind: str) -
     Raises:
         ValueError: the transformer does not fit.
     """
-    c = vae.config.z_dim
+    c = vae_config["z_dim"]
     in_channels = transformer.config.in_channels
     is_vace = isinstance(transformer, WanVACETransformer3DModel)
     if kind == "vace":
-        expected = 2 * c + vae_spatial_factor(vae) ** 2
+        expected = 2 * c + vae_spatial_factor(vae_config) ** 2
         if not is_vace or in_channels != c or transformer.config.vace_in_channels != expected:
             raise ValueError(f"kind 'vace' needs a WanVACETransformer3DModel with in_channels={c} and vace_in_channels={expected}")
         return
@@ -215,13 +235,18 @@ def load_flow_scheduler(path: Path) -> FlowMatchEulerDiscreteScheduler:
     raise ValueError(f"scheduler {name!r} in {path} is not a flow-matching schedule")
 
 
-def load_components(path: str | Path, kind: str = "concat") -> PolicyComponents:
+def load_components(path: str | Path, kind: str = "concat", dtype: torch.dtype = torch.float32,
+                    encoders: bool = True) -> PolicyComponents:
     """Load a diffusers-format Wan model directory from local disk (no network).
 
     ``kind`` decides the transformer: ``concat`` loads a ``WanTransformer3DModel``
     and widens a text-to-video one for source conditioning
     (:func:`widen_for_source_conditioning`); ``t2v`` loads it as it is; ``vace``
-    loads a ``WanVACETransformer3DModel``. The weights load in fp32 (cast later).
+    loads a ``WanVACETransformer3DModel``. The transformer's weights load directly in
+    ``dtype`` (``from_pretrained(torch_dtype=...)``, which keeps the modules the class
+    lists in ``_keep_in_fp32_modules`` in fp32): never an fp32 copy first. With
+    ``encoders=False`` (the learner) the text encoder and tokenizer are not loaded,
+    nor the VAE's weights unless ``kind`` is ``vace``; its config is read either way.
 
     Raises:
         FileNotFoundError: the directory or one of its five subfolders is missing.
@@ -232,20 +257,26 @@ def load_components(path: str | Path, kind: str = "concat") -> PolicyComponents:
     for sub in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"):
         if not (path / sub).is_dir():
             raise FileNotFoundError(f"checkpoint {path} has no {sub}/ folder")
-    vae = AutoencoderKLWan.from_pretrained(path / "vae", local_files_only=True)
+    vae = None
+    if encoders or kind == "vace":
+        vae = AutoencoderKLWan.from_pretrained(path / "vae", local_files_only=True)
+        vae_config = vae.config
+    else:
+        vae_config = FrozenDict(AutoencoderKLWan.load_config(path / "vae", local_files_only=True))
     transformer_cls = WanVACETransformer3DModel if kind == "vace" else WanTransformer3DModel
     saved_cls = json.loads((path / "transformer" / "config.json").read_text()).get("_class_name")
     if saved_cls != transformer_cls.__name__:
         raise ValueError(f"kind {kind!r} needs a {transformer_cls.__name__} checkpoint, {path} has {saved_cls}")
-    transformer = transformer_cls.from_pretrained(path / "transformer", local_files_only=True)
+    transformer = transformer_cls.from_pretrained(path / "transformer", local_files_only=True, torch_dtype=dtype)
     if kind == "concat":
-        transformer = widen_for_source_conditioning(transformer, vae.config.z_dim)
-    check_kind(transformer, vae, kind)
-    text_encoder = UMT5EncoderModel.from_pretrained(path / "text_encoder", local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
+        transformer = widen_for_source_conditioning(transformer, vae_config["z_dim"])
+    check_kind(transformer, vae_config, kind)
+    text_encoder = UMT5EncoderModel.from_pretrained(path / "text_encoder", local_files_only=True) if encoders else None
+    tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer", local_files_only=True) if encoders else None
     scheduler = load_flow_scheduler(path / "scheduler")
-    logger.info("loaded checkpoint %s (%s, kind %s)", path, type(transformer).__name__, kind)
-    return PolicyComponents(transformer, vae, text_encoder, tokenizer, scheduler)
+    logger.info("loaded checkpoint %s (%s, kind %s, %s%s)", path, type(transformer).__name__, kind,
+                str(dtype).removeprefix("torch."), "" if encoders else ", DiT only")
+    return PolicyComponents(transformer, vae, text_encoder, tokenizer, scheduler, vae_config)
 
 
 def save_components(components: PolicyComponents, path: str | Path) -> None:

@@ -56,15 +56,19 @@ class EditPolicy:
         self.config = config
         self.device = torch.device(device)
         self.model_dtype = MODEL_DTYPES[config.dtype]
-        check_kind(components.transformer, components.vae, config.kind)
-        self.transformer = cast_weights(components.transformer.to(self.device), self.model_dtype)
-        self.vae = components.vae.to(self.device)
-        self.text_encoder = cast_weights(components.text_encoder.to(self.device), self.model_dtype)
+        check_kind(components.transformer, components.vae_config, config.kind)
+        # cast where the weights are, then move: never a full-precision copy on the device
+        self.transformer = cast_weights(components.transformer, self.model_dtype).to(self.device)
+        self.vae = components.vae.to(self.device) if components.vae is not None else None
+        self.text_encoder = (cast_weights(components.text_encoder, self.model_dtype).to(self.device)
+                             if components.text_encoder is not None else None)
         self.tokenizer = components.tokenizer
         self.scheduler = components.scheduler
+        self.vae_config = components.vae_config
         for module in (self.transformer, self.vae, self.text_encoder):
-            module.requires_grad_(False)
-            module.eval()
+            if module is not None:
+                module.requires_grad_(False)
+                module.eval()
         lora = config.lora
         self.transformer.add_adapter(
             LoraConfig(
@@ -83,19 +87,30 @@ class EditPolicy:
             raise AdapterMismatchError(f"LoRA attached to no module (targets {lora.target_modules})")
         logger.info("LoRA rank %d attached to %d modules", lora.rank, self.num_lora_modules)
         self.adapter = AdapterIndex(self.transformer, ADAPTER_NAME, self.num_lora_modules)
-        vae_config = self.vae.config
+        vae_config = self.vae_config
         self._latents_mean = torch.tensor(vae_config.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
         self._latents_std = torch.tensor(vae_config.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
         self._vace_inactive: torch.Tensor | None = None
 
     @classmethod
-    def from_config(cls, config: PolicyConfig, corpus: list[str], root: str | Path = ".", device: str = "cpu", seed: int = 0) -> "EditPolicy":
-        """Load ``config.checkpoint`` (relative to ``root``) or build the tiny model in code."""
+    def from_config(cls, config: PolicyConfig, corpus: list[str], root: str | Path = ".", device: str = "cpu", seed: int = 0,
+                    encoders: bool = True) -> "EditPolicy":
+        """Load ``config.checkpoint`` (relative to ``root``) or build the tiny model in code.
+
+        A checkpoint's DiT loads directly in ``config.dtype``. ``encoders=False`` is the
+        learner's policy: the DiT and scheduler only (instruction embeddings and source
+        latents travel with each group), the VAE only for ``vace`` (see
+        :class:`editrl.policy.model.PolicyComponents`); :meth:`encode_text`,
+        :meth:`encode_video` and :meth:`decode` then raise.
+        """
         if config.checkpoint is None:
             components = build_tiny_components(config.tiny, corpus, shift=config.shift, seed=seed, kind=config.kind)
+            if not encoders:
+                components = components.without_encoders(config.kind)
         else:
             path = Path(config.checkpoint)
-            components = load_components(path if path.is_absolute() else Path(root) / path, kind=config.kind)
+            components = load_components(path if path.is_absolute() else Path(root) / path, kind=config.kind,
+                                         dtype=MODEL_DTYPES[config.dtype], encoders=encoders)
         return cls(components, config, device=device)
 
     # ---- schedule -------------------------------------------------------
@@ -131,12 +146,19 @@ class EditPolicy:
     def encode_text(self, instructions: list[str]) -> torch.Tensor:
         """Instruction embeddings ``(B, L, D)`` fp32, zero beyond each text's length
         (as Wan's pipeline does); ``""`` gives all zeros (the CFG null condition)."""
+        self._need("text_encoder", "encode instructions")
         tokens = self.tokenizer(
             instructions, padding="max_length", truncation=True, max_length=self.config.max_text_tokens, return_tensors="pt"
         )
         ids, mask = tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)
         hidden = self.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
         return (hidden * mask.unsqueeze(-1)).float()
+
+    def _need(self, component: str, what: str) -> None:
+        """Raise RuntimeError when this policy was loaded without ``component`` (the learner's DiT-only policy)."""
+        if getattr(self, component) is None:
+            raise RuntimeError(f"cannot {what}: this policy was loaded without its {component.replace('_', ' ')} "
+                               "(encoders=False, the learner's DiT-only policy)")
 
     @torch.no_grad()
     def encode_video(self, frames: np.ndarray) -> torch.Tensor:
@@ -148,6 +170,7 @@ class EditPolicy:
         Returns:
             ``(B, C, f, h, w)`` fp32, ``(z - latents_mean) / latents_std``.
         """
+        self._need("vae", "encode videos")
         pixels = torch.from_numpy(np.ascontiguousarray(frames)).to(self.device).float() / 127.5 - 1.0
         pixels = pixels.permute(0, 4, 1, 2, 3)
         latents = self.vae.encode(pixels).latent_dist.mode().float()
@@ -156,6 +179,7 @@ class EditPolicy:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """Decode normalised latents ``(B, C, f, h, w)`` to ``uint8`` frames ``(B, F, H, W, 3)``."""
+        self._need("vae", "decode latents")
         z = latents.float() * self._latents_std.to(latents.device) + self._latents_mean.to(latents.device)
         pixels = self.vae.decode(z).sample.clamp(-1.0, 1.0)
         frames = ((pixels + 1.0) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1)
@@ -244,7 +268,7 @@ class EditPolicy:
             self._vace_inactive = (z - self._latents_mean.to(z)) / self._latents_std.to(z)
             if self._vace_inactive.shape[2:] != (f, h, w):
                 raise ValueError(f"source latents {tuple(source_latents.shape)} do not match the configured video size")
-        spatial = vae_spatial_factor(self.vae)
+        spatial = vae_spatial_factor(self.vae_config)
         mask = source_latents.new_ones(b, spatial * spatial, f, h, w)
         inactive = self._vace_inactive.to(source_latents).expand(b, -1, -1, -1, -1)
         return torch.cat([inactive, source_latents, mask], dim=1)
