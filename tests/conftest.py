@@ -57,6 +57,16 @@ def sample_group(policy, seed: int, rewards: torch.Tensor, record_means: bool = 
                  means=traj.means)
 
 
+def perturb_lora(policy, seed: int = 0) -> None:
+    """Give every LoRA B matrix small random values (B = 0 at initialisation), so that the
+    adapter moves the policy off the reference and every LoRA entry gets a gradient."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in policy.transformer.named_parameters():
+            if "lora_B" in name:
+                param.copy_(0.02 * torch.randn(param.shape, generator=generator).to(param))
+
+
 # ---------------------------------------------------------------- Redis
 def _redis_answers(url: str) -> bool:
     import redis

@@ -4,7 +4,7 @@ plain full-batch gradient, keep on-policy ratios at 1, and checkpointing keeps f
 fewer activations for the backward."""
 import pytest
 import torch
-from conftest import CORPUS, sample_group, tiny_policy_config
+from conftest import CORPUS, perturb_lora, sample_group, tiny_policy_config
 
 from editrl.learner.config import LearnerConfig
 from editrl.learner.learner import ONPOLICY_RATIO_TOLERANCE, Learner
@@ -18,14 +18,6 @@ ADVANTAGES = torch.tensor([[-1.5, -0.5, 0.5, 1.5], [1.0, -1.0, 0.25, -0.25]])
 
 def _policy(**overrides) -> EditPolicy:
     return EditPolicy.from_config(tiny_policy_config(**overrides), CORPUS)
-
-
-def _perturb_lora(policy: EditPolicy, seed: int = 0) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in policy.transformer.named_parameters():
-            if "lora_B" in name:
-                param.copy_(0.02 * torch.randn(param.shape, generator=generator).to(param))
 
 
 def _gradients(policy, groups, **learner_fields) -> tuple[dict[str, float], list[torch.Tensor]]:
@@ -47,7 +39,7 @@ def _gradients(policy, groups, **learner_fields) -> tuple[dict[str, float], list
 def test_micro_batches_and_checkpointing_give_the_full_batch_gradient(fields):
     policy = _policy()
     groups = [sample_group(policy, seed, torch.tensor([0.0, 1.0, 2.0, 4.0])) for seed in range(2)]
-    _perturb_lora(policy)  # off-policy: ratios off 1, a non-zero KL, every LoRA entry has a gradient
+    perturb_lora(policy)  # off-policy: ratios off 1, a non-zero KL, every LoRA entry has a gradient
     plain_sums, plain = _gradients(policy, groups, activation_checkpointing="off")
     sums, grads = _gradients(policy, groups, **fields)
     scale = max(float(g.abs().max()) for g in plain)

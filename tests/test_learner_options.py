@@ -3,7 +3,7 @@ every sampler and precision, the skipped reference forward, batched timesteps,
 CFG gradients through both branches, and GRPO-Guard's ratio normalisation."""
 import pytest
 import torch
-from conftest import CORPUS, sample_group, tiny_policy_config
+from conftest import CORPUS, perturb_lora, sample_group, tiny_policy_config
 
 from editrl.learner.config import LearnerConfig
 from editrl.learner.learner import ONPOLICY_RATIO_TOLERANCE, Learner
@@ -13,14 +13,6 @@ from editrl.protocol.rollout import Group
 
 def _groups(policy: EditPolicy, record_means: bool = False) -> list[Group]:
     return [sample_group(policy, s, torch.tensor([0.0, 1.0, 3.0]), record_means) for s in range(2)]
-
-
-def _perturb_lora(policy: EditPolicy, seed: int = 0) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in policy.transformer.named_parameters():
-            if "lora_B" in name:
-                param.copy_(0.02 * torch.randn(param.shape, generator=generator).to(param))
 
 
 @pytest.mark.parametrize("sampler", ["flow_sde_wan", "cps"])
@@ -54,7 +46,7 @@ def test_kl_coefficient_zero_skips_the_reference_forward():
 def test_batched_timesteps_give_the_per_step_loss_and_gradients(ratio_norm):
     policy = EditPolicy.from_config(tiny_policy_config(), CORPUS)
     groups = _groups(policy, record_means=True)
-    _perturb_lora(policy)  # off-policy data and a non-zero KL, so every term has a gradient
+    perturb_lora(policy)  # off-policy data and a non-zero KL, so every term has a gradient
     advantages = torch.tensor([[-1.0, 0.2, 0.8], [0.5, -1.5, 1.0]])
     results = []
     for k in (1, 2):  # 3 trained steps per group: chunks [0, 1] and [2] with k = 2
@@ -73,7 +65,7 @@ def test_batched_timesteps_give_the_per_step_loss_and_gradients(ratio_norm):
 
 def test_cfg_training_forward_has_gradients_through_both_branches():
     policy = EditPolicy.from_config(tiny_policy_config(), CORPUS)
-    _perturb_lora(policy)
+    perturb_lora(policy)
     params = policy.lora_parameters()
     torch.manual_seed(0)
     x, source, direction = torch.randn(2, 4, 3, 8, 8), torch.randn(2, 4, 3, 8, 8), torch.randn(2, 4, 3, 8, 8)
