@@ -47,6 +47,12 @@ class LearnerConfig(BaseModel):
     branches, so 2 x this many sequences); None is the whole group. The micro-batches'
     losses are weighted by their share of the group, so the accumulated gradient is the
     whole group's (up to float rounding); 1 is the smallest, one sample's CFG pair."""
+    cfg_null_grad: bool = True
+    """Gradients through CFG's null (empty-instruction) branch. False runs that branch
+    without gradient in its own forward: half the activations of a CFG pair, and the
+    gradient of the guided velocity becomes ``w dv_text`` instead of
+    ``w dv_text - (w - 1) dv_null`` (the null branch no longer learns to move away from
+    the edit). Off-policy by a rounding error: the branches no longer share a batch."""
     activation_checkpointing: Literal["auto", "on", "off"] = "auto"
     """Recompute each transformer block's activations in the backward instead of keeping
     them (diffusers' per-block gradient checkpointing): same gradients, about one more

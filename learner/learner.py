@@ -248,7 +248,7 @@ class Learner:
         cond = [t.to(device).expand(g, *t.shape[1:]) for t in (group.source_latents, group.text_embeds, group.null_embeds)]
         xs = [group.latents[rows, t].to(device) for t in chunk]
         x_nexts = [group.latents[rows, t + 1].to(device) for t in chunk]
-        outs = policy_steps(self.policy, group.sampler, chunk, xs, *cond, x_nexts=x_nexts)
+        outs = policy_steps(self.policy, group.sampler, chunk, xs, *cond, x_nexts=x_nexts, null_grad=self.config.cfg_null_grad)
         for t, out in zip(chunk, outs):
             if out.log_prob is None:
                 raise ValueError(f"step {t} of group {group.task.group_id} is deterministic and cannot be trained")

@@ -38,6 +38,7 @@ def policy_steps(
     null_embeds: torch.Tensor,
     noises: list[torch.Tensor | None] | None = None,
     x_nexts: list[torch.Tensor | None] | None = None,
+    null_grad: bool = True,
 ) -> list[StepOutput]:
     """k guided steps of the policy (possibly at k different sigmas) in one batched
     forward; the one code path of rollout sampling (k = 1) and the learner's
@@ -51,6 +52,7 @@ def policy_steps(
         source_latents, text_embeds, null_embeds: ``(B, ...)`` conditioning, shared by the k steps.
         noises: k standard-normal tensors (or None) to sample stochastic steps.
         x_nexts: k recorded next latents (or None) to score instead of sampling.
+        null_grad: gradients through the CFG null branch (:meth:`EditPolicy.velocity`).
 
     Returns:
         k :class:`editrl.policy.sde.StepOutput`, in order.
@@ -72,7 +74,7 @@ def policy_steps(
         sigma = torch.tensor([spec.sigmas[t] for t in steps], dtype=torch.float32).repeat_interleave(batch)
         x = torch.cat(xs, dim=0)
         source, text, null = (t.repeat(k, *([1] * (t.ndim - 1))) for t in (source_latents, text_embeds, null_embeds))
-    v = policy.velocity(x, sigma, source, text, null, spec.guidance_scale)
+    v = policy.velocity(x, sigma, source, text, null, spec.guidance_scale, null_grad=null_grad)
     outs = []
     for t, x_i, v_i, n, xn in zip(steps, xs, v.split(batch, dim=0), noises, x_nexts):
         sampler, eta = spec.rule(t)
