@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 from editrl.learner.advantages import group_advantages
 from editrl.learner.config import LearnerConfig
+from editrl.learner.data_parallel import DataParallel
 from editrl.learner.loss import ObjectiveStats, edit_grpo_objective
 from editrl.policy.lora_export import export_diffusers_lora
 from editrl.policy.policy import EditPolicy
@@ -66,9 +67,12 @@ class GradientStats:
 class Learner:
     """Owns the trainable policy, its AdamW optimizer and the policy version."""
 
-    def __init__(self, policy: EditPolicy, config: LearnerConfig, seed: int = 0):
+    def __init__(self, policy: EditPolicy, config: LearnerConfig, seed: int = 0,
+                 data_parallel: DataParallel | None = None):
         self.policy = policy
         self.config = config
+        self.data_parallel = data_parallel
+        """None: one rank; else this rank's place (:mod:`editrl.learner.data_parallel`)."""
         self.params = policy.lora_parameters()
         self.optimizer = torch.optim.AdamW(
             self.params, lr=config.learning_rate, weight_decay=config.weight_decay, betas=config.adam_betas
@@ -117,14 +121,24 @@ class Learner:
         total = GradientStats()
         onpolicy_errors: list[float] = []
         grad_norms = []
+        dp = self.data_parallel
         for index, minibatch in enumerate(minibatches):
             self.optimizer.zero_grad(set_to_none=True)
-            stats = self.accumulate_gradients([groups[i] for i in minibatch], advantages[minibatch])
+            mine = dp.shard(minibatch) if dp is not None else minibatch
+            num_terms = sum(sum(groups[i].sampler.stochastic) for i in minibatch)  # the whole minibatch's
+            stats = (self.accumulate_gradients([groups[i] for i in mine], advantages[mine], num_terms=num_terms)
+                     if mine else GradientStats())
+            errors = [e for i, e in zip(mine, stats.ratio_error_per_group)
+                      if groups[i].policy_version == self.policy_version and not math.isnan(e)]
+            if dp is not None:
+                dp.sum_gradients(self.params)
+                gathered = dp.gather((stats, errors))
+                stats = GradientStats()
+                for part, _ in gathered:
+                    stats.merge(part)
+                errors = [e for _, part_errors in gathered for e in part_errors]
             if index == 0:
-                onpolicy_errors = [
-                    e for i, e in zip(minibatch, stats.ratio_error_per_group)
-                    if groups[i].policy_version == self.policy_version and not math.isnan(e)
-                ]
+                onpolicy_errors = errors
             total.merge(stats)
             grad_norms.append(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm).item())
             self.optimizer.step()
@@ -159,7 +173,7 @@ class Learner:
             logger.info("%d of %d groups have equal rewards and carry no policy-gradient signal", zero_spread, len(groups))
         return metrics
 
-    def accumulate_gradients(self, groups: list[Group], advantages: torch.Tensor) -> GradientStats:
+    def accumulate_gradients(self, groups: list[Group], advantages: torch.Tensor, num_terms: int | None = None) -> GradientStats:
         """Add the gradient of one minibatch's loss to the LoRA parameters' ``.grad``.
 
         The loss is the mean over the minibatch's (group, stochastic step) terms of
@@ -176,6 +190,8 @@ class Learner:
         Args:
             groups: the minibatch's groups.
             advantages: ``(len(groups), G)`` fp32.
+            num_terms: the (group, step) terms the loss is averaged over; None is these
+                groups' (a data-parallel rank passes its whole minibatch's).
 
         Raises:
             ValueError: no stochastic step in any group, or ``ratio_norm =
@@ -183,8 +199,9 @@ class Learner:
         """
         cfg = self.config
         stats = GradientStats()
-        num_terms = sum(sum(g.sampler.stochastic) for g in groups)
-        if num_terms == 0:
+        local_terms = sum(sum(g.sampler.stochastic) for g in groups)
+        num_terms = num_terms if num_terms is not None else local_terms
+        if local_terms == 0:
             raise ValueError("no stochastic (trained) step in these groups")
         ratio_norm = cfg.ratio_norm == "grpo_guard"
         for group, group_advantages_ in zip(groups, advantages):
