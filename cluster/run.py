@@ -22,11 +22,11 @@ from tqdm import tqdm
 from editrl.cluster.config import TrainConfig
 from editrl.cluster.controller import NAMESPACE, start_controller
 from editrl.cluster.evaluation import evaluate_heldout, run_summary
+from editrl.cluster.learner_group import start_learner
 from editrl.cluster.pool import WorkerPool
 from editrl.cluster.run_log import MetricsLog, RolloutLog
 from editrl.cluster.step_metrics import autoscale_target, step_metrics
 from editrl.cluster.tasks import TaskSource
-from editrl.learner.actor import make_learner_actor
 from editrl.protocol.dataset import PromptDataset
 from editrl.protocol.rollout import Group, GroupFailure, GroupTask, ScoreFailure
 from editrl.resources import bundled_root
@@ -45,9 +45,8 @@ class Run:
         self.train_set, self.heldout_set = train_set, heldout_set
         rc, rt = config.rollout, config.runtime
         root = str(bundled_root())
-        self.learner = make_learner_actor(rt.learner_num_cpus, rt.learner_num_gpus, rt.learner_resources).options(
-            name=f"{rt.controller_name}-learner", namespace=NAMESPACE
-        ).remote(config.policy, config.learner, corpus, root, config.seed, "cuda" if rt.learner_num_gpus else "cpu")
+        self.learner = start_learner(config, f"{rt.controller_name}-learner", NAMESPACE, (
+            config.policy, config.learner, corpus, root, config.seed, "cuda" if rt.learner_num_gpus else "cpu"))
         actor_cls = make_rollout_actor(rc.num_cpus_per_worker, rc.num_gpus_per_worker, rc.max_restarts, rc.resources)
         device = "cuda" if rc.num_gpus_per_worker else "cpu"
         self.pool = WorkerPool(

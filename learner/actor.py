@@ -3,13 +3,17 @@ its own process (on a GPU node when asked), so the driver keeps dispatching
 rollouts while it trains."""
 from __future__ import annotations
 
+import datetime
+import socket
 from pathlib import Path
 
 import ray
 import torch
+import torch.distributed as dist
 
 from editrl.learner.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from editrl.learner.config import LearnerConfig
+from editrl.learner.data_parallel import DataParallel
 from editrl.learner.learner import Learner
 from editrl.policy.adapter import adapter_checksum
 from editrl.policy.config import PolicyConfig
@@ -29,6 +33,23 @@ class LearnerService:
 
     def ready(self) -> int:
         return self.learner.policy_version
+
+    def rendezvous_address(self) -> str:
+        """``tcp://<this node's IP>:<a free port>``: where rank 0 serves the process group's store."""
+        with socket.socket() as probe:
+            probe.bind(("", 0))
+            port = probe.getsockname()[1]
+        return f"tcp://{ray.util.get_node_ip_address()}:{port}"
+
+    def join(self, init_method: str, rank: int, world_size: int, timeout_s: float) -> int:
+        """Join the learner ranks' process group (NCCL on CUDA, gloo on CPU) and train data-parallel
+        from now on (:mod:`editrl.learner.data_parallel`); a collective that waits longer than
+        ``timeout_s`` (a rank died) raises. Returns ``rank``."""
+        backend = "nccl" if self.learner.policy.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+        self.learner.data_parallel = DataParallel.from_default_group()
+        return rank
 
     def train_step(self, groups: list[Group]) -> dict:
         """One update; see :meth:`editrl.learner.learner.Learner.train_step`."""

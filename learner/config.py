@@ -65,5 +65,13 @@ class LearnerConfig(BaseModel):
     updates_per_step: int = Field(1, ge=1)
     """Optimizer steps per batch of groups: the groups are split into this many
     minibatches; after the first, ratios move off 1 and clipping acts."""
+    ranks: int = Field(1, ge=1)
+    """Learner processes training data-parallel (one Ray actor each, placed by a placement group
+    of one bundle per rank with ``runtime.learner_num_cpus``/``_gpus``/``_resources``, packed):
+    each trains every ``ranks``-th group of a minibatch and the gradients are summed before
+    each optimizer step; rank 0 publishes the adapter and writes checkpoints (the adapter and
+    optimizer state are the same on every rank). ``--resume`` needs the same count."""
+    collective_timeout_s: float = Field(600.0, gt=0)
+    """With ``ranks > 1``: seconds a rank waits in a collective (a peer died or hangs) before it fails."""
     torch_threads: int = Field(2, ge=1)
     """CPU threads of the learner process."""

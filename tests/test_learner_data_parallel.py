@@ -1,6 +1,7 @@
 """Two gloo ranks train like one: the same adapter after an update (fp32, relative error
 <= 1e-5), on-policy ratios exactly 1 on both ranks, and the same statistics. Real
 processes, real torch.distributed (gloo over TCP on 127.0.0.1)."""
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -61,3 +62,51 @@ def test_each_rank_takes_every_world_sizeth_item():
     assert DataParallel(rank=2, world_size=3).shard([5, 6]) == []
     with pytest.raises(RuntimeError, match="not initialised"):
         DataParallel.from_default_group()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_run_with_two_learner_ranks_trains_the_one_rank_adapter(tmp_path, caplog):
+    # sequential mode on CPU is deterministic: the same groups reach the learner in both runs
+    from safetensors.torch import load_file
+
+    from conftest import tiny_policy_config
+
+    from editrl.cluster.config import EvalConfig, RolloutConfig, RuntimeConfig, TrainConfig
+    from editrl.cluster.train import train
+    from editrl.learner.config import LearnerConfig
+
+    def config(ranks: int) -> TrainConfig:
+        return TrainConfig(
+            steps=2, prompts_per_step=3, group_size=2, policy=tiny_policy_config(),
+            learner=LearnerConfig(learning_rate=1e-2, torch_threads=1, ranks=ranks, collective_timeout_s=120),
+            rollout=RolloutConfig(num_workers=1, reward_timeout_s=30),
+            runtime=RuntimeConfig(mode="sequential", checkpoint_every=0, learner_num_cpus=0.5),
+            eval=EvalConfig(seeds_per_prompt=1, max_prompts=1, num_videos_saved=0),
+        )
+
+    with caplog.at_level(logging.INFO, logger="editrl.cluster.learner_group"):
+        summaries = {ranks: train(config(ranks), tmp_path / f"ranks{ranks}") for ranks in (1, 2)}
+    assert any(m.startswith("learner: 2 ranks data-parallel, process group at tcp://") for m in caplog.messages)
+    assert summaries[1]["policy_version"] == summaries[2]["policy_version"] == 2
+    adapters = {ranks: load_file(str(tmp_path / f"ranks{ranks}" / "adapter" / "adapter_model.safetensors")) for ranks in (1, 2)}
+    # relative error of the whole adapter (AdamW's normalised steps amplify the rounding of
+    # near-zero gradient entries, so single entries differ by up to ~1e-5 of the largest)
+    difference = sum(float(((adapters[2][k] - v) ** 2).sum()) for k, v in adapters[1].items()) ** 0.5
+    norm = sum(float((v**2).sum()) for v in adapters[1].values()) ** 0.5
+    assert norm > 0 and difference / norm <= 1e-5, difference / norm
+
+
+def test_ranks_the_cluster_cannot_place_are_refused_with_the_numbers(monkeypatch):
+    import ray
+
+    from editrl.cluster.config import RuntimeConfig, TrainConfig
+    from editrl.cluster.learner_group import check_placement
+    from editrl.learner.config import LearnerConfig
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": 4.0})
+    fits = TrainConfig(learner=LearnerConfig(ranks=4), runtime=RuntimeConfig(learner_num_cpus=2, learner_num_gpus=1))
+    check_placement(fits)
+    too_many = fits.model_copy(update={"learner": LearnerConfig(ranks=8)})
+    with pytest.raises(ValueError, match=r"learner.ranks=8 needs 8 GPU \(1 per rank.*the Ray cluster has 4$"):
+        check_placement(too_many)
