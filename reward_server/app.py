@@ -30,7 +30,6 @@ from __future__ import annotations
 import hmac
 import logging
 import os
-import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -52,11 +51,10 @@ from editrl.reward_server.metrics import Metrics
 from editrl.reward_server.reward_config import DimensionError, RewardConfig
 from editrl.reward_server.runtime import BackendPool, ConfigBuildError, Runtime, RuntimeManager
 from editrl.reward_server.scoring import Scorer, UndecodableInputs
-from editrl.reward_server.state import open_state
+from editrl.reward_server.state import REPLICA_ID, open_state
 
 logger = logging.getLogger(__name__)
 
-REPLICA_ID = f"{socket.gethostname()}:{os.getpid()}"
 
 _ERROR = {"model": ErrorMessage}
 STARTING = {503: {**_ERROR, "description": "the reward server is starting or stopping"}}
