@@ -8,11 +8,54 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
+
+from editrl.policy.config import LoraSettings
+
+ADAPTER_NAME = "default"
+"""The peft adapter name of the trained LoRA adapter."""
 
 
 class AdapterMismatchError(RuntimeError):
     """Adapter weights that do not fit the policy's LoRA modules."""
+
+
+def lora_target_regex(names: list[str], attention: tuple[str, ...] = ("self", "cross")) -> str:
+    """Regex that peft matches (fully) against module names: the given projections in
+    every self-attention (attn1) and/or cross-attention (attn2) block."""
+    alternatives = "|".join(n.replace(".", r"\.") for n in names)
+    blocks = "".join(sorted({"self": "1", "cross": "2"}[a] for a in attention))
+    return rf".*blocks\.\d+\.attn[{blocks}]\.({alternatives})"
+
+
+def attach_lora(transformer: torch.nn.Module, lora: LoraSettings) -> int:
+    """Add the trained LoRA adapter (named ``ADAPTER_NAME``) to the DiT's attention
+    projections that ``lora`` names; its A and B matrices are fp32 whatever the
+    weights' dtype (they and their AdamW state stay full precision under bf16).
+
+    Returns:
+        The number of adapted modules.
+
+    Raises:
+        AdapterMismatchError: the targets match no module.
+    """
+    transformer.add_adapter(
+        LoraConfig(
+            r=lora.rank,
+            lora_alpha=lora.alpha,
+            init_lora_weights=lora.init if lora.init == "gaussian" else True,
+            target_modules=lora_target_regex(lora.target_modules, tuple(lora.attention)),
+        ),
+        adapter_name=ADAPTER_NAME,
+    )
+    for name, param in transformer.named_parameters():
+        if "lora_" in name:
+            param.data = param.data.float()
+    count = sum(1 for name, _ in transformer.named_modules() if name.endswith(".lora_A"))
+    if count == 0:
+        raise AdapterMismatchError(f"LoRA attached to no module (targets {lora.target_modules})")
+    return count
 
 
 class AdapterIndex:

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from peft import LoraConfig
 
-from editrl.policy.adapter import AdapterIndex, AdapterMismatchError, PackedAdapter
+from editrl.policy.adapter import ADAPTER_NAME, AdapterIndex, PackedAdapter, attach_lora
 from editrl.policy.config import PolicyConfig
 from editrl.policy.model import (
     PolicyComponents,
@@ -32,17 +31,7 @@ from editrl.protocol.rollout import SamplerSpec
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_NAME = "default"
-
 MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def lora_target_regex(names: list[str], attention: tuple[str, ...] = ("self", "cross")) -> str:
-    """Regex that peft matches (fully) against module names: the given projections in
-    every self-attention (attn1) and/or cross-attention (attn2) block."""
-    alternatives = "|".join(n.replace(".", r"\.") for n in names)
-    blocks = "".join(sorted({"self": "1", "cross": "2"}[a] for a in attention))
-    return rf".*blocks\.\d+\.attn[{blocks}]\.({alternatives})"
 
 
 class EditPolicy:
@@ -69,23 +58,8 @@ class EditPolicy:
             if module is not None:
                 module.requires_grad_(False)
                 module.eval()
-        lora = config.lora
-        self.transformer.add_adapter(
-            LoraConfig(
-                r=lora.rank,
-                lora_alpha=lora.alpha,
-                init_lora_weights=lora.init if lora.init == "gaussian" else True,
-                target_modules=lora_target_regex(lora.target_modules, tuple(lora.attention)),
-            ),
-            adapter_name=ADAPTER_NAME,
-        )
-        for name, param in self.transformer.named_parameters():
-            if "lora_" in name:  # adapter weights (and their AdamW state) stay fp32 under bf16 weights
-                param.data = param.data.float()
-        self.num_lora_modules = sum(1 for name, _ in self.transformer.named_modules() if name.endswith(".lora_A"))
-        if self.num_lora_modules == 0:
-            raise AdapterMismatchError(f"LoRA attached to no module (targets {lora.target_modules})")
-        logger.info("LoRA rank %d attached to %d modules", lora.rank, self.num_lora_modules)
+        self.num_lora_modules = attach_lora(self.transformer, config.lora)
+        logger.info("LoRA rank %d attached to %d modules", config.lora.rank, self.num_lora_modules)
         self.adapter = AdapterIndex(self.transformer, ADAPTER_NAME, self.num_lora_modules)
         vae_config = self.vae_config
         self._latents_mean = torch.tensor(vae_config.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
