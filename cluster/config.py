@@ -101,6 +101,11 @@ class RuntimeConfig(BaseModel):
     """Ray CPUs the learner actor reserves."""
     learner_num_gpus: float = Field(0.0, ge=0)
     """Ray GPUs the learner actor reserves (its policy then runs on CUDA)."""
+    device_memory_gib: float | None = Field(None, gt=0)
+    """Memory of one GPU of the cluster in GiB (80 for an H100 or A100-80GB, 141 for an H200):
+    ``editrl plan`` checks every process on GPUs against it (times its GPUs), and ``editrl
+    train`` refuses a config whose plan does not fit. None: not checked (a CPU run is
+    checked against the host's memory by ``editrl plan``)."""
     learner_resources: dict[str, float] = {}
     """Custom Ray resources the learner actor reserves, e.g. ``{learner: 1}`` to place it
     on a cluster's learner group."""

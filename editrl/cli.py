@@ -1,4 +1,4 @@
-"""The ``editrl`` command: ``editrl train``, ``editrl reward-server``, ``editrl scale``, ``editrl submit``.
+"""The ``editrl`` command: ``editrl train``, ``editrl plan``, ``editrl reward-server``, ``editrl scale``, ``editrl submit``.
 
 ``editrl train`` checks the config, paths, run directory and reward URL
 (:mod:`editrl.cluster.preflight`) before torch or Ray is imported; errors are one
@@ -120,6 +120,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as exc:  # PreflightError, pydantic.ValidationError, YAML and file errors
         logging.getLogger("editrl").debug("config check failed", exc_info=True)
         return _error(one_line(exc))
+    if config.runtime.device_memory_gib is not None:
+        problems = _plan_problems(config)
+        if problems:
+            return _error(f"does not fit (editrl plan): {'; '.join(problems)}")
     run_dir.mkdir(parents=True, exist_ok=True)
     _setup_logging(run_dir / "train.log", args.debug)
     log = logging.getLogger("editrl")
@@ -146,6 +150,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan_problems(config) -> list[str]:
+    """What of ``config`` does not fit its devices by :func:`editrl.cluster.plan.plan_run` (a few seconds)."""
+    from editrl.cluster.plan import plan_run
+
+    return plan_run(config).problems()
+
+
 def _interrupted(run_dir: Path, signame: str, log: logging.Logger) -> int:
     from editrl.cluster.preflight import latest_checkpoint_name
 
@@ -158,6 +169,33 @@ def _interrupted(run_dir: Path, signame: str, log: logging.Logger) -> int:
         sys.stderr.write(f"editrl: interrupted by {signame}; newest checkpoint {checkpoint}. Continue with:\n"
                          f"  editrl train --resume {run_dir}\n")
     return 130
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """``editrl plan``: print the memory plan of a config (:mod:`editrl.cluster.plan`).
+
+    Returns:
+        0 when every process fits; 1 when one does not (a line per process kind that does
+        not fit, with the numbers, on stderr) or the config is wrong (one line).
+    """
+    import json
+
+    from editrl.cluster.config import load_train_config, parse_overrides
+
+    _setup_logging(None, False)
+    logging.getLogger().setLevel(logging.WARNING)
+    try:
+        config = load_train_config(args.config, parse_overrides(args.set))
+        from editrl.cluster.plan import format_plan, plan_dict, plan_run
+
+        plan = plan_run(config)
+    except (ValueError, OSError) as exc:
+        return _error(one_line(exc))
+    sys.stdout.write(json.dumps(plan_dict(plan), indent=2) + "\n" if args.json else format_plan(plan))
+    problems = plan.problems()
+    for problem in problems:
+        sys.stderr.write(f"editrl: does not fit: {problem}\n")
+    return 1 if problems else 0
 
 
 def cmd_reward_server(args: argparse.Namespace) -> int:
@@ -184,6 +222,12 @@ def main(argv: list[str] | None = None) -> int:
     p_train.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run in --run-dir (refused without it)")
     p_train.add_argument("--debug", action="store_true", help="print full tracebacks on the console (they are always in train.log)")
     p_train.set_defaults(func=cmd_train)
+
+    p_plan = sub.add_parser("plan", help="estimate the memory of a config's processes and check it fits")
+    p_plan.add_argument("--config", default="configs/default.yaml", help="YAML preset (TrainConfig)")
+    p_plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    p_plan.add_argument("--json", action="store_true", help="print the plan as JSON (bytes)")
+    p_plan.set_defaults(func=cmd_plan)
 
     p_reward = sub.add_parser("reward-server", help="run the reward server (HTTP)")
     p_reward.add_argument("--config", default="configs/reward_server.yaml", help="YAML ServerConfig")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class LearnerConfig(BaseModel):
@@ -58,6 +58,12 @@ class LearnerConfig(BaseModel):
     them (diffusers' per-block gradient checkpointing): same gradients, about one more
     forward of compute, activation memory of one block instead of all. ``auto`` turns it
     on for sequences of at least ``checkpointing_min_tokens`` tokens."""
+    @field_validator("activation_checkpointing", mode="before")
+    @classmethod
+    def _yaml_switch(cls, value):
+        """YAML 1.1 reads a bare ``on``/``off`` as a boolean: take it as the switch it says."""
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
     checkpointing_min_tokens: int = Field(4096, ge=1)
     """``activation_checkpointing: auto``: tokens per sequence (latent frames x height x
     width over the DiT's patch size) from which blocks are checkpointed. Wan at 480p x 81

@@ -6,7 +6,7 @@ import pytest
 from editrl.cluster.config import load_train_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-TRAIN_PRESETS = sorted(p for p in (REPO_ROOT / "configs").glob("*.yaml") if not p.name.startswith(("reward_server", "cluster")))
+TRAIN_PRESETS = sorted(p for p in (REPO_ROOT / "configs").glob("*.yaml") if not p.name.startswith(("reward_server", "cluster", "wan21_")))
 
 
 def _flat(data, prefix=""):

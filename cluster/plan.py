@@ -1,0 +1,263 @@
+"""``editrl plan``: the memory a run's processes need, worked out from its config before
+anything starts, and whether it fits the devices.
+
+For each process kind (rollout worker, learner rank, reward replica) the plan lists what
+it holds (weights, LoRA adapter and optimiser state, trajectories, activations) and its
+estimated peak: what it holds throughout plus the largest of its working phases. The
+parameter counts and the bytes autograd saves per token come from
+:mod:`editrl.policy.memory` (networks on the meta device, saved-tensor probes); the
+learner's estimate is checked against the measured peak RSS of a learner process in
+``tests/test_plan.py``. The rollout worker's inference and VAE-decode working sets and the
+reward replica's are estimates from the tensor sizes, not yet measured.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from editrl.cluster.config import TrainConfig
+from editrl.policy.memory import DTYPE_BYTES, Architecture, ModelSizes, activation_model, architecture, model_sizes
+
+MIB, GIB = 2**20, 2**30
+RUNTIME_BYTES = {"cpu": 440 * MIB, "cuda": 1 * GIB}
+"""Memory of a process before it loads anything: on the CPU, Python with torch, diffusers,
+transformers and peft imported (433 MiB measured with torch 2.13's CPU build); on a GPU, the
+CUDA context and library workspaces on the device (an estimate)."""
+
+
+@dataclass(frozen=True)
+class Item:
+    """One thing a process holds: held throughout (``phase`` None) or only in one working phase."""
+
+    name: str
+    bytes: float
+    note: str = ""
+    phase: str | None = None
+
+
+@dataclass
+class ProcessPlan:
+    """The estimated memory of one process of a kind; ``limit`` is its device's memory (None: not checked here)."""
+
+    kind: str
+    count: int
+    device: str
+    items: list[Item] = field(default_factory=list)
+    limit: float | None = None
+
+    @property
+    def peak(self) -> float:
+        """Everything held throughout plus the largest phase's working set (bytes)."""
+        phases: dict[str, float] = {}
+        for item in self.items:
+            if item.phase is not None:
+                phases[item.phase] = phases.get(item.phase, 0.0) + item.bytes
+        return sum(i.bytes for i in self.items if i.phase is None) + max(phases.values(), default=0.0)
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.limit is None else self.peak <= self.limit
+
+
+@dataclass
+class Plan:
+    """A run's processes, the model they hold and the compute of one forward."""
+
+    source: str
+    sizes: ModelSizes
+    tokens: int
+    processes: list[ProcessPlan]
+    forward_tflop: float
+    """TFLOP of one forward of one sequence through the DiT (2 x tokens x linear weights
+    plus the attention products)."""
+    host_limit: float | None = None
+    """CPU runs: this host's memory, which all processes share."""
+
+    def problems(self) -> list[str]:
+        """One line per process kind that does not fit, with the numbers; empty when all fit."""
+        out = [f"{p.kind}: estimated peak {p.peak / GIB:.1f} GiB > {p.limit / GIB:.1f} GiB of device memory "
+               f"(largest: {_largest(p)})" for p in self.processes if p.fits is False]
+        if self.host_limit is not None:
+            total = sum(p.peak * p.count for p in self.processes if p.device == "cpu")
+            if total > self.host_limit:
+                out.append(f"all processes on this host: estimated {total / GIB:.1f} GiB > {self.host_limit / GIB:.1f} GiB of memory")
+        return out
+
+
+def count_text(n: float) -> str:
+    """A parameter count with a unit: ``14.29 B``, ``209.7 M``, ``33.8 k``."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.{2 if unit == 'B' else 1}f} {unit}"
+    return f"{n:.0f}"
+
+
+def bytes_text(n: float) -> str:
+    """Bytes with a binary unit: ``28.6 GiB``, ``12.3 MiB``."""
+    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / MIB:.1f} MiB"
+
+
+def _largest(process: ProcessPlan) -> str:
+    item = max(process.items, key=lambda i: i.bytes)
+    return f"{item.name} {item.bytes / GIB:.1f} GiB"
+
+
+def latent_size(config: TrainConfig, arch: Architecture) -> tuple[int, int, int]:
+    """``(f, h, w)`` of a clip's latent: ``1 + (F - 1) / t`` frames and ``H / s`` by ``W / s`` cells."""
+    down = arch.vae["temperal_downsample"]
+    temporal, spatial = 2 ** sum(down), 2 ** len(down)
+    policy = config.policy
+    return 1 + (policy.num_frames - 1) // temporal, policy.height // spatial, policy.width // spatial
+
+
+def group_bytes(config: TrainConfig, sizes: ModelSizes, latent: tuple[int, int, int]) -> float:
+    """Bytes of one sampled group as the learner receives it: all ``T + 1`` latents of its
+    G trajectories (fp32), per-step log-probs, the recorded means with GRPO-Guard, the
+    source latent and the two instruction embeddings (fp32)."""
+    g, steps, cells = config.group_size, config.policy.num_steps, sizes.latent_channels * math.prod(latent)
+    means = g * steps * cells * 4 if config.learner.ratio_norm == "grpo_guard" else 0
+    return g * (steps + 1) * cells * 4 + g * steps * 4 + means + cells * 4 + 2 * config.policy.max_text_tokens * sizes.text_dim * 4
+
+
+def forward_tflop(sizes: ModelSizes, tokens: int, text_tokens: int) -> float:
+    """FLOPs of one sequence's forward in TFLOP: ``2 N W`` for the linear weights W of every
+    block, ``4 N^2 D`` for self-attention's two products and ``4 N L D`` for cross-attention's."""
+    blocks = sizes.layers + sizes.vace_layers
+    flop = blocks * (2 * tokens * sizes.linear_per_block + 4 * tokens**2 * sizes.width + 4 * tokens * text_tokens * sizes.width)
+    return flop / 1e12
+
+
+def _learner(config: TrainConfig, sizes: ModelSizes, arch: Architecture, tokens: int, group: float) -> ProcessPlan:
+    policy, learner, runtime = config.policy, config.learner, config.runtime
+    device = "cuda" if runtime.learner_num_gpus > 0 else "cpu"
+    samples = learner.micro_batch_samples or config.group_size
+    branches = 2 if policy.guidance_scale != 1.0 and learner.cfg_null_grad else 1
+    sequences = min(samples, config.group_size) * branches * learner.timesteps_per_forward
+    mode = learner.activation_checkpointing
+    checkpointing = mode == "on" or (mode == "auto" and tokens >= learner.checkpointing_min_tokens)
+    model = activation_model(arch, policy.lora, policy.dtype, policy.kind, policy.max_text_tokens)
+    per_sequence = {on: model.peak_bytes(sizes, tokens, on) for on in (False, True)}
+    items = [
+        Item("runtime", RUNTIME_BYTES[device]),
+        Item("DiT weights", sizes.weight_bytes(policy.dtype), f"{count_text(sizes.dit)} parameters, {policy.dtype}"),
+        Item("LoRA adapter, gradient, AdamW state", 16 * sizes.lora, f"{count_text(sizes.lora)} parameters x 4 fp32 copies"),
+        Item("groups of one update", config.prompts_per_step * group, f"{config.prompts_per_step} groups of {bytes_text(group)}"),
+        Item("activations", sequences * per_sequence[checkpointing],
+             f"{sequences} sequences of {tokens} tokens per micro-batch, checkpointing {'on' if checkpointing else 'off'}; "
+             f"per sequence {bytes_text(per_sequence[False])} without, {bytes_text(per_sequence[True])} with",
+             phase="backward"),
+    ]
+    if policy.kind == "vace":
+        items.insert(2, Item("VAE weights", 4 * sizes.vae, "for the VACE context (fp32)"))
+    return ProcessPlan("learner rank", learner.ranks, device, items)
+
+
+def _rollout(config: TrainConfig, sizes: ModelSizes, arch: Architecture, tokens: int, group: float) -> ProcessPlan:
+    policy, rollout = config.policy, config.rollout
+    device = "cuda" if rollout.num_gpus_per_worker > 0 else "cpu"
+    g, b = config.group_size, DTYPE_BYTES[policy.dtype]
+    branches = 2 if policy.guidance_scale != 1.0 else 1
+    pixels = policy.num_frames * policy.height * policy.width
+    first_stage = arch.vae["base_dim"] * arch.vae["dim_mult"][0]
+    temporal = 2 ** sum(arch.vae["temperal_downsample"])
+    items = [
+        Item("runtime", RUNTIME_BYTES[device]),
+        Item("DiT weights and adapter", sizes.weight_bytes(policy.dtype) + 4 * sizes.lora, f"{policy.dtype}, LoRA fp32"),
+        Item("text encoder", sizes.text_encoder * b, f"{count_text(sizes.text_encoder)} parameters"),
+        Item("VAE", 4 * sizes.vae, f"{count_text(sizes.vae)} parameters, fp32"),
+        Item("group being sampled", group, f"{g} trajectories of {policy.num_steps + 1} latents"),
+        Item("denoising forward", g * branches * tokens * (2 * sizes.ffn_dim + 4 * sizes.width) * b,
+             f"{g * branches} sequences: one block's live tensors (estimate)", phase="sample"),
+        Item("decoded videos", g * pixels * 3 * 5, "fp32 frames and their uint8 copies", phase="decode"),
+        Item("VAE decode", g * 6 * first_stage * temporal * policy.height * policy.width * 4,
+             f"six {first_stage}-channel fp32 maps per {temporal}-frame chunk (estimate)", phase="decode"),
+    ]
+    return ProcessPlan("rollout worker", rollout.num_workers, device, items)
+
+
+def _reward_config(config: TrainConfig):
+    from editrl.reward_server.config import load_server_config
+
+    return load_server_config(config.reward_server.config)
+
+
+def _reward(config: TrainConfig) -> ProcessPlan:
+    policy = config.policy
+    video = policy.num_frames * policy.height * policy.width * 3
+    items = [Item("runtime", RUNTIME_BYTES["cpu"])]
+    try:
+        server = _reward_config(config)
+    except (OSError, ValueError) as exc:
+        items.append(Item("decoded videos", 0.0, f"reward-server config not read: {exc}"))
+        return ProcessPlan("reward replica", 1, "cpu", items)
+    batch = server.max_batch_size
+    items.append(Item("decoded videos", batch * 2 * video * 5, f"{batch} items x source and edit, uint8 and fp32", phase="score"))
+    for name, spec in server.reward.backends.items():
+        model = getattr(spec, "model", None)
+        if getattr(spec, "engine", None) in ("transformers", "vllm") and model and Path(model).is_dir():
+            weights = sum(f.stat().st_size for f in Path(model).rglob("*") if f.suffix in (".safetensors", ".bin"))
+            items.append(Item(f"{name} VLM weights", weights, f"files in {model}"))
+    return ProcessPlan("reward replica", 1, "cpu", items)
+
+
+def host_memory_bytes() -> float:
+    """Physical memory of this machine (bytes)."""
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def plan_run(config: TrainConfig, root: str | Path = ".") -> Plan:
+    """The plan of ``config``'s processes.
+
+    Device limits: a process on GPUs is checked against ``runtime.device_memory_gib`` times
+    its GPUs when that is set; processes on the CPU together against this host's memory
+    when nothing runs on GPUs.
+
+    Raises:
+        FileNotFoundError: the checkpoint is neither on disk nor a published architecture.
+    """
+    arch = architecture(config.policy, root)
+    sizes = model_sizes(arch, config.policy.lora, config.policy.kind)
+    latent = latent_size(config, arch)
+    pt, ph, pw = sizes.patch
+    tokens = (latent[0] // pt) * (latent[1] // ph) * (latent[2] // pw)
+    group = group_bytes(config, sizes, latent)
+    processes = [_rollout(config, sizes, arch, tokens, group), _learner(config, sizes, arch, tokens, group), _reward(config)]
+    memory = config.runtime.device_memory_gib
+    gpus = {"rollout worker": config.rollout.num_gpus_per_worker, "learner rank": config.runtime.learner_num_gpus}
+    for process in processes:
+        if process.device == "cuda" and memory is not None:
+            process.limit = memory * GIB * max(1.0, gpus[process.kind])
+    on_gpu = any(p.device == "cuda" for p in processes)
+    return Plan(arch.source, sizes, tokens, processes, forward_tflop(sizes, tokens, config.policy.max_text_tokens),
+                host_limit=None if on_gpu else host_memory_bytes())
+
+
+def format_plan(plan: Plan) -> str:
+    """The plan as a text report (sizes in GiB)."""
+    s = plan.sizes
+    lines = [f"model: {plan.source}",
+             f"  DiT {count_text(s.dit)} parameters ({s.layers} blocks{f' + {s.vace_layers} VACE' if s.vace_layers else ''}, "
+             f"width {s.width}, FFN {s.ffn_dim}); text encoder {count_text(s.text_encoder)}; VAE {count_text(s.vae)}; "
+             f"LoRA {count_text(s.lora)}",
+             f"  {plan.tokens} tokens per sequence; one forward {plan.forward_tflop:.2f} TFLOP", ""]
+    for p in plan.processes:
+        limit = "not checked" if p.limit is None else f"{p.limit / GIB:.1f} GiB: {'fits' if p.fits else 'DOES NOT FIT'}"
+        lines.append(f"{p.kind} (x{p.count}, {p.device}): estimated peak {bytes_text(p.peak)}; device memory {limit}")
+        for item in p.items:
+            phase = f" [{item.phase}]" if item.phase else ""
+            lines.append(f"  {item.name:<36}{bytes_text(item.bytes):>12}{phase:<12}  {item.note}")
+        lines.append("")
+    if plan.host_limit is not None:
+        total = sum(p.peak * p.count for p in plan.processes if p.device == "cpu")
+        lines.append(f"all processes on this host: {bytes_text(total)} of {bytes_text(plan.host_limit)}")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def plan_dict(plan: Plan) -> dict:
+    """The plan as JSON-ready data (bytes)."""
+    return {"source": plan.source, "tokens": plan.tokens, "forward_tflop": plan.forward_tflop,
+            "host_limit": plan.host_limit, "problems": plan.problems(),
+            "processes": [{"kind": p.kind, "count": p.count, "device": p.device, "peak": p.peak, "limit": p.limit,
+                           "fits": p.fits, "items": {i.name: i.bytes for i in p.items}} for p in plan.processes]}
