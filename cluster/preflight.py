@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import socket
+import struct
 import time
 import urllib.error
 import urllib.request
@@ -165,6 +167,54 @@ def check_resume_dir(run_dir: Path) -> None:
                              "runtime.checkpoint_every steps, at the end and when interrupted after a finished step)")
 
 
+def safetensors_shapes(path: Path) -> dict[str, list[int]]:
+    """Tensor name -> shape of a ``.safetensors`` file, from its JSON header (no torch).
+
+    Raises:
+        PreflightError: the file is missing or its header is not a safetensors header.
+    """
+    try:
+        with path.open("rb") as stream:
+            (length,) = struct.unpack("<Q", stream.read(8))
+            header = json.loads(stream.read(min(length, 100 * 2**20)))
+        return {name: list(entry["shape"]) for name, entry in header.items() if name != "__metadata__"}
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
+        raise PreflightError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc})") from None
+
+
+LORA_KEY = re.compile(r".*\.attn([12])\.(.+)\.lora_A\.weight$")
+
+
+def check_resume_checkpoint(config: TrainConfig, run_dir: Path) -> None:
+    """``--resume``: the newest checkpoint fits the config it is resumed with: written by as many
+    learner ranks as ``learner.ranks`` (the data split, and with it every update's float sums,
+    follows the rank count), and its adapter has ``policy.lora``'s rank, attentions and projections.
+
+    Raises:
+        PreflightError: naming the checkpoint, what it holds and what the config asks.
+    """
+    name = latest_checkpoint_name(run_dir)
+    path = run_dir / "checkpoints" / str(name)
+    driver = _read_json(path / "driver.json")
+    saved_ranks, ranks = driver.get("learner_ranks"), config.learner.ranks
+    if saved_ranks is not None and saved_ranks != ranks:
+        raise PreflightError(f"--resume {run_dir}: checkpoint {name} was written by {saved_ranks} learner ranks, the config "
+                             f"asks learner.ranks={ranks}; resume with --set learner.ranks={saved_ranks}")
+    lora = config.policy.lora
+    shapes = {key: shape for key, shape in safetensors_shapes(path / "adapter_model.safetensors").items() if LORA_KEY.match(key)}
+    saved_rank = sorted({shape[0] for shape in shapes.values()})
+    if saved_rank != [lora.rank]:
+        raise PreflightError(f"--resume {run_dir}: the adapter of checkpoint {name} has LoRA rank {saved_rank}, the config "
+                             f"asks policy.lora.rank={lora.rank}")
+    saved = sorted({(LORA_KEY.match(k).group(1), LORA_KEY.match(k).group(2)) for k in shapes})
+    wanted = sorted({({"self": "1", "cross": "2"}[a], t) for a in lora.attention for t in lora.target_modules})
+    if saved != wanted:
+        def names(pairs):
+            return ", ".join(f"attn{a}.{t}" for a, t in pairs)
+        raise PreflightError(f"--resume {run_dir}: the adapter of checkpoint {name} adapts {names(saved)}; the config "
+                             f"(policy.lora.attention, target_modules) asks {names(wanted)}")
+
+
 def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
     """A new run may write into ``run_dir``: it is absent or empty, or ``overwrite`` removes
     the old run's outputs (:data:`RUN_OUTPUTS`) so that nothing is appended to them.
@@ -259,5 +309,7 @@ def preflight(config: TrainConfig, run_dir: Path, resume: bool = False, overwrit
     check_paths(config)
     if config.reward_server.url:
         check_reward_url(config.reward_server.url, config.reward_server.startup_timeout_s)
-    if not resume:
+    if resume:
+        check_resume_checkpoint(config, run_dir)
+    else:
         prepare_run_dir(run_dir, overwrite)

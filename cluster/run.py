@@ -268,9 +268,11 @@ class Run:
         return stats
 
     def driver_state(self) -> dict:
-        """What a checkpoint keeps of the driver: task cursor, trained group ids, counters, evaluations."""
+        """What a checkpoint keeps of the driver: task cursor, trained group ids, counters, evaluations,
+        and the learner's rank count (``--resume`` refuses another)."""
         return {"tasks": self.tasks.state_dict(), "trained_ids": sorted(self.trained_ids),
-                "counters": dict(self.counters), "evaluations": self.evaluations}
+                "counters": dict(self.counters), "evaluations": self.evaluations,
+                "learner_ranks": self.config.learner.ranks}
 
     def _load_driver_state(self, state: dict) -> None:
         self.step = int(state["step"])

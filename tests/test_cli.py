@@ -267,3 +267,35 @@ def test_sigint_during_training_checkpoints_the_last_step_stops_everything_and_s
 
 def _lines(path: Path) -> list[str]:
     return [line for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def _checkpointed_run(tmp_path: Path, ranks: int, lora_rank: int, attention: str = "attn2") -> Path:
+    """A run directory as a run leaves it: config.yaml and checkpoint step_000002 (driver state
+    and an adapter of the given rank on ``attention``'s q/k/v/out of two blocks)."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    run = tmp_path / "run"
+    step = run / "checkpoints" / "step_000002"
+    step.mkdir(parents=True)
+    (run / "config.yaml").write_text(tiny_preset(tmp_path).read_text())
+    (run / "checkpoints" / "latest").write_text(step.name)
+    (step / "driver.json").write_text(json.dumps({"step": 2, "learner_ranks": ranks}))
+    tensors = {f"blocks.{b}.{attention}.{p}.lora_{m}.weight": np.zeros((lora_rank, 64) if m == "A" else (64, lora_rank), np.float32)
+               for b in range(2) for p in ("to_q", "to_k", "to_v", "to_out.0") for m in ("A", "B")}
+    save_file(tensors, str(step / "adapter_model.safetensors"))
+    return run
+
+
+def test_a_resume_with_another_rank_count_or_adapter_is_refused_before_anything_starts(tmp_path):
+    lora = tiny_policy_config().lora  # rank 4 on both attentions
+    run = _checkpointed_run(tmp_path, ranks=2, lora_rank=lora.rank, attention="attn1")
+    result = editrl("train", "--resume", str(run), cwd=tmp_path)
+    assert_fails_before_heavy_imports(result, "checkpoint step_000002 was written by 2 learner ranks, the config asks "
+                                              "learner.ranks=1; resume with --set learner.ranks=2")
+    result = editrl("train", "--resume", str(run), "--set", "learner.ranks=2", "--set", f"policy.lora.rank={lora.rank * 2}",
+                    cwd=tmp_path)
+    assert_fails_before_heavy_imports(result, f"has LoRA rank [{lora.rank}], the config asks policy.lora.rank={lora.rank * 2}")
+    result = editrl("train", "--resume", str(run), "--set", "learner.ranks=2", "--set", "policy.lora.attention=[self, cross]",
+                    cwd=tmp_path)
+    assert_fails_before_heavy_imports(result, "adapts attn1.to_k, attn1.to_out.0, attn1.to_q, attn1.to_v; the config")
