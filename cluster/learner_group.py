@@ -6,16 +6,21 @@
 packed onto as few nodes as possible), join one ``torch.distributed`` process group
 with rank 0's address, and every call that changes or reads training state (an
 update, a resume, the policy version) goes to every rank, its result that of rank 0
-once all ranks answered (a failure on any rank fails the call, naming its actor);
+once all ranks answered (a failure or death of any rank fails the call at once, and a rank
+silent ``learner.collective_timeout_s`` + 60 s after the first answered fails it too, each
+naming the rank: :class:`LearnerRankError`);
 publishing the adapter and writing checkpoints go to rank 0, whose adapter and
 optimizer state are every rank's.
 """
 from __future__ import annotations
 
 import logging
+import math
+import time
 from typing import Any
 
 import ray
+from ray.exceptions import RayActorError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -28,34 +33,85 @@ EVERY_RANK = ("train_step", "resume", "ready")
 """Learner methods every rank runs (rank 0's result is returned); the others run on rank 0."""
 
 
+class LearnerRankError(RuntimeError):
+    """A learner rank failed, died or did not answer a call every rank runs; the message names it."""
+
+
+FAILURE_GRACE_S = 10.0
+"""After a rank fails, how long the other ranks' answers are awaited, so that the message names
+a rank that died rather than only the peer its collective then lost."""
+
+
+def _describe(rank: int, exc: BaseException) -> str:
+    if isinstance(exc, RayActorError):
+        return f"learner rank {rank} died (its actor is gone)"
+    return f"learner rank {rank} failed: {type(exc).__name__}: {' '.join(str(exc).split())[:400]}"
+
+
 @ray.remote(num_cpus=0)
-def _rank_zero(*results: Any) -> Any:
-    """Rank 0's result, once every rank's result exists (Ray fails this task with the first rank error)."""
+def _rank_zero(name: str, refs: list, timeout_s: float) -> Any:
+    """Rank 0's result of ``name`` once every rank answered.
+
+    A rank that fails (an exception, or its actor died) fails the call, with every rank that
+    failed within ``FAILURE_GRACE_S`` of it, dead ones first; a rank that has not answered
+    ``timeout_s`` after the first answer (a peer hangs in a collective) fails it too.
+
+    Raises:
+        LearnerRankError: naming the ranks and what happened to each.
+    """
+    pending = dict(enumerate(refs))
+    results: dict[int, Any] = {}
+    errors: dict[int, BaseException] = {}
+    deadline = None
+    while pending:
+        wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+        done, _ = ray.wait(list(pending.values()), num_returns=1, timeout=wait)
+        if not done:
+            if errors:
+                break
+            raise LearnerRankError(f"learner rank(s) {sorted(pending)} did not answer {name} within {timeout_s:.0f} s "
+                                   f"of rank(s) {sorted(results)} (learner.collective_timeout_s)")
+        rank = next(r for r, ref in pending.items() if ref == done[0])
+        try:
+            results[rank] = ray.get(pending.pop(rank))
+        except Exception as exc:  # noqa: BLE001 - re-raised below, naming the rank
+            errors[rank] = exc
+            deadline = min(deadline or math.inf, time.monotonic() + FAILURE_GRACE_S)
+            continue
+        if deadline is None:
+            deadline = time.monotonic() + timeout_s
+    if errors:
+        order = sorted(errors, key=lambda r: (not isinstance(errors[r], RayActorError), r))
+        silent = [f"learner rank(s) {sorted(pending)} did not answer"] if pending else []
+        raise LearnerRankError(f"{name}: " + "; ".join([_describe(r, errors[r]) for r in order] + silent)) from errors[order[0]]
     return results[0]
 
 
 class _Call:
-    def __init__(self, handles: list, name: str) -> None:
-        self._handles, self._name = handles, name
+    def __init__(self, handles: list, name: str, timeout_s: float) -> None:
+        self._handles, self._name, self._timeout_s = handles, name, timeout_s
 
     def remote(self, *args: Any, **kwargs: Any):
         if self._name not in EVERY_RANK:
             return getattr(self._handles[0], self._name).remote(*args, **kwargs)
-        return _rank_zero.remote(*(getattr(handle, self._name).remote(*args, **kwargs) for handle in self._handles))
+        refs = [getattr(handle, self._name).remote(*args, **kwargs) for handle in self._handles]
+        return _rank_zero.remote(self._name, refs, self._timeout_s)
 
 
 class LearnerGroup:
     """``ranks`` learner actors as one (see the module docstring); ``handles[r]`` is rank r. The
     actors and their placement group end with the driver's Ray session."""
 
-    def __init__(self, handles: list, placement: Any) -> None:
+    def __init__(self, handles: list, placement: Any, timeout_s: float = 600.0) -> None:
         self.handles = handles
         self.placement = placement
+        self.timeout_s = timeout_s
+        """Seconds the other ranks may take after the first answered (then the call fails, naming them)."""
 
     def __getattr__(self, name: str) -> _Call:
         if name.startswith("_"):
             raise AttributeError(name)
-        return _Call(self.handles, name)
+        return _Call(self.handles, name, self.timeout_s)
 
 
 def _bundle(config: TrainConfig) -> dict[str, float]:
@@ -105,4 +161,4 @@ def start_learner(config: TrainConfig, name: str, namespace: str, args: tuple, p
     ray.get([handle.join.remote(address, rank, ranks, config.learner.collective_timeout_s)
              for rank, handle in enumerate(handles)])
     logger.info("learner: %d ranks data-parallel, process group at %s", ranks, address)
-    return LearnerGroup(handles, placement)
+    return LearnerGroup(handles, placement, timeout_s=config.learner.collective_timeout_s + 60.0)

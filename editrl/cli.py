@@ -66,13 +66,17 @@ def _setup_logging(log_file: Path | None = None, debug: bool = False) -> None:
 
 
 def one_line(exc: BaseException) -> str:
-    """An exception as one line: a pydantic ValidationError as ``field: message`` pairs."""
+    """An exception as one line: a pydantic ValidationError as ``field: message`` pairs, an
+    exception raised in a Ray task or actor as its own message."""
     import pydantic
 
     if isinstance(exc, pydantic.ValidationError):
         parts = [f"{'.'.join(str(p) for p in e['loc']) or exc.title}: {e['msg']}"
                  + (f" (got {e['input']!r:.80})" if not isinstance(e.get("input"), dict) else "") for e in exc.errors()]
         return f"invalid config: {'; '.join(parts)}"
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException) and type(exc).__name__.startswith("RayTaskError"):
+        exc = cause  # Ray's wrapper of an exception raised in a task or actor: its message, not Ray's traceback
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= 1000 else text[:1000] + "..."
 

@@ -299,3 +299,12 @@ def test_a_resume_with_another_rank_count_or_adapter_is_refused_before_anything_
     result = editrl("train", "--resume", str(run), "--set", "learner.ranks=2", "--set", "policy.lora.attention=[self, cross]",
                     cwd=tmp_path)
     assert_fails_before_heavy_imports(result, "adapts attn1.to_k, attn1.to_out.0, attn1.to_q, attn1.to_v; the config")
+
+
+def test_an_error_raised_in_a_ray_task_is_one_line_of_its_own_message():
+    from ray.exceptions import RayTaskError
+
+    from editrl.cli import one_line
+
+    raised = RayTaskError("_rank_zero", "Traceback (most recent call last):\n  File ...\n", RuntimeError("learner rank 1 died"))
+    assert one_line(raised.as_instanceof_cause()) == "learner rank 1 died"

@@ -2,8 +2,11 @@
 <= 1e-5), on-policy ratios exactly 1 on both ranks, and the same statistics. Real
 processes, real torch.distributed (gloo over TCP on 127.0.0.1)."""
 import logging
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -110,3 +113,75 @@ def test_ranks_the_cluster_cannot_place_are_refused_with_the_numbers(monkeypatch
     too_many = fits.model_copy(update={"learner": LearnerConfig(ranks=8)})
     with pytest.raises(ValueError, match=r"learner.ranks=8 needs 8 GPU \(1 per rank.*the Ray cluster has 4$"):
         check_placement(too_many)
+
+
+@pytest.fixture()
+def two_learner_ranks():
+    """Two learner ranks of the tiny policy started as a run starts them, on a local Ray; the
+    groups of the data-parallel test."""
+    import ray
+    from data_parallel_setup import build_learner_and_groups
+
+    from conftest import CORPUS, tiny_policy_config
+    from editrl.cluster.config import RuntimeConfig, TrainConfig
+    from editrl.cluster.learner_group import start_learner
+    from editrl.learner.config import LearnerConfig
+
+    root = Path(__file__).resolve().parent.parent
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": f"{root}{os.pathsep}{root / 'tests'}"}})
+    try:
+        config = TrainConfig(policy=tiny_policy_config(), learner=LearnerConfig(ranks=2, torch_threads=1, collective_timeout_s=10),
+                             runtime=RuntimeConfig(learner_num_cpus=0.5))
+        group = start_learner(config, "test-learner", "editrl-test", (config.policy, config.learner, CORPUS, str(root), 0, "cpu"))
+        ray.get(group.ready.remote())
+        yield ray, group, build_learner_and_groups()[1]
+    finally:
+        ray.shutdown()
+
+
+def _rank_pid(ray, handle) -> int:
+    return ray.get(handle.__ray_call__.remote(lambda actor: os.getpid()))
+
+
+def _failure_message(exc: BaseException) -> str:
+    """The learner's own message (Ray wraps an exception raised in a task with its traceback; ``cause`` is the original)."""
+    return str(getattr(exc, "cause", None) or exc)
+
+
+@pytest.mark.timeout(300)
+def test_a_learner_rank_killed_mid_update_fails_the_step_at_once_naming_it(two_learner_ranks):
+    from editrl.cluster.learner_group import LearnerRankError
+
+    ray, group, groups = two_learner_ranks
+    ray.get(group.train_step.remote(groups))  # both ranks train
+    pid = _rank_pid(ray, group.handles[1])
+    os.kill(pid, signal.SIGSTOP)  # hold rank 1 so that rank 0 is inside the update, waiting for its gradients
+    start = time.monotonic()
+    call = group.train_step.remote(groups)
+    time.sleep(2.0)
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(LearnerRankError) as failure:
+        ray.get(call, timeout=120)
+    message = _failure_message(failure.value)
+    assert message.startswith("train_step: learner rank 1 died (its actor is gone)"), message
+    assert time.monotonic() - start < 30, message  # at once: not after the collective timeout (10 s) plus the grace
+
+
+@pytest.mark.timeout(300)
+def test_a_hung_learner_rank_fails_the_step_after_the_collective_timeout_naming_it(two_learner_ranks):
+    from editrl.cluster.learner_group import LearnerRankError
+
+    ray, group, groups = two_learner_ranks
+    pid = _rank_pid(ray, group.handles[1])
+    os.kill(pid, signal.SIGSTOP)  # rank 1 stops answering; rank 0 waits in its gradient all-reduce
+    try:
+        start = time.monotonic()
+        with pytest.raises(LearnerRankError) as failure:
+            ray.get(group.train_step.remote(groups), timeout=120)
+        elapsed = time.monotonic() - start
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    message = _failure_message(failure.value)
+    assert message.startswith("train_step: learner rank 0 failed:") and message.endswith("learner rank(s) [1] did not answer"), message
+    assert 10 <= elapsed < 40, message  # learner.collective_timeout_s = 10, then the failure grace
