@@ -181,6 +181,25 @@ def cast_weights(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module
     return module
 
 
+def release_file_mappings(module: torch.nn.Module) -> int:
+    """Copy a loaded model's fp32 tensors into memory of their own.
+
+    ``from_pretrained`` reads safetensors through a memory map; a tensor whose stored dtype
+    is its target dtype (the modules kept in fp32 under bf16 weights) stays a view of the
+    mapped file and keeps the whole shard mapped, so the process holds the fp32 checkpoint's
+    pages beside its bf16 weights (measured: 1.1 GB of file pages beside 0.5 GB of weights).
+
+    Returns:
+        The number of tensors copied.
+    """
+    count = 0
+    for tensor in [*module.parameters(), *module.buffers()]:
+        if tensor.dtype == torch.float32:
+            tensor.data = tensor.data.clone()
+            count += 1
+    return count
+
+
 def vae_spatial_factor(vae_config: Mapping[str, Any]) -> int:
     """Pixels per latent cell along height and width (8 for Wan2.1's VAE), from the VAE's
     config as diffusers' Wan pipelines compute it."""
@@ -268,6 +287,8 @@ def load_components(path: str | Path, kind: str = "concat", dtype: torch.dtype =
     if saved_cls != transformer_cls.__name__:
         raise ValueError(f"kind {kind!r} needs a {transformer_cls.__name__} checkpoint, {path} has {saved_cls}")
     transformer = transformer_cls.from_pretrained(path / "transformer", local_files_only=True, torch_dtype=dtype)
+    if dtype != torch.float32:
+        release_file_mappings(transformer)
     if kind == "concat":
         transformer = widen_for_source_conditioning(transformer, vae_config["z_dim"])
     check_kind(transformer, vae_config, kind)
