@@ -23,6 +23,7 @@ BENCHMARKS = (
     "scaling",
     "gpu",
     "learner_memory",
+    "learner_ranks",
 )
 """Module names under ``bench``, in the order of the issue's items. Each module has
 ``NAME`` (its result file stem), ``ITEM``, ``TITLE`` and ``run(profile) -> BenchResult``."""

@@ -96,7 +96,7 @@ def test_every_benchmark_module_declares_its_result():
     from bench.suite import load
 
     items = [load(name).ITEM for name in BENCHMARKS]
-    assert items == list(range(1, 9))
+    assert items == list(range(1, 10))
     assert BenchResult.model_json_schema()["properties"]["status"]["enum"] == ["measured", "not_measured", "skipped", "failed"]
 
 
@@ -163,3 +163,12 @@ def test_pipelined_smoke_runs_both_schedules_through_the_runtime(tmp_path):
     write_result(result, tmp_path)
     page = render(read_results(tmp_path))
     assert "| sequential / pipelined [1 worker] |" in page and "Target `pipelined_of_bound[2 workers]`" in page
+
+
+def test_learner_ranks_smoke_times_one_and_two_ranks():
+    from bench import learner_ranks
+
+    result = learner_ranks.measure(learner_ranks.SETTINGS["smoke"])
+    assert [(m.params["ranks"], m.params["threads_per_rank"]) for m in result.measurements] == [(1, 2), (1, 1), (2, 1)]
+    assert all(m.metrics["update_s"].n == 1 and m.metrics["update_s"].median > 0 for m in result.measurements)
+    assert len(result.ratios) == 2 and all(r.stats.median > 0 for r in result.ratios)
