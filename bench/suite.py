@@ -24,6 +24,7 @@ BENCHMARKS = (
     "gpu",
     "learner_memory",
     "learner_ranks",
+    "cluster_sim",
 )
 """Module names under ``bench``, in the order of the issue's items. Each module has
 ``NAME`` (its result file stem), ``ITEM``, ``TITLE`` and ``run(profile) -> BenchResult``."""

@@ -96,7 +96,7 @@ def test_every_benchmark_module_declares_its_result():
     from bench.suite import load
 
     items = [load(name).ITEM for name in BENCHMARKS]
-    assert items == list(range(1, 10))
+    assert items == list(range(1, 11))
     assert BenchResult.model_json_schema()["properties"]["status"]["enum"] == ["measured", "not_measured", "skipped", "failed"]
 
 
@@ -172,3 +172,16 @@ def test_learner_ranks_smoke_times_one_and_two_ranks():
     assert [(m.params["ranks"], m.params["threads_per_rank"]) for m in result.measurements] == [(1, 2), (1, 1), (2, 1)]
     assert all(m.metrics["update_s"].n == 1 and m.metrics["update_s"].median > 0 for m in result.measurements)
     assert len(result.ratios) == 2 and all(r.stats.median > 0 for r in result.ratios)
+
+
+def test_cluster_sim_smoke_takes_stage_times_from_the_plan_flops():
+    from bench import cluster_sim
+
+    result = cluster_sim.measure(cluster_sim.SETTINGS["smoke"])
+    stages = result.settings["stages"]
+    # 14B at 480p x 81 frames: ~1.8 PFLOP per sequence forward (DESIGN.md: ~1.7), 1.3B about a sixth of it
+    assert 1700 < stages["Wan2.1-14B"]["forward_tflop"] < 1900
+    assert 4 < stages["Wan2.1-14B"]["forward_tflop"] / stages["Wan2.1-1.3B"]["forward_tflop"] < 8
+    # sampling runs 20 steps of the CFG pair, training 2 steps x 5 forwards: 2x the sampling time per group
+    assert stages["Wan2.1-14B"]["sample_s"] == pytest.approx(2 * stages["Wan2.1-14B"]["train_group_s"])
+    assert {m.metrics["bottleneck"] for m in result.measurements} <= {"workers", "reward", "learner", "staleness window"}
