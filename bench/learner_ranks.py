@@ -51,7 +51,7 @@ def _worker(rank: int, world: int, port: int, threads: int, settings: dict) -> N
     import torch
     import torch.distributed as dist
 
-    from bench.workload import policy_config, sample_groups
+    from bench.workload import corpus, policy_config, sample_groups
     from editrl.learner.config import LearnerConfig
     from editrl.learner.data_parallel import DataParallel
     from editrl.learner.learner import Learner
@@ -60,8 +60,6 @@ def _worker(rank: int, world: int, port: int, threads: int, settings: dict) -> N
     torch.set_num_threads(threads)
     s = Settings(**settings)
     torch.manual_seed(s.seed)
-    from bench.workload import corpus
-
     policy = EditPolicy.from_config(policy_config(s.profile), list(corpus()), seed=s.seed)
     groups = sample_groups(policy, s.num_groups, s.group_size, s.seed)
     data_parallel = None
