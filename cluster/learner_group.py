@@ -10,7 +10,9 @@ once all ranks answered (a failure or death of any rank fails the call at once, 
 silent ``learner.collective_timeout_s`` + 60 s after the first answered fails it too, each
 naming the rank: :class:`LearnerRankError`);
 publishing the adapter and writing checkpoints go to rank 0, whose adapter and
-optimizer state are every rank's.
+optimizer state are every rank's, unless the learner is sharded (``learner.sharding: fsdp``):
+then they too go to every rank, since gathering the adapter and writing the optimizer's
+shards are collectives.
 """
 from __future__ import annotations
 
@@ -31,6 +33,8 @@ logger = logging.getLogger(__name__)
 
 EVERY_RANK = ("train_step", "resume", "ready")
 """Learner methods every rank runs (rank 0's result is returned); the others run on rank 0."""
+EVERY_SHARDED_RANK = EVERY_RANK + ("publish", "save_checkpoint", "save_adapter")
+"""The same for a sharded learner (collectives: the adapter is gathered, the optimizer shards written)."""
 
 
 class LearnerRankError(RuntimeError):
@@ -88,11 +92,11 @@ def _rank_zero(name: str, refs: list, timeout_s: float) -> Any:
 
 
 class _Call:
-    def __init__(self, handles: list, name: str, timeout_s: float) -> None:
-        self._handles, self._name, self._timeout_s = handles, name, timeout_s
+    def __init__(self, handles: list, name: str, timeout_s: float, every_rank: tuple[str, ...]) -> None:
+        self._handles, self._name, self._timeout_s, self._every_rank = handles, name, timeout_s, every_rank
 
     def remote(self, *args: Any, **kwargs: Any):
-        if self._name not in EVERY_RANK:
+        if self._name not in self._every_rank:
             return getattr(self._handles[0], self._name).remote(*args, **kwargs)
         refs = [getattr(handle, self._name).remote(*args, **kwargs) for handle in self._handles]
         return _rank_zero.remote(self._name, refs, self._timeout_s)
@@ -102,16 +106,18 @@ class LearnerGroup:
     """``ranks`` learner actors as one (see the module docstring); ``handles[r]`` is rank r. The
     actors and their placement group end with the driver's Ray session."""
 
-    def __init__(self, handles: list, placement: Any, timeout_s: float = 600.0) -> None:
+    def __init__(self, handles: list, placement: Any, timeout_s: float = 600.0, sharded: bool = False) -> None:
         self.handles = handles
         self.placement = placement
         self.timeout_s = timeout_s
         """Seconds the other ranks may take after the first answered (then the call fails, naming them)."""
+        self.every_rank = EVERY_SHARDED_RANK if sharded else EVERY_RANK
+        """The methods that go to every rank."""
 
     def __getattr__(self, name: str) -> _Call:
         if name.startswith("_"):
             raise AttributeError(name)
-        return _Call(self.handles, name, self.timeout_s)
+        return _Call(self.handles, name, self.timeout_s, self.every_rank)
 
 
 def _bundle(config: TrainConfig) -> dict[str, float]:
@@ -160,5 +166,6 @@ def start_learner(config: TrainConfig, name: str, namespace: str, args: tuple, p
     address = ray.get(handles[0].rendezvous_address.remote())
     ray.get([handle.join.remote(address, rank, ranks, config.learner.collective_timeout_s)
              for rank, handle in enumerate(handles)])
-    logger.info("learner: %d ranks data-parallel, process group at %s", ranks, address)
-    return LearnerGroup(handles, placement, timeout_s=config.learner.collective_timeout_s + 60.0)
+    sharded = config.learner.sharding == "fsdp"
+    logger.info("learner: %d ranks data-parallel (%s), process group at %s", ranks, config.learner.sharding, address)
+    return LearnerGroup(handles, placement, timeout_s=config.learner.collective_timeout_s + 60.0, sharded=sharded)

@@ -200,6 +200,10 @@ def check_resume_checkpoint(config: TrainConfig, run_dir: Path) -> None:
     if saved_ranks is not None and saved_ranks != ranks:
         raise PreflightError(f"--resume {run_dir}: checkpoint {name} was written by {saved_ranks} learner ranks, the config "
                              f"asks learner.ranks={ranks}; resume with --set learner.ranks={saved_ranks}")
+    saved_sharding, sharding = driver.get("learner_sharding", "replicate"), config.learner.sharding
+    if saved_sharding != sharding:
+        raise PreflightError(f"--resume {run_dir}: checkpoint {name} was written with learner.sharding={saved_sharding}, the "
+                             f"config asks {sharding}; resume with --set learner.sharding={saved_sharding}")
     lora = config.policy.lora
     shapes = {key: shape for key, shape in safetensors_shapes(path / "adapter_model.safetensors").items() if LORA_KEY.match(key)}
     saved_rank = sorted({shape[0] for shape in shapes.values()})

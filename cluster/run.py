@@ -272,7 +272,7 @@ class Run:
         and the learner's rank count (``--resume`` refuses another)."""
         return {"tasks": self.tasks.state_dict(), "trained_ids": sorted(self.trained_ids),
                 "counters": dict(self.counters), "evaluations": self.evaluations,
-                "learner_ranks": self.config.learner.ranks}
+                "learner_ranks": self.config.learner.ranks, "learner_sharding": self.config.learner.sharding}
 
     def _load_driver_state(self, state: dict) -> None:
         self.step = int(state["step"])

@@ -43,25 +43,31 @@ class LearnerService:
 
     def join(self, init_method: str, rank: int, world_size: int, timeout_s: float) -> int:
         """Join the learner ranks' process group (NCCL on CUDA, gloo on CPU) and train data-parallel
-        from now on (:mod:`editrl.learner.data_parallel`); a collective that waits longer than
-        ``timeout_s`` (a rank died) raises. Returns ``rank``."""
+        from now on (:mod:`editrl.learner.data_parallel`), sharded with FSDP2 when
+        ``learner.sharding`` is ``fsdp``; a collective that waits longer than ``timeout_s`` (a
+        rank died) raises. Returns ``rank``."""
         backend = "nccl" if self.learner.policy.device.type == "cuda" else "gloo"
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=timeout_s))
         self.learner.data_parallel = DataParallel.from_default_group()
+        if self.learner.config.sharding == "fsdp":
+            self.learner.shard()
         return rank
 
     def train_step(self, groups: list[Group]) -> dict:
         """One update; see :meth:`editrl.learner.learner.Learner.train_step`."""
         return self.learner.train_step(groups)
 
-    def publish(self) -> list:
+    def publish(self) -> list | None:
         """``[ref, policy_version, checksum]``: the adapter weights packed into one
         flat fp32 buffer (:class:`editrl.policy.policy.PackedAdapter`) and put in the object
         store once by the learner itself (they travel learner -> workers, not through
         the driver; Ray ships the buffer without pickling tensors), with the version
-        and the checksum the workers verify (computed once, here)."""
+        and the checksum the workers verify (computed once, here). Every rank of a sharded
+        learner calls it (the adapter is gathered); ranks other than 0 return None."""
         packed = self.learner.policy.pack_adapter()
+        if not self.learner.is_rank_zero:
+            return None
         return [ray.put(packed), self.learner.policy_version, adapter_checksum(packed)]
 
     def save_checkpoint(self, run_dir: str, step: int, driver_state: dict) -> str:

@@ -6,10 +6,15 @@ Layout of a run directory::
                                learner.pt                 (optimizer, RNG, policy version; tensors and
                                                           plain containers only, loaded with weights_only=True)
                                driver.json                (step, data cursor, counters)
+                               optimizer_shards/          (``learner.sharding: fsdp`` only: each rank's
+                                                          AdamW shard, torch.distributed.checkpoint)
     checkpoints/latest         name of the newest complete checkpoint
 
 A checkpoint is written into a temporary folder and renamed into place, then
-``latest`` is replaced atomically: a crash leaves the previous one intact.
+``latest`` is replaced atomically: a crash leaves the previous one intact. A sharded
+learner's ranks all call :func:`save_checkpoint` and :func:`load_checkpoint` (the adapter
+is gathered, the optimizer shards written and read by every rank into one folder, so the
+run directory must be on storage they all see); rank 0 writes the rest and renames.
 """
 from __future__ import annotations
 
@@ -22,16 +27,26 @@ import tempfile
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
 logger = logging.getLogger(__name__)
 
 
+OPTIMIZER_SHARDS = "optimizer_shards"
+"""The folder of a sharded learner's optimizer state in a checkpoint."""
+SHARDED = {"sharded": OPTIMIZER_SHARDS}
+"""``learner.pt``'s ``optimizer`` entry when the state is in :data:`OPTIMIZER_SHARDS`."""
+
+
 def learner_state(learner) -> dict:
     """Everything of a :class:`editrl.learner.learner.Learner` that an update changes, except
-    the adapter weights: optimizer state, the minibatch RNG and the policy version."""
+    the adapter weights: optimizer state (a pointer to its shards for a sharded learner),
+    the minibatch RNG and the policy version."""
     return {
-        "optimizer": learner.optimizer.state_dict(),
+        "optimizer": SHARDED if learner.sharded else learner.optimizer.state_dict(),
         "generator": learner.generator.get_state(),
         "policy_version": learner.policy_version,
         "torch_rng": torch.get_rng_state(),
@@ -52,10 +67,22 @@ def save_checkpoint(run_dir: Path, step: int, learner, driver_state: dict, keep:
         The checkpoint folder.
     """
     root = run_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
-    save_file(learner.policy.adapter_state(), str(tmp / "adapter_model.safetensors"))
+    adapter = learner.policy.adapter_state()  # gathered on every rank of a sharded learner
+    if learner.sharded:
+        tmp = root / f".tmp-{final.name}"  # one name that every rank knows
+        if learner.is_rank_zero:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        state = {"optimizer": get_optimizer_state_dict(learner.policy.transformer, learner.optimizer)}
+        dcp.save(state, checkpoint_id=str(tmp / OPTIMIZER_SHARDS))  # returns once every rank's shard is written
+        if not learner.is_rank_zero:
+            return final
+    else:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    save_file(adapter, str(tmp / "adapter_model.safetensors"))
     torch.save(learner_state(learner), tmp / "learner.pt")
     (tmp / "driver.json").write_text(json.dumps({"step": step, **driver_state}))
     if final.exists():
@@ -113,12 +140,23 @@ def load_checkpoint(path: Path, learner) -> dict:
 
     Raises:
         FileNotFoundError: a file of the checkpoint is missing.
-        CheckpointError: ``learner.pt`` holds anything but tensors and plain containers.
+        CheckpointError: ``learner.pt`` holds anything but tensors and plain containers, or
+            the optimizer state was written with the other ``learner.sharding``.
         policy.policy.AdapterMismatchError: the adapter does not fit the policy.
     """
     learner.policy.load_adapter_state(load_file(str(path / "adapter_model.safetensors")))
     state = load_learner_state(path / "learner.pt")
-    learner.optimizer.load_state_dict(state["optimizer"])
+    saved_sharded = state["optimizer"] == SHARDED
+    if saved_sharded != learner.sharded:
+        raise CheckpointError(f"{path} holds the optimizer state of a {'sharded' if saved_sharded else 'replicated'} learner; "
+                              f"resume with learner.sharding={'fsdp' if saved_sharded else 'replicate'}")
+    if learner.sharded:
+        optimizer = get_optimizer_state_dict(learner.policy.transformer, learner.optimizer)  # this rank's layout
+        shards = {"optimizer": optimizer}
+        dcp.load(shards, checkpoint_id=str(path / OPTIMIZER_SHARDS))
+        set_optimizer_state_dict(learner.policy.transformer, learner.optimizer, shards["optimizer"])
+    else:
+        learner.optimizer.load_state_dict(state["optimizer"])
     learner.generator.set_state(state["generator"])
     learner.policy_version = state["policy_version"]
     torch.set_rng_state(state["torch_rng"])

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class LearnerConfig(BaseModel):
@@ -74,10 +74,29 @@ class LearnerConfig(BaseModel):
     ranks: int = Field(1, ge=1)
     """Learner processes training data-parallel (one Ray actor each, placed by a placement group
     of one bundle per rank with ``runtime.learner_num_cpus``/``_gpus``/``_resources``, packed):
-    each trains every ``ranks``-th group of a minibatch and the gradients are summed before
-    each optimizer step; rank 0 publishes the adapter and writes checkpoints (the adapter and
-    optimizer state are the same on every rank). ``--resume`` needs the same count."""
+    the minibatch's work items (group, trained steps, sample range: :mod:`editrl.learner.work`)
+    are split round-robin and the gradients are summed before each optimizer step. With
+    ``sharding: replicate`` rank 0 publishes the adapter and writes checkpoints (the adapter and
+    optimizer state are the same on every rank); with ``fsdp`` every rank takes part.
+    ``--resume`` needs the same count and sharding."""
+    sharding: Literal["replicate", "fsdp"] = "replicate"
+    """With ``ranks > 1``: ``replicate`` keeps the whole DiT, adapter and optimizer on every rank
+    and all-reduces the LoRA gradients; ``fsdp`` shards them with FSDP2 (``fully_shard`` per
+    transformer block, :mod:`editrl.learner.sharding`): each rank holds 1/ranks of the weights,
+    the adapter's fp32 master weights and the AdamW state, gathers one block at a time, and
+    checkpoints write the optimizer state as per-rank shards (torch.distributed.checkpoint;
+    the run directory must be on storage every learner node sees)."""
+    fsdp_param_dtype: Literal["float32", "bfloat16"] | None = None
+    """``sharding: fsdp``: the dtype parameters are gathered in for compute (FSDP2 mixed
+    precision; gradients are always reduced in fp32); None is the DiT's weight dtype
+    (``policy.dtype``)."""
     collective_timeout_s: float = Field(600.0, gt=0)
     """With ``ranks > 1``: seconds a rank waits in a collective (a peer died or hangs) before it fails."""
     torch_threads: int = Field(2, ge=1)
     """CPU threads of the learner process."""
+
+    @model_validator(mode="after")
+    def _sharding_needs_ranks(self) -> "LearnerConfig":
+        if self.sharding == "fsdp" and self.ranks < 2:
+            raise ValueError(f"learner.sharding=fsdp shards over learner ranks: needs learner.ranks >= 2, got {self.ranks}")
+        return self

@@ -5,6 +5,7 @@ import json
 import logging
 import math
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +16,9 @@ from editrl.learner.advantages import group_advantages
 from editrl.learner.config import LearnerConfig
 from editrl.learner.data_parallel import DataParallel
 from editrl.learner.loss import ObjectiveStats, edit_grpo_objective
+from editrl.learner.sharding import shard_transformer
+from editrl.learner.work import StepParts, WorkItem, items_per_rank, merge_parts, pool_steps, rank_items, work_items
+from editrl.policy.adapter import full_value
 from editrl.policy.lora_export import export_diffusers_lora
 from editrl.policy.policy import EditPolicy
 from editrl.policy.sampling import policy_steps
@@ -73,14 +77,45 @@ class Learner:
         self.config = config
         self.data_parallel = data_parallel
         """None: one rank; else this rank's place (:mod:`editrl.learner.data_parallel`)."""
+        self.sharded = False
+        """True once :meth:`shard` put the DiT, adapter and optimizer state on FSDP2 shards."""
         self.params = policy.lora_parameters()
-        self.optimizer = torch.optim.AdamW(
-            self.params, lr=config.learning_rate, weight_decay=config.weight_decay, betas=config.adam_betas
-        )
+        self.optimizer = self._optimizer()
         self.policy_version = 0
         self.generator = torch.Generator().manual_seed(seed)
         # reward-config versions of the last update's groups (one, unless a swap happened mid-step)
         self.last_reward_config_versions: list[str] = []
+
+    def _optimizer(self) -> torch.optim.AdamW:
+        cfg = self.config
+        return torch.optim.AdamW(self.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=cfg.adam_betas)
+
+    def shard(self) -> int:
+        """Shard the DiT and the adapter over the data-parallel ranks with FSDP2
+        (:func:`editrl.learner.sharding.shard_transformer`, parameters gathered in
+        ``fsdp_param_dtype``) and rebuild the optimizer on the shards. Every rank calls it,
+        before the first update. Returns the number of sharded blocks.
+
+        Raises:
+            RuntimeError: no data-parallel group, already sharded, or the optimizer already stepped.
+        """
+        dp = self.data_parallel
+        if dp is None or self.sharded or self.optimizer.state:
+            raise RuntimeError("shard() needs a data-parallel group and an unsharded learner before its first update")
+        dtype = getattr(torch, self.config.fsdp_param_dtype or self.policy.config.dtype)
+        blocks = shard_transformer(self.policy.transformer, dp.world_size, self.policy.device.type, dtype)
+        self.policy.adapter.rebind(self.policy.transformer)
+        self.params = self.policy.lora_parameters()
+        self.optimizer = self._optimizer()
+        self.sharded = True
+        logger.info("learner rank %d: DiT sharded over %d ranks (%d FSDP2 blocks, parameters gathered in %s)",
+                    dp.rank, dp.world_size, blocks, dtype)
+        return blocks
+
+    @property
+    def is_rank_zero(self) -> bool:
+        """True for the only rank or rank 0 (the one that writes files and publishes)."""
+        return self.data_parallel is None or self.data_parallel.rank == 0
 
     def train_step(self, groups: list[Group]) -> dict[str, float]:
         """One Edit-GRPO update (VIVA eq. 5-6) on complete groups.
@@ -121,26 +156,17 @@ class Learner:
         total = GradientStats()
         onpolicy_errors: list[float] = []
         grad_norms = []
-        dp = self.data_parallel
         for index, minibatch in enumerate(minibatches):
             self.optimizer.zero_grad(set_to_none=True)
-            mine = dp.shard(minibatch) if dp is not None else minibatch
-            num_terms = sum(sum(groups[i].sampler.stochastic) for i in minibatch)  # the whole minibatch's
-            stats = (self.accumulate_gradients([groups[i] for i in mine], advantages[mine], num_terms=num_terms)
-                     if mine else GradientStats())
-            errors = [e for i, e in zip(mine, stats.ratio_error_per_group)
-                      if groups[i].policy_version == self.policy_version and not math.isnan(e)]
-            if dp is not None:
-                dp.sum_gradients(self.params)
-                gathered = dp.gather((stats, errors))
-                stats = GradientStats()
-                for part, _ in gathered:
-                    stats.merge(part)
-                errors = [e for _, part_errors in gathered for e in part_errors]
+            chosen = [groups[i] for i in minibatch]
+            stats = self._minibatch_gradients(chosen, advantages[minibatch])
+            errors = [e for group, e in zip(chosen, stats.ratio_error_per_group)
+                      if group.policy_version == self.policy_version and not math.isnan(e)]
             if index == 0:
                 onpolicy_errors = errors
             total.merge(stats)
-            grad_norms.append(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm).item())
+            norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+            grad_norms.append(float(full_value(norm)))
             self.optimizer.step()
         self.policy_version += 1
         zero_spread = int((rewards.std(dim=1) == 0).sum())
@@ -173,74 +199,97 @@ class Learner:
             logger.info("%d of %d groups have equal rewards and carry no policy-gradient signal", zero_spread, len(groups))
         return metrics
 
-    def accumulate_gradients(self, groups: list[Group], advantages: torch.Tensor, num_terms: int | None = None) -> GradientStats:
-        """Add the gradient of one minibatch's loss to the LoRA parameters' ``.grad``.
+    def accumulate_gradients(self, groups: list[Group], advantages: torch.Tensor) -> GradientStats:
+        """Add the gradient of one minibatch's loss to the LoRA parameters' ``.grad``, in this process.
 
         The loss is the mean over the minibatch's (group, stochastic step) terms of
         :func:`editrl.learner.loss.edit_grpo_objective`. Each group's log-probs are
         recomputed with the sampler it was sampled with (``group.sampler``), never
-        with the learner's own settings. ``timesteps_per_forward`` steps of a
-        trajectory share one batched forward and backward; the loss and gradients
-        equal the per-step loop's up to float rounding. The samples of a group go
-        through forward and backward ``micro_batch_samples`` at a time, each
-        micro-batch's loss weighted by its share of the group (the objective is a mean
-        over samples), so the gradient is the whole group's up to float rounding; the
-        DiT's blocks are checkpointed as ``activation_checkpointing`` says.
+        with the learner's own settings. The work goes through forward and backward one
+        work item at a time (:func:`editrl.learner.work.work_items`: up to
+        ``timesteps_per_forward`` steps of ``micro_batch_samples`` samples), each item's
+        loss weighted by its share of the group's samples, so the gradient is the whole
+        minibatch's up to float rounding; the DiT's blocks are checkpointed as
+        ``activation_checkpointing`` says.
 
         Args:
             groups: the minibatch's groups.
             advantages: ``(len(groups), G)`` fp32.
-            num_terms: the (group, step) terms the loss is averaged over; None is these
-                groups' (a data-parallel rank passes its whole minibatch's).
 
         Raises:
             ValueError: no stochastic step in any group, or ``ratio_norm =
                 grpo_guard`` with a group that has no recorded means.
         """
+        items, num_terms = self._work(groups)
+        return self._gradient_stats(groups, self._run_items(groups, advantages, items, num_terms))
+
+    def _work(self, groups: list[Group]) -> tuple[list[WorkItem], int]:
+        """The minibatch's work items and its (group, step) term count, after checking the groups."""
         cfg = self.config
-        stats = GradientStats()
-        local_terms = sum(sum(g.sampler.stochastic) for g in groups)
-        num_terms = num_terms if num_terms is not None else local_terms
-        if local_terms == 0:
+        num_terms = sum(sum(g.sampler.stochastic) for g in groups)
+        if num_terms == 0:
             raise ValueError("no stochastic (trained) step in these groups")
+        if cfg.ratio_norm == "grpo_guard":
+            for group in groups:
+                if group.means is None:
+                    raise ValueError(f"ratio_norm=grpo_guard needs the transition means of group {group.task.group_id}")
+        items = work_items([g.sampler.stochastic for g in groups], [g.latents.shape[0] for g in groups],
+                           cfg.timesteps_per_forward, cfg.micro_batch_samples)
+        return items, num_terms
+
+    def _minibatch_gradients(self, groups: list[Group], advantages: torch.Tensor) -> GradientStats:
+        """:meth:`accumulate_gradients` over the data-parallel ranks: each rank runs its share of
+        the work items (a sharded rank with fewer pads with zero-weight repeats), the gradients
+        are summed (all-reduce when replicated, FSDP2's reduce-scatter when sharded) and every
+        rank gets every rank's statistics."""
+        dp = self.data_parallel
+        if dp is None:
+            return self.accumulate_gradients(groups, advantages)
+        items, num_terms = self._work(groups)
+        mine = rank_items(items, dp.rank, dp.world_size)
+        padding = [items[0]] * (items_per_rank(len(items), dp.world_size) - len(mine)) if self.sharded else []
+        parts = self._run_items(groups, advantages, mine, num_terms, padding)
+        if not self.sharded:
+            dp.sum_gradients(self.params)
+        return self._gradient_stats(groups, merge_parts(dp.gather(parts)))
+
+    def _run_items(self, groups: list[Group], advantages: torch.Tensor, items: list[WorkItem], num_terms: int,
+                   padding: list[WorkItem] = ()) -> StepParts:
+        """Forward and backward of each item (loss divided by ``num_terms``), then of each
+        ``padding`` item with weight 0 (collectives only); the items' statistics."""
+        cfg = self.config
         ratio_norm = cfg.ratio_norm == "grpo_guard"
-        for group, group_advantages_ in zip(groups, advantages):
-            if ratio_norm and group.means is None:
-                raise ValueError(f"ratio_norm=grpo_guard needs the transition means of group {group.task.group_id}")
-            steps = [t for t, stochastic in enumerate(group.sampler.stochastic) if stochastic]
-            if not steps:
-                logger.warning("group %s has no stochastic step; it is not trained", group.task.group_id)
-                stats.ratio_error_per_group.append(float("nan"))
-                continue
-            group_error = 0.0
-            sigmas = group.sampler.sigmas
-            size = group.latents.shape[0]
-            micro = cfg.micro_batch_samples or size
+        parts: StepParts = defaultdict(list)
+        for item, weight in [(item, 1.0) for item in items] + [(item, 0.0) for item in padding]:
+            group, group_advantages_ = groups[item.group], advantages[item.group]
+            rows = slice(*item.rows)
             self._set_checkpointing(self.policy.tokens_per_sequence(group.latents.shape[-3:]))
-            for first in range(0, len(steps), cfg.timesteps_per_forward):
-                chunk = steps[first : first + cfg.timesteps_per_forward]
-                parts: list[list[ObjectiveStats]] = [[] for _ in chunk]
-                for start in range(0, size, micro):
-                    rows = slice(start, min(start + micro, size))
-                    share = (rows.stop - rows.start) / size  # the micro-batch's weight in the group's sample mean
-                    outs, ref_means = self._forward(group, chunk, rows)
-                    chunk_loss = None
-                    for j, (t, out) in enumerate(zip(chunk, outs)):
-                        device = out.log_prob.device
-                        loss, term = edit_grpo_objective(
-                            out.log_prob, group.log_probs[rows, t].to(device), group_advantages_[rows].to(device),
-                            out.mean, group.means[rows, t].to(device) if ratio_norm else None,
-                            None if ref_means is None else ref_means[j], out.std, sigmas[t + 1] - sigmas[t],
-                            cfg.clip_range, cfg.kl_coef, ratio_norm=ratio_norm, reweight=ratio_norm and cfg.grpo_guard_reweight,
-                        )
-                        chunk_loss = loss * share if chunk_loss is None else chunk_loss + loss * share
-                        parts[j].append(term)
-                    (chunk_loss / num_terms).backward()
-                for step_parts in parts:
-                    term = ObjectiveStats.pooled(step_parts)
-                    stats.add(term)
-                    group_error = max(group_error, (term.log_ratio.exp() - 1.0).abs().max().item())
-            stats.ratio_error_per_group.append(group_error)
+            outs, ref_means = self._forward(group, list(item.steps), rows)
+            item_loss = None
+            for j, (t, out) in enumerate(zip(item.steps, outs)):
+                device = out.log_prob.device
+                loss, term = edit_grpo_objective(
+                    out.log_prob, group.log_probs[rows, t].to(device), group_advantages_[rows].to(device),
+                    out.mean, group.means[rows, t].to(device) if ratio_norm else None,
+                    None if ref_means is None else ref_means[j], out.std, group.sampler.sigmas[t + 1] - group.sampler.sigmas[t],
+                    cfg.clip_range, cfg.kl_coef, ratio_norm=ratio_norm, reweight=ratio_norm and cfg.grpo_guard_reweight,
+                )
+                item_loss = loss * item.share if item_loss is None else item_loss + loss * item.share
+                if weight:
+                    parts[(item.group, t)].append((item.rows[0], term))
+            (item_loss * (weight / num_terms)).backward()
+        return dict(parts)
+
+    def _gradient_stats(self, groups: list[Group], parts: StepParts) -> GradientStats:
+        """The minibatch's statistics from its items' (:func:`editrl.learner.work.pool_steps`)."""
+        terms, errors = pool_steps(parts)
+        stats = GradientStats()
+        for term in terms.values():
+            stats.add(term)
+        for index, group in enumerate(groups):
+            if index not in errors:
+                logger.warning("group %s has no stochastic step; it is not trained", group.task.group_id)
+        stats.ratio_error_per_group = [errors.get(index, float("nan")) for index in range(len(groups))]
         return stats
 
     def _set_checkpointing(self, tokens: int) -> None:
@@ -281,14 +330,17 @@ class Learner:
         ``load_lora_weights`` reads (``pytorch_lora_weights.safetensors``, see
         :func:`editrl.policy.lora_export.export_diffusers_lora`), and ``editrl_adapter.json``
         with the policy version and the denoising steps the adapter acts on
-        (``active_steps``, null for all); return the directory."""
+        (``active_steps``, null for all); return the directory. A sharded learner's ranks
+        all call it (the adapter is gathered); rank 0 writes."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         state = self.policy.adapter_state()
+        if not self.is_rank_zero:
+            return directory
+        directory.mkdir(parents=True, exist_ok=True)
         save_file(state, str(directory / "adapter_model.safetensors"), metadata={"format": "pt", "policy_version": str(self.policy_version)})
         peft_config = self.policy.transformer.peft_config["default"]
         peft_config.save_pretrained(str(directory))
-        export_diffusers_lora(self.policy, directory)
+        export_diffusers_lora(self.policy, directory, state)
         (directory / "editrl_adapter.json").write_text(json.dumps(
             {"policy_version": self.policy_version, "active_steps": self.policy.config.lora.active_steps}
         ))

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from peft import LoraConfig
+from torch.distributed.tensor import DTensor, distribute_tensor
 from peft.utils import get_peft_model_state_dict
 
 from editrl.policy.config import LoraSettings
@@ -19,6 +20,12 @@ ADAPTER_NAME = "default"
 
 class AdapterMismatchError(RuntimeError):
     """Adapter weights that do not fit the policy's LoRA modules."""
+
+
+def full_value(param: torch.Tensor) -> torch.Tensor:
+    """A parameter's whole value: a parameter sharded by FSDP2 (a ``DTensor``) is
+    all-gathered, a collective every rank of its mesh must call at the same point."""
+    return param.full_tensor() if isinstance(param, DTensor) else param
 
 
 def lora_target_regex(names: list[str], attention: tuple[str, ...] = ("self", "cross")) -> str:
@@ -64,7 +71,10 @@ class AdapterIndex:
     The keys, shapes and module count never change after the adapter is
     attached, so publishing and loading walk this index (one entry per LoRA
     matrix) instead of the whole model's state dict: their cost depends on the
-    adapter's size, not the model's.
+    adapter's size, not the model's. When the transformer's parameters are replaced
+    (FSDP2 sharding), :meth:`rebind` points the index at the new ones; on sharded
+    parameters :meth:`state` and :meth:`pack` all-gather and :meth:`load` keeps each
+    rank's shard, so every rank must call them together.
 
     Args:
         transformer: the DiT with the adapter attached (peft).
@@ -77,33 +87,50 @@ class AdapterIndex:
     """
 
     def __init__(self, transformer: torch.nn.Module, adapter_name: str, num_modules: int):
-        by_pointer = {p.data_ptr(): p for n, p in transformer.named_parameters() if "lora_" in n}
+        by_pointer = {p.data_ptr(): (n, p) for n, p in transformer.named_parameters() if "lora_" in n}
         state = get_peft_model_state_dict(transformer, adapter_name=adapter_name)
         keys = tuple(sorted(state))
-        params = []
+        named = []
         for key in keys:
-            param = by_pointer.get(state[key].data_ptr())
-            if param is None:
+            entry = by_pointer.get(state[key].data_ptr())
+            if entry is None:
                 raise AdapterMismatchError(f"adapter key {key} is not a LoRA parameter of the transformer")
-            params.append(param)
+            named.append(entry)
         self.keys = keys
-        self.params = tuple(params)
-        self.shapes = tuple(tuple(p.shape) for p in params)
-        self.offsets = tuple(np.cumsum([0] + [p.numel() for p in params]).tolist())
+        self.names = tuple(name for name, _ in named)
+        """The transformer's parameter name of each key."""
+        self.params = tuple(param for _, param in named)
+        self.shapes = tuple(tuple(p.shape) for p in self.params)
+        self.offsets = tuple(np.cumsum([0] + [p.numel() for p in self.params]).tolist())
         modules = _adapter_modules(keys)
         if modules != num_modules:
             raise AdapterMismatchError(f"adapter covers {modules} modules, policy has {num_modules}")
 
+    def rebind(self, transformer: torch.nn.Module) -> None:
+        """Point the index at ``transformer``'s parameters of the same names (after FSDP2's
+        ``fully_shard`` replaced them by sharded ones).
+
+        Raises:
+            AdapterMismatchError: a LoRA parameter of the index is no longer there.
+        """
+        by_name = dict(transformer.named_parameters())
+        missing = [name for name in self.names if name not in by_name]
+        if missing:
+            raise AdapterMismatchError(f"LoRA parameters {missing[:3]} are no longer parameters of the transformer")
+        self.params = tuple(by_name[name] for name in self.names)
+
     def state(self) -> dict[str, torch.Tensor]:
         """The adapter's weights in peft's key format (keys sorted), as contiguous CPU fp32 copies."""
-        return {k: p.detach().to("cpu", torch.float32, copy=True).contiguous() for k, p in zip(self.keys, self.params)}
+        with torch.no_grad():
+            return {k: full_value(p).detach().to("cpu", torch.float32, copy=True).contiguous()
+                    for k, p in zip(self.keys, self.params)}
 
     def pack(self) -> "PackedAdapter":
         """The adapter's weights as one flat CPU fp32 buffer (see :class:`PackedAdapter`):
         what the learner publishes (one buffer travels through Ray's object store
         without a copy per tensor and is checksummed in one pass)."""
         with torch.no_grad():
-            flat = torch.cat([p.detach().reshape(-1) for p in self.params])
+            flat = torch.cat([full_value(p).detach().reshape(-1) for p in self.params])
         return PackedAdapter(keys=self.keys, shapes=self.shapes, values=flat.to("cpu", torch.float32).numpy())
 
     def load(self, state: "dict[str, torch.Tensor] | PackedAdapter", checksum: str | None = None) -> None:
@@ -128,7 +155,7 @@ class AdapterIndex:
                 self._copy_packed(state.values)
             else:
                 for key, param in zip(keys, self.params):
-                    param.copy_(state[key])
+                    param.copy_(_like(param, state[key]))
 
     def check(self, state: "dict[str, torch.Tensor] | PackedAdapter", checksum: str | None = None) -> tuple[str, ...]:
         """Verify that ``state`` fits this adapter, without loading it.
@@ -171,13 +198,21 @@ class AdapterIndex:
         """Copy a flat fp32 buffer (possibly a read-only view of Ray's object store)
         into the LoRA parameters, slice by slice in key order."""
         offsets, params = self.offsets, self.params
-        if all(p.device.type == "cpu" and p.dtype == torch.float32 for p in params):
+        if all(p.device.type == "cpu" and p.dtype == torch.float32 and not isinstance(p, DTensor) for p in params):
             for i, param in enumerate(params):  # numpy views of the parameters: no temporary tensors
                 param.detach().numpy().reshape(-1)[:] = values[offsets[i] : offsets[i + 1]]
             return
         flat = torch.from_numpy(np.array(values, dtype=np.float32, copy=True)).to(params[0].device)
         for i, param in enumerate(params):
-            param.copy_(flat[offsets[i] : offsets[i + 1]].view(param.shape))
+            param.copy_(_like(param, flat[offsets[i] : offsets[i + 1]].view(param.shape)))
+
+
+def _like(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value`` (a whole tensor) laid out as ``param``: this rank's shard of it for a sharded
+    parameter (no communication: every rank holds the whole value), else unchanged."""
+    if not isinstance(param, DTensor):
+        return value
+    return distribute_tensor(value.to(param.device, param.dtype), param.device_mesh, param.placements, src_data_rank=None)
 
 
 @dataclass(frozen=True)

@@ -48,8 +48,9 @@ def diffusers_lora_state(state: dict[str, torch.Tensor], rank: int, alpha: float
     return out
 
 
-def export_diffusers_lora(policy: EditPolicy, directory: str | Path) -> Path:
-    """Write the policy's adapter as ``<directory>/pytorch_lora_weights.safetensors``.
+def export_diffusers_lora(policy: EditPolicy, directory: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the policy's adapter (or ``state``, its weights in peft's key format, already
+    gathered) as ``<directory>/pytorch_lora_weights.safetensors``.
 
     A diffusers ``WanPipeline`` (or ``WanVACEPipeline`` for the ``vace`` kind) built
     from the same base weights loads it with ``pipe.load_lora_weights(directory)``.
@@ -62,7 +63,7 @@ def export_diffusers_lora(policy: EditPolicy, directory: str | Path) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     lora = policy.config.lora
-    state = diffusers_lora_state(policy.adapter_state(), lora.rank, lora.alpha)
+    state = diffusers_lora_state(policy.adapter_state() if state is None else state, lora.rank, lora.alpha)
     WanPipeline.save_lora_weights(directory, transformer_lora_layers=state, weight_name=LORA_WEIGHT_NAME)
     logger.info("exported %d LoRA modules to %s", len(state) // 2, directory / LORA_WEIGHT_NAME)
     return directory / LORA_WEIGHT_NAME

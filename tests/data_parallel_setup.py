@@ -1,6 +1,10 @@
 """The learner and groups of the data-parallel test, built identically in every process."""
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 from conftest import CORPUS, sample_group, tiny_policy_config
 
@@ -12,13 +16,36 @@ NUM_GROUPS = 3
 """Odd, so that two ranks get unequal shares (2 and 1 groups)."""
 
 
-def build_learner_and_groups(data_parallel=None):
+def build_learner_and_groups(data_parallel=None, **config):
     """A fresh tiny policy (seeded: the same LoRA initialisation everywhere), 3 groups sampled
-    from it (on-policy), and a learner with the KL term on."""
+    from it (on-policy), and a learner with the KL term on (``config``: more LearnerConfig fields)."""
     torch.set_num_threads(1)
     torch.manual_seed(0)
     policy = EditPolicy.from_config(tiny_policy_config(), CORPUS, seed=0)
     groups = [sample_group(policy, seed, torch.tensor([0.0, 1.0, 3.0, 2.0])) for seed in range(NUM_GROUPS)]
-    learner = Learner(policy, LearnerConfig(learning_rate=1e-2, kl_coef=0.1, torch_threads=1), seed=0,
+    learner = Learner(policy, LearnerConfig(**{"learning_rate": 1e-2, "kl_coef": 0.1, "torch_threads": 1, **config}), seed=0,
                       data_parallel=data_parallel)
     return learner, groups
+
+
+RANK_SCRIPT = Path(__file__).resolve().parent / "data_parallel_rank.py"
+
+
+def run_ranks(world: int, out: Path, mode: str = "replicate", timeout_s: float = 240.0) -> None:
+    """Run ``world`` processes of ``tests/data_parallel_rank.py`` in ``mode`` on a free port and wait
+    for them (killed if still running after ``timeout_s``); each must exit 0."""
+    from editrl.cluster.reward_process import free_port
+
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, str(RANK_SCRIPT), str(rank), str(world), str(port), str(out), mode],
+                              cwd=RANK_SCRIPT.parents[1], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in range(world)]
+    try:
+        outputs = [proc.communicate(timeout=timeout_s)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=15)
+    for rank, (proc, output) in enumerate(zip(procs, outputs)):
+        assert proc.returncode == 0, f"rank {rank} exited with {proc.returncode}:\n{output[-3000:]}"

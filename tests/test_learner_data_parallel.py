@@ -1,43 +1,21 @@
 """Two gloo ranks train like one: the same adapter after an update (fp32, relative error
 <= 1e-5), on-policy ratios exactly 1 on both ranks, and the same statistics. Real
 processes, real torch.distributed (gloo over TCP on 127.0.0.1)."""
-import logging
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from data_parallel_setup import build_learner_and_groups
+from data_parallel_setup import build_learner_and_groups, run_ranks
 
-from editrl.cluster.reward_process import free_port
 from editrl.learner.data_parallel import DataParallel
 
-RANK_SCRIPT = Path(__file__).resolve().parent / "data_parallel_rank.py"
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def _run_ranks(world: int, out: Path) -> None:
-    port = free_port()
-    procs = [subprocess.Popen([sys.executable, str(RANK_SCRIPT), str(rank), str(world), str(port), str(out)],
-                              cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for rank in range(world)]
-    try:
-        outputs = [proc.communicate(timeout=240)[0] for proc in procs]
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=15)
-    for rank, (proc, output) in enumerate(zip(procs, outputs)):
-        assert proc.returncode == 0, f"rank {rank} exited with {proc.returncode}:\n{output[-3000:]}"
 
 
 def test_two_gloo_ranks_give_the_one_rank_adapter(tmp_path):
-    _run_ranks(2, tmp_path)
+    run_ranks(2, tmp_path)
     learner, groups = build_learner_and_groups()
     expected_metrics = learner.train_step(groups)
     expected = learner.policy.adapter_state()
@@ -65,39 +43,6 @@ def test_each_rank_takes_every_world_sizeth_item():
     assert DataParallel(rank=2, world_size=3).shard([5, 6]) == []
     with pytest.raises(RuntimeError, match="not initialised"):
         DataParallel.from_default_group()
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_a_run_with_two_learner_ranks_trains_the_one_rank_adapter(tmp_path, caplog):
-    # sequential mode on CPU is deterministic: the same groups reach the learner in both runs
-    from safetensors.torch import load_file
-
-    from conftest import tiny_policy_config
-
-    from editrl.cluster.config import EvalConfig, RolloutConfig, RuntimeConfig, TrainConfig
-    from editrl.cluster.train import train
-    from editrl.learner.config import LearnerConfig
-
-    def config(ranks: int) -> TrainConfig:
-        return TrainConfig(
-            steps=2, prompts_per_step=3, group_size=2, policy=tiny_policy_config(),
-            learner=LearnerConfig(learning_rate=1e-2, torch_threads=1, ranks=ranks, collective_timeout_s=120),
-            rollout=RolloutConfig(num_workers=1, reward_timeout_s=30),
-            runtime=RuntimeConfig(mode="sequential", checkpoint_every=0, learner_num_cpus=0.5),
-            eval=EvalConfig(seeds_per_prompt=1, max_prompts=1, num_videos_saved=0),
-        )
-
-    with caplog.at_level(logging.INFO, logger="editrl.cluster.learner_group"):
-        summaries = {ranks: train(config(ranks), tmp_path / f"ranks{ranks}") for ranks in (1, 2)}
-    assert any(m.startswith("learner: 2 ranks data-parallel, process group at tcp://") for m in caplog.messages)
-    assert summaries[1]["policy_version"] == summaries[2]["policy_version"] == 2
-    adapters = {ranks: load_file(str(tmp_path / f"ranks{ranks}" / "adapter" / "adapter_model.safetensors")) for ranks in (1, 2)}
-    # relative error of the whole adapter (AdamW's normalised steps amplify the rounding of
-    # near-zero gradient entries, so single entries differ by up to ~1e-5 of the largest)
-    difference = sum(float(((adapters[2][k] - v) ** 2).sum()) for k, v in adapters[1].items()) ** 0.5
-    norm = sum(float((v**2).sum()) for v in adapters[1].values()) ** 0.5
-    assert norm > 0 and difference / norm <= 1e-5, difference / norm
 
 
 def test_ranks_the_cluster_cannot_place_are_refused_with_the_numbers(monkeypatch):

@@ -1,0 +1,139 @@
+"""The learner sharded with FSDP2 over two gloo ranks trains like one unsharded rank, and its
+checkpoints (the adapter gathered, the AdamW state as per-rank shards) resume exactly; whole
+runs with two replicated or sharded learner ranks (Ray, a reward server) end with the
+one-rank adapter, resumed or not. Real processes, real torch.distributed (gloo over TCP on
+127.0.0.1), real FSDP2."""
+import pytest
+import torch
+from data_parallel_rank import FSDP_CONFIG
+from data_parallel_setup import build_learner_and_groups, run_ranks
+
+from editrl.learner.checkpoint import SHARDED, load_learner_state
+from editrl.learner.config import LearnerConfig
+from editrl.learner.work import items_per_rank, pool_steps, rank_items, work_items
+
+
+def _relative_error(result: dict, expected: dict) -> float:
+    """||result - expected|| / ||expected|| over the whole adapter (an entry whose gradient is
+    tiny takes AdamW's first step g / (|g| + eps) with a large relative rounding error, so
+    single entries are not compared)."""
+    diff = sum(float((result[k] - v).pow(2).sum()) for k, v in expected.items())
+    return (diff / sum(float(v.pow(2).sum()) for v in expected.values())) ** 0.5
+
+
+@pytest.mark.timeout(300)
+def test_two_sharded_ranks_give_the_one_rank_adapter(tmp_path):
+    run_ranks(2, tmp_path, "fsdp")
+    learner, groups = build_learner_and_groups(**FSDP_CONFIG)
+    start = learner.policy.adapter_state()
+    expected_metrics = learner.train_step(groups)
+    expected = learner.policy.adapter_state()
+    assert expected_metrics["grad_norm"] > FSDP_CONFIG["max_grad_norm"]  # the clip acts, on the sharded norm too
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
+    for result in ranks:
+        assert sum(float((expected[k] - start[k]).abs().max()) for k in expected) > 0  # the update did something
+        error = _relative_error(result["adapter"], expected)
+        print(f"relative error of the sharded adapter: {error:.2e}")
+        assert error <= 1e-5
+        metrics = result["metrics"]
+        assert metrics["onpolicy_ratio_error"] == 0.0 and metrics["ratio_min"] == metrics["ratio_max"] == 1.0
+        assert metrics["train_terms"] == expected_metrics["train_terms"] == 9.0
+        for key in ("loss", "pg_loss", "kl_ref", "adv_mean", "adv_std", "grad_norm", "log_ratio_std"):
+            assert metrics[key] == pytest.approx(expected_metrics[key], rel=1e-5, abs=1e-7), key
+    assert all(torch.equal(ranks[0]["adapter"][k], ranks[1]["adapter"][k]) for k in expected)
+
+
+@pytest.mark.timeout(300)
+def test_a_sharded_learner_resumes_its_checkpoint_exactly(tmp_path):
+    run_ranks(2, tmp_path, "fsdp_resume")
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_000001"
+    assert load_learner_state(checkpoint / "learner.pt")["optimizer"] == SHARDED
+    shards = sorted(p.name for p in (checkpoint / "optimizer_shards").iterdir())
+    assert ".metadata" in shards and len([s for s in shards if s.endswith(".distcp")]) == 2, shards  # one file per rank
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        # the second update of the resumed learner is the uninterrupted one's, bit for bit: the AdamW
+        # moments, the step count and the minibatch RNG all came back from the shards
+        for key, value in result["adapter"].items():
+            assert torch.equal(result["resumed"][key], value), key
+        assert result["resumed_metrics"]["loss"] == result["second"]["loss"]
+        assert result["second"]["ratio_max"] != 1.0 or result["second"]["ratio_min"] != 1.0  # step 2 is off-policy
+
+
+def test_work_items_cover_every_sample_and_step_once_whatever_the_split():
+    # 2 groups: steps 0 and 2 stochastic (G = 5), step 1 only (G = 5); 2 steps per forward, 2 samples per forward
+    items = work_items([[True, False, True], [False, True, False]], [5, 5], timesteps_per_forward=2, micro_batch_samples=2)
+    # group 0: one chunk (0, 2) x rows (0,2) (2,4) (4,5); group 1: chunk (1,) x the same rows
+    assert [(i.group, i.steps, i.rows) for i in items] == [
+        (0, (0, 2), (0, 2)), (0, (0, 2), (2, 4)), (0, (0, 2), (4, 5)),
+        (1, (1,), (0, 2)), (1, (1,), (2, 4)), (1, (1,), (4, 5))]
+    assert [i.share for i in items[:3]] == [0.4, 0.4, 0.2]  # 2/5, 2/5, 1/5: sums to one group
+    for world in (1, 2, 4, 7):
+        split = [rank_items(items, r, world) for r in range(world)]
+        assert sorted((i for part in split for i in part), key=items.index) == items
+        assert max(map(len, split)) == items_per_rank(len(items), world)  # 6 items: 6, 3, 2, 1 per rank
+
+
+def test_pooled_statistics_do_not_depend_on_which_rank_ran_which_samples():
+    from editrl.learner.loss import ObjectiveStats
+
+    def part(values):
+        log_ratio = torch.tensor(values)
+        return ObjectiveStats(loss=float(log_ratio.mean()), pg_loss=0.0, kl_ref=0.0, ratio_mean=1.0, ratio_min=1.0,
+                              ratio_max=1.0, clip_frac=0.0, approx_kl=0.0, log_ratio=log_ratio)
+
+    # samples 0-1 (loss mean 0.5) and 2 (loss 3.0) of one step: pooled loss (2 x 0.5 + 1 x 3) / 3 = 4/3
+    one_order = {(0, 0): [(0, part([0.0, 1.0])), (2, part([3.0]))]}
+    other_order = {(0, 0): [(2, part([3.0])), (0, part([0.0, 1.0]))]}  # rank 1's range merged first
+    for parts in (one_order, other_order):
+        terms, errors = pool_steps(parts)
+        assert terms[(0, 0)].loss == pytest.approx(4 / 3)
+        assert terms[(0, 0)].log_ratio.tolist() == [0.0, 1.0, 3.0]  # sample order
+        assert errors[0] == pytest.approx(torch.tensor(3.0).exp().item() - 1.0)
+
+
+def test_fsdp_needs_more_than_one_rank():
+    with pytest.raises(ValueError, match="learner.sharding=fsdp .* needs learner.ranks >= 2, got 1"):
+        LearnerConfig(sharding="fsdp")
+    assert LearnerConfig(ranks=2, sharding="fsdp").fsdp_param_dtype is None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_runs_with_two_replicated_or_sharded_ranks_and_a_resumed_one_train_the_one_rank_adapter(tmp_path, caplog):
+    # sequential mode on CPU is deterministic: the same groups reach the learner in every run
+    import logging
+
+    from safetensors.torch import load_file
+
+    from conftest import tiny_policy_config
+    from editrl.cluster.config import EvalConfig, RolloutConfig, RuntimeConfig, TrainConfig
+    from editrl.cluster.train import train
+
+    def config(steps: int, **learner) -> TrainConfig:
+        return TrainConfig(
+            steps=steps, prompts_per_step=3, group_size=2, policy=tiny_policy_config(),
+            learner=LearnerConfig(learning_rate=1e-2, torch_threads=1, collective_timeout_s=120, **learner),
+            rollout=RolloutConfig(num_workers=1, reward_timeout_s=30),
+            runtime=RuntimeConfig(mode="sequential", checkpoint_every=1, learner_num_cpus=0.5),
+            eval=EvalConfig(seeds_per_prompt=1, max_prompts=1, num_videos_saved=0),
+        )
+
+    sharded = {"ranks": 2, "sharding": "fsdp"}
+    with caplog.at_level(logging.INFO, logger="editrl"):
+        train(config(2), tmp_path / "one")
+        train(config(2, ranks=2), tmp_path / "replicated")
+        train(config(2, **sharded), tmp_path / "sharded")
+        train(config(1, **sharded), tmp_path / "resumed")
+        summary = train(config(2, **sharded), tmp_path / "resumed", resume=True)
+    for sharding in ("replicate", "fsdp"):
+        assert any(m.startswith(f"learner: 2 ranks data-parallel ({sharding}), process group at tcp://") for m in caplog.messages)
+    assert summary["policy_version"] == 2
+    assert "resumed from step 1 (policy version 1)" in caplog.messages
+    checkpoint = tmp_path / "resumed" / "checkpoints" / "step_000002"
+    assert len(list((checkpoint / "optimizer_shards").glob("*.distcp"))) == 2
+    adapters = {name: load_file(str(tmp_path / name / "adapter" / "adapter_model.safetensors"))
+                for name in ("one", "replicated", "sharded", "resumed")}
+    assert _relative_error(adapters["replicated"], adapters["one"]) <= 1e-5
+    assert _relative_error(adapters["sharded"], adapters["one"]) <= 1e-5
+    assert _relative_error(adapters["resumed"], adapters["sharded"]) <= 1e-6
