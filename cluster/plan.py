@@ -139,10 +139,17 @@ def _learner(config: TrainConfig, sizes: ModelSizes, arch: Architecture, tokens:
     checkpointing = mode == "on" or (mode == "auto" and tokens >= learner.checkpointing_min_tokens)
     model = activation_model(arch, policy.lora, policy.dtype, policy.kind, policy.max_text_tokens)
     per_sequence = {on: model.peak_bytes(sizes, tokens, on) for on in (False, True)}
+    shards = learner.ranks if learner.sharding == "fsdp" else 1
+    weights = [Item("DiT weights", sizes.weight_bytes(policy.dtype), f"{count_text(sizes.dit)} parameters, {policy.dtype}"),
+               Item("LoRA adapter, gradient, AdamW state", 16 * sizes.lora, f"{count_text(sizes.lora)} parameters x 4 fp32 copies")]
+    if shards > 1:  # FSDP2: 1/ranks of each, plus the block computing and the next one prefetched, gathered
+        gathered = learner.fsdp_param_dtype or policy.dtype
+        weights = [Item(item.name, item.bytes / shards, f"1/{shards} shard of {item.note}") for item in weights]
+        weights.append(Item("gathered blocks", 2 * sizes.linear_per_block * DTYPE_BYTES[gathered],
+                            f"two blocks' linear weights in {gathered} (computing, prefetched)"))
     items = [
         Item("runtime", RUNTIME_BYTES[device]),
-        Item("DiT weights", sizes.weight_bytes(policy.dtype), f"{count_text(sizes.dit)} parameters, {policy.dtype}"),
-        Item("LoRA adapter, gradient, AdamW state", 16 * sizes.lora, f"{count_text(sizes.lora)} parameters x 4 fp32 copies"),
+        *weights,
         Item("groups of one update", config.prompts_per_step * group, f"{config.prompts_per_step} groups of {bytes_text(group)}"),
         Item("activations", sequences * per_sequence[checkpointing],
              f"{sequences} sequences of {tokens} tokens per micro-batch, checkpointing {'on' if checkpointing else 'off'}; "

@@ -109,6 +109,26 @@ def test_the_learner_estimate_is_within_25_percent_of_a_learner_process_peak_rss
     assert added[1] > 1.4 * added[0] and added[2] < 0.8 * added[1]  # grows with the tokens, checkpointing saves
 
 
+def test_a_sharded_learner_rank_holds_its_share_of_the_weights_and_two_gathered_blocks():
+    config = load_train_config(REPO_ROOT / "configs" / "wan21_14b_480p.yaml")  # 4 ranks, fsdp, bf16
+    assert config.learner.sharding == "fsdp" and config.learner.ranks == 4
+
+    def items(config):
+        learner = next(p for p in plan_run(config).processes if p.kind == "learner rank")
+        return {item.name: item.bytes for item in learner.items}, learner.peak
+
+    sharded, sharded_peak = items(config)
+    whole, whole_peak = items(config.model_copy(update={"learner": config.learner.model_copy(update={"sharding": "replicate"})}))
+    assert sharded["DiT weights"] == pytest.approx(whole["DiT weights"] / 4)
+    assert sharded["LoRA adapter, gradient, AdamW state"] == pytest.approx(whole["LoRA adapter, gradient, AdamW state"] / 4)
+    # a 14B block's linear weights: 8 attention projections 5120 x 5120 (209,715,200) + FFN 2 x 5120 x 13824
+    # (141,557,760) = 351,272,960 elements; two blocks in bf16: 4 x 351,272,960 bytes
+    assert sharded["gathered blocks"] == 4 * 351_272_960 and "gathered blocks" not in whole
+    # 26.67 GiB of weights + 3.12 GiB of LoRA state -> a quarter of each, plus 1.31 GiB gathered
+    assert whole_peak - sharded_peak == pytest.approx(0.75 * (whole["DiT weights"] + whole["LoRA adapter, gradient, AdamW state"])
+                                                      - 4 * 351_272_960)
+
+
 def _plan_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "editrl", "plan", *args], capture_output=True, text=True, cwd=REPO_ROOT,
                           env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, timeout=300)
