@@ -139,6 +139,7 @@ def _learner(config: TrainConfig, sizes: ModelSizes, arch: Architecture, tokens:
     checkpointing = mode == "on" or (mode == "auto" and tokens >= learner.checkpointing_min_tokens)
     model = activation_model(arch, policy.lora, policy.dtype, policy.kind, policy.max_text_tokens)
     per_sequence = {on: model.peak_bytes(sizes, tokens, on) for on in (False, True)}
+    split = learner.sequence_parallel  # Ulysses: every block's tensors hold 1/split of the tokens (of the heads in attention)
     shards = learner.ranks if learner.sharding == "fsdp" else 1
     weights = [Item("DiT weights", sizes.weight_bytes(policy.dtype), f"{count_text(sizes.dit)} parameters, {policy.dtype}"),
                Item("LoRA adapter, gradient, AdamW state", 16 * sizes.lora, f"{count_text(sizes.lora)} parameters x 4 fp32 copies")]
@@ -151,8 +152,9 @@ def _learner(config: TrainConfig, sizes: ModelSizes, arch: Architecture, tokens:
         Item("runtime", RUNTIME_BYTES[device]),
         *weights,
         Item("groups of one update", config.prompts_per_step * group, f"{config.prompts_per_step} groups of {bytes_text(group)}"),
-        Item("activations", sequences * per_sequence[checkpointing],
-             f"{sequences} sequences of {tokens} tokens per micro-batch, checkpointing {'on' if checkpointing else 'off'}; "
+        Item("activations", sequences * per_sequence[checkpointing] / split,
+             f"{sequences} sequences of {tokens} tokens per micro-batch{f', 1/{split} of each on this rank' if split > 1 else ''}, "
+             f"checkpointing {'on' if checkpointing else 'off'}; "
              f"per sequence {bytes_text(per_sequence[False])} without, {bytes_text(per_sequence[True])} with",
              phase="backward"),
     ]

@@ -128,6 +128,32 @@ def check_geometry(policy: PolicyConfig, factors: ModelFactors | None = None) ->
                              f"nearest {_nearest(policy.num_frames, step, offset=1)}")
 
 
+def check_sequence_parallel(config: TrainConfig, factors: ModelFactors | None = None) -> None:
+    """``learner.sequence_parallel`` k splits every sequence's tokens and the attention heads
+    k ways: k must divide both, and the model kind must have diffusers' context-parallel plan.
+
+    Raises:
+        PreflightError: naming the field, the numbers and the nearest degrees that work.
+    """
+    k, policy = config.learner.sequence_parallel, config.policy
+    if k == 1:
+        return
+    if policy.kind == "vace":
+        raise PreflightError(f"learner.sequence_parallel={k}: policy.kind=vace has no context-parallel plan in diffusers; use 1")
+    f = factors or model_factors(policy)
+    latent_frames = (policy.num_frames - 1) // f.temporal + 1
+    tokens = (latent_frames // f.patch[0]) * (policy.height // f.spatial // f.patch[1]) * (policy.width // f.spatial // f.patch[2])
+    if policy.checkpoint is None:
+        heads = policy.tiny.dit_heads
+    else:
+        heads = int(_read_json(checkpoint_dir(policy.checkpoint) / "transformer" / "config.json").get("num_attention_heads", 0))
+    for what, count in ((f"{tokens} tokens per sequence", tokens), (f"{heads} attention heads of the DiT", heads)):
+        if count % k:
+            works = [d for d in range(1, config.learner.ranks + 1) if config.learner.ranks % d == 0 and tokens % d == 0 and heads % d == 0]
+            raise PreflightError(f"learner.sequence_parallel={k} must divide the {what}; degrees that work with "
+                                 f"learner.ranks={config.learner.ranks}: {works}")
+
+
 def check_paths(config: TrainConfig) -> None:
     """The prompt tables and (when the run starts its own) the reward-server config exist.
 
@@ -310,6 +336,7 @@ def preflight(config: TrainConfig, run_dir: Path, resume: bool = False, overwrit
     if config.policy.checkpoint is not None:
         checkpoint_dir(config.policy.checkpoint)
     check_geometry(config.policy)
+    check_sequence_parallel(config)
     check_paths(config)
     if config.reward_server.url:
         check_reward_url(config.reward_server.url, config.reward_server.startup_timeout_s)

@@ -43,13 +43,16 @@ class LearnerService:
 
     def join(self, init_method: str, rank: int, world_size: int, timeout_s: float) -> int:
         """Join the learner ranks' process group (NCCL on CUDA, gloo on CPU) and train data-parallel
-        from now on (:mod:`editrl.learner.data_parallel`), sharded with FSDP2 when
-        ``learner.sharding`` is ``fsdp``; a collective that waits longer than ``timeout_s`` (a
+        from now on (:mod:`editrl.learner.data_parallel`), with sequences split over groups of
+        ``learner.sequence_parallel`` ranks and the DiT sharded with FSDP2 when ``learner.sharding``
+        is ``fsdp``; a collective that waits longer than ``timeout_s`` (a
         rank died) raises. Returns ``rank``."""
         backend = "nccl" if self.learner.policy.device.type == "cuda" else "gloo"
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=timeout_s))
-        self.learner.data_parallel = DataParallel.from_default_group()
+        self.learner.data_parallel = DataParallel.from_default_group(self.learner.config.sequence_parallel)
+        if self.learner.config.sequence_parallel > 1:
+            self.learner.split_sequences()
         if self.learner.config.sharding == "fsdp":
             self.learner.shard()
         return rank

@@ -86,6 +86,13 @@ class LearnerConfig(BaseModel):
     the adapter's fp32 master weights and the AdamW state, gathers one block at a time, and
     checkpoints write the optimizer state as per-rank shards (torch.distributed.checkpoint;
     the run directory must be on storage every learner node sees)."""
+    sequence_parallel: int = Field(1, ge=1)
+    """Ulysses sequence parallelism: groups of this many consecutive learner ranks run the same
+    work items, each on 1/k of every sequence's tokens (attention exchanges tokens for heads
+    with all-to-alls; diffusers' context parallelism for Wan), so activations per rank are
+    about 1/k; work is split over ``ranks / k`` groups. Must divide ``ranks`` and the DiT's
+    attention heads, and the tokens per sequence; not for ``policy.kind: vace`` (diffusers
+    has no plan for it). Combines with either ``sharding``."""
     fsdp_param_dtype: Literal["float32", "bfloat16"] | None = None
     """``sharding: fsdp``: the dtype parameters are gathered in for compute (FSDP2 mixed
     precision; gradients are always reduced in fp32); None is the DiT's weight dtype
@@ -99,4 +106,6 @@ class LearnerConfig(BaseModel):
     def _sharding_needs_ranks(self) -> "LearnerConfig":
         if self.sharding == "fsdp" and self.ranks < 2:
             raise ValueError(f"learner.sharding=fsdp shards over learner ranks: needs learner.ranks >= 2, got {self.ranks}")
+        if self.ranks % self.sequence_parallel:
+            raise ValueError(f"learner.sequence_parallel={self.sequence_parallel} must divide learner.ranks={self.ranks}")
         return self

@@ -16,8 +16,8 @@ from editrl.learner.advantages import group_advantages
 from editrl.learner.config import LearnerConfig
 from editrl.learner.data_parallel import DataParallel
 from editrl.learner.loss import ObjectiveStats, edit_grpo_objective
-from editrl.learner.sharding import shard_transformer
-from editrl.learner.work import StepParts, WorkItem, items_per_rank, merge_parts, pool_steps, rank_items, work_items
+from editrl.learner.sharding import shard_transformer, split_sequences
+from editrl.learner.work import StepParts, WorkItem, items_per_rank, merge_parts, pool_steps, work_items
 from editrl.policy.adapter import full_value
 from editrl.policy.lora_export import export_diffusers_lora
 from editrl.policy.policy import EditPolicy
@@ -111,6 +111,21 @@ class Learner:
         logger.info("learner rank %d: DiT sharded over %d ranks (%d FSDP2 blocks, parameters gathered in %s)",
                     dp.rank, dp.world_size, blocks, dtype)
         return blocks
+
+    def split_sequences(self) -> None:
+        """Ulysses sequence parallelism of degree ``learner.sequence_parallel`` over the ranks
+        (:func:`editrl.learner.sharding.split_sequences`); every rank calls it, before :meth:`shard`.
+
+        Raises:
+            RuntimeError: no data-parallel group of that degree.
+            ValueError: see :func:`editrl.learner.sharding.split_sequences`.
+        """
+        dp, degree = self.data_parallel, self.config.sequence_parallel
+        if dp is None or dp.sequence_parallel != degree or self.sharded:
+            raise RuntimeError(f"split_sequences() needs an unsharded data-parallel group with sequence_parallel={degree}")
+        split_sequences(self.policy.transformer, dp.world_size, degree, self.policy.device.type)
+        logger.info("learner rank %d: sequences split over %d ranks (sequence-parallel group %d of %d)",
+                    dp.rank, degree, dp.data_rank, dp.data_size)
 
     @property
     def is_rank_zero(self) -> bool:
@@ -246,8 +261,8 @@ class Learner:
         if dp is None:
             return self.accumulate_gradients(groups, advantages)
         items, num_terms = self._work(groups)
-        mine = rank_items(items, dp.rank, dp.world_size)
-        padding = [items[0]] * (items_per_rank(len(items), dp.world_size) - len(mine)) if self.sharded else []
+        mine = dp.shard(items)
+        padding = [items[0]] * (items_per_rank(len(items), dp.data_size) - len(mine)) if self.sharded else []
         parts = self._run_items(groups, advantages, mine, num_terms, padding)
         if not self.sharded:
             dp.sum_gradients(self.params)

@@ -65,11 +65,6 @@ def work_items(stochastic: list[list[bool]], group_sizes: list[int], timesteps_p
     return items
 
 
-def rank_items(items: list[WorkItem], rank: int, world_size: int) -> list[WorkItem]:
-    """Rank ``rank``'s items: every ``world_size``-th, from ``rank`` on (shares differ by at most one item)."""
-    return items[rank::world_size]
-
-
 def items_per_rank(num_items: int, world_size: int) -> int:
     """The most items any rank runs: sharded ranks all run this many forwards (padding
     with zero-weight repeats), since every forward of a sharded model is a collective."""

@@ -28,6 +28,22 @@ def build_learner_and_groups(data_parallel=None, **config):
     return learner, groups
 
 
+def train_step_saving(learner, groups) -> tuple[dict, int]:
+    """``learner.train_step(groups)`` and the bytes of the activations autograd kept for its
+    backwards (parameters are not counted)."""
+    total = 0
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        if not isinstance(tensor, torch.nn.Parameter):
+            total += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        metrics = learner.train_step(groups)
+    return metrics, total
+
+
 RANK_SCRIPT = Path(__file__).resolve().parent / "data_parallel_rank.py"
 
 

@@ -71,6 +71,22 @@ def test_geometry_that_the_model_cannot_take_is_named_with_the_nearest_valid_val
     assert not (tmp_path / "run").exists()  # nothing was created for a run that cannot start
 
 
+@pytest.mark.parametrize(("settings", "message"), [
+    # 40 x 40 pixels, 5 frames: latent 3 x 10 x 10, patches 1 x 2 x 2: 3 x 5 x 5 = 75 tokens
+    (["policy.height=40", "policy.width=40", "learner.ranks=2", "learner.sequence_parallel=2"],
+     "learner.sequence_parallel=2 must divide the 75 tokens per sequence; degrees that work with learner.ranks=2: [1]"),
+    (["learner.ranks=6", "learner.sequence_parallel=3"],
+     "learner.sequence_parallel=3 must divide the 2 attention heads of the DiT; degrees that work with learner.ranks=6: [1, 2]"),
+    (["policy.kind=vace", "learner.ranks=2", "learner.sequence_parallel=2"],
+     "learner.sequence_parallel=2: policy.kind=vace has no context-parallel plan in diffusers; use 1"),
+    (["learner.ranks=3", "learner.sequence_parallel=2"], "learner.sequence_parallel=2 must divide learner.ranks=3"),
+], ids=["tokens", "heads", "vace", "ranks"])
+def test_a_sequence_parallel_degree_that_cannot_split_the_work_is_refused_with_the_numbers(tmp_path, settings, message):
+    sets = [arg for setting in settings for arg in ("--set", setting)]
+    result = editrl("train", "--config", str(tiny_preset(tmp_path)), "--run-dir", str(tmp_path / "run"), *sets, cwd=tmp_path)
+    assert_fails_before_heavy_imports(result, message)
+
+
 def test_geometry_factors_are_read_from_a_checkpoints_config_files(tmp_path):
     # the bundled warm checkpoint (VAE with two downsamplings, one temporal; patch 1x2x2), read without diffusers
     result = editrl("train", "--run-dir", str(tmp_path / "run"), "--set", "policy.height=60", "--set", "policy.num_frames=5", cwd=ROOT)

@@ -41,6 +41,12 @@ def test_each_rank_takes_every_world_sizeth_item():
     assert DataParallel(rank=0, world_size=2).shard([5, 6, 7]) == [5, 7]
     assert DataParallel(rank=1, world_size=2).shard([5, 6, 7]) == [6]
     assert DataParallel(rank=2, world_size=3).shard([5, 6]) == []
+    # sequence parallelism of 2 over 4 ranks: ranks 2 and 3 are group 1 and run the same share
+    assert DataParallel(rank=2, world_size=4, sequence_parallel=2).shard([5, 6, 7]) == [6]
+    assert DataParallel(rank=3, world_size=4, sequence_parallel=2).shard([5, 6, 7]) == [6]
+    assert not DataParallel(rank=3, world_size=4, sequence_parallel=2).reports
+    with pytest.raises(ValueError, match="sequence_parallel=3 must divide the 4 ranks"):
+        DataParallel(rank=0, world_size=4, sequence_parallel=3)
     with pytest.raises(RuntimeError, match="not initialised"):
         DataParallel.from_default_group()
 

@@ -6,11 +6,12 @@ one-rank adapter, resumed or not. Real processes, real torch.distributed (gloo o
 import pytest
 import torch
 from data_parallel_rank import FSDP_CONFIG
-from data_parallel_setup import build_learner_and_groups, run_ranks
+from data_parallel_setup import build_learner_and_groups, run_ranks, train_step_saving
 
 from editrl.learner.checkpoint import SHARDED, load_learner_state
 from editrl.learner.config import LearnerConfig
-from editrl.learner.work import items_per_rank, pool_steps, rank_items, work_items
+from editrl.learner.data_parallel import DataParallel
+from editrl.learner.work import items_per_rank, pool_steps, work_items
 
 
 def _relative_error(result: dict, expected: dict) -> float:
@@ -22,14 +23,16 @@ def _relative_error(result: dict, expected: dict) -> float:
 
 
 @pytest.mark.timeout(300)
-def test_two_sharded_ranks_give_the_one_rank_adapter(tmp_path):
-    run_ranks(2, tmp_path, "fsdp")
+@pytest.mark.parametrize(("world", "mode"), [(2, "fsdp"), (2, "sp"), (4, "fsdp_sp")],
+                         ids=["fsdp", "sequence_parallel", "fsdp_and_sequence_parallel"])
+def test_sharded_or_sequence_parallel_ranks_give_the_one_rank_adapter(tmp_path, world, mode):
+    run_ranks(world, tmp_path, mode)
     learner, groups = build_learner_and_groups(**FSDP_CONFIG)
     start = learner.policy.adapter_state()
-    expected_metrics = learner.train_step(groups)
+    expected_metrics, saved_bytes = train_step_saving(learner, groups)
     expected = learner.policy.adapter_state()
     assert expected_metrics["grad_norm"] > FSDP_CONFIG["max_grad_norm"]  # the clip acts, on the sharded norm too
-    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(world)]
     for result in ranks:
         assert sum(float((expected[k] - start[k]).abs().max()) for k in expected) > 0  # the update did something
         error = _relative_error(result["adapter"], expected)
@@ -40,7 +43,18 @@ def test_two_sharded_ranks_give_the_one_rank_adapter(tmp_path):
         assert metrics["train_terms"] == expected_metrics["train_terms"] == 9.0
         for key in ("loss", "pg_loss", "kl_ref", "adv_mean", "adv_std", "grad_norm", "log_ratio_std"):
             assert metrics[key] == pytest.approx(expected_metrics[key], rel=1e-5, abs=1e-7), key
-    assert all(torch.equal(ranks[0]["adapter"][k], ranks[1]["adapter"][k]) for k in expected)
+    assert all(torch.equal(ranks[0]["adapter"][k], other["adapter"][k]) for other in ranks[1:] for k in expected)
+    # the tiny policy's sequences: latent 3 x 8 x 8 over patch 1 x 2 x 2 = 48 tokens; split in two with Ulysses
+    tokens = learner.policy.tokens_per_sequence(groups[0].latents.shape[-3:])
+    assert tuple(groups[0].latents.shape[-3:]) == (3, 8, 8) and tokens == 48 and all(r["block_tokens"] == [tokens // 2 if "sp" in mode else tokens] for r in ranks)
+    # activations kept per forward: 9 work items on one rank; ceil(9 / 2) = 5 forwards on each rank when two
+    # groups of ranks split them (FSDP pads the shorter share), all 9 when both ranks of a pair run them all
+    forwards = {"fsdp": 5, "sp": 9, "fsdp_sp": 5}[mode]
+    for r in ranks:
+        ratio = (r["saved_bytes"] / forwards) / (saved_bytes / 9)
+        print(f"{mode}: activations kept per forward {ratio:.3f}x the one-rank learner's")
+        # Ulysses halves every block's tensors; the embeddings, the gathered output and the loss stay whole
+        assert ratio <= 0.65 if "sp" in mode else ratio == pytest.approx(1.0, rel=1e-3)
 
 
 @pytest.mark.timeout(300)
@@ -69,7 +83,7 @@ def test_work_items_cover_every_sample_and_step_once_whatever_the_split():
         (1, (1,), (0, 2)), (1, (1,), (2, 4)), (1, (1,), (4, 5))]
     assert [i.share for i in items[:3]] == [0.4, 0.4, 0.2]  # 2/5, 2/5, 1/5: sums to one group
     for world in (1, 2, 4, 7):
-        split = [rank_items(items, r, world) for r in range(world)]
+        split = [DataParallel(rank=r, world_size=world).shard(items) for r in range(world)]
         assert sorted((i for part in split for i in part), key=items.index) == items
         assert max(map(len, split)) == items_per_rank(len(items), world)  # 6 items: 6, 3, 2, 1 per rank
 
