@@ -9,7 +9,7 @@ RUN_DIR ?= runs/default
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: train test bench venv clean dataset warm-checkpoint
+.PHONY: train test bench gpu-check venv clean dataset warm-checkpoint
 
 venv: $(VENV)/.installed
 
@@ -34,6 +34,13 @@ test: venv
 # docs/benchmarks.md; `BENCH_ARGS="--only learner_batching"` runs a subset.
 bench: venv
 	PYTHONPATH=$(CURDIR) $(PY) -m bench $(BENCH_ARGS)
+
+# On a machine with a CUDA device: the tests marked `gpu` (the learner's recomputed
+# log-probs in bf16, the in-process VLM judge) and the benchmarks' GPU section (item 7).
+# Without one, both report that they were skipped and why.
+gpu-check: venv
+	$(PY) -m pytest -m gpu -rs $(PYTEST_ARGS)
+	PYTHONPATH=$(CURDIR) $(PY) -m bench --only gpu
 
 # Rebuild the bundled clips and prompt tables (deterministic).
 dataset: venv

@@ -12,12 +12,15 @@ gloo process group on 127.0.0.1:PORT and, by MODE:
   sharded learner restored from the checkpoint takes the second update again (written as
   ``resumed``);
 - ``sp``: one update with Ulysses sequence parallelism over all the ranks (replicated);
-- ``fsdp_sp``: one update sharded, with sequences split over pairs of ranks.
+- ``fsdp_sp``: one update sharded, with sequences split over pairs of ranks;
+- ``fsdp_memory``: a wider DiT (``SHARD_MEMORY_MODEL``) sharded; writes its weight bytes
+  and how much this process's resident memory fell when it was sharded.
 
 Writes the adapter (gathered) and metrics to ``OUT/rank<RANK>.pt``.
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -47,6 +50,36 @@ def _parallel(world: int, sharding: str = "fsdp", sequence_parallel: int = 1):
     return learner, groups
 
 
+SHARD_MEMORY_MODEL = {"latent_channels": 4, "vae_base_dim": 8, "dit_heads": 8, "dit_head_dim": 64, "dit_layers": 8,
+                      "dit_ffn_dim": 2048, "text_dim": 16, "text_layers": 1}
+"""Width 512, 8 blocks of 8 x 512 x 512 attention and 2 x 512 x 2048 FFN weights (33.6 M) and
+the embeddings and norms: 36.1 M parameters, 144 MB in fp32 (no text encoder or VAE loaded)."""
+
+
+def _shard_memory(world: int) -> dict:
+    import gc
+
+    from conftest import CORPUS, tiny_policy_config
+
+    from editrl.learner.config import LearnerConfig
+    from editrl.learner.learner import Learner
+    from editrl.policy.config import TinyModelConfig
+    from editrl.policy.policy import EditPolicy
+
+    def rss() -> int:
+        gc.collect()
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    policy = EditPolicy.from_config(tiny_policy_config(tiny=TinyModelConfig(**SHARD_MEMORY_MODEL)), CORPUS, seed=0, encoders=False)
+    weights = sum(p.numel() * p.element_size() for p in policy.transformer.parameters())
+    learner = Learner(policy, LearnerConfig(ranks=world, sharding="fsdp", torch_threads=1), data_parallel=DataParallel.from_default_group())
+    before = rss()
+    learner.shard()
+    return {"weights": weights, "freed": before - rss(),
+            "local": sum(p.to_local().numel() * p.element_size() for p in policy.transformer.parameters())}
+
+
 MODES = {"fsdp": {}, "fsdp_resume": {}, "sp": {"sharding": "replicate", "sequence_parallel": 2}, "fsdp_sp": {"sequence_parallel": 2}}
 
 
@@ -54,6 +87,10 @@ def main(rank: int, world: int, port: int, out: Path, mode: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         result = {}
+        if mode == "fsdp_memory":
+            torch.save(_shard_memory(world), out / f"rank{rank}.pt")
+            dist.barrier()
+            return
         if mode == "replicate":
             learner, groups = build_learner_and_groups(DataParallel.from_default_group())
             result["metrics"] = learner.train_step(groups)

@@ -1,6 +1,7 @@
 """The learner and groups of the data-parallel test, built identically in every process."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -47,14 +48,16 @@ def train_step_saving(learner, groups) -> tuple[dict, int]:
 RANK_SCRIPT = Path(__file__).resolve().parent / "data_parallel_rank.py"
 
 
-def run_ranks(world: int, out: Path, mode: str = "replicate", timeout_s: float = 240.0) -> None:
-    """Run ``world`` processes of ``tests/data_parallel_rank.py`` in ``mode`` on a free port and wait
-    for them (killed if still running after ``timeout_s``); each must exit 0."""
+def run_ranks(world: int, out: Path, mode: str = "replicate", timeout_s: float = 240.0, env: dict | None = None) -> None:
+    """Run ``world`` processes of ``tests/data_parallel_rank.py`` in ``mode`` on a free port (with
+    ``env`` added to their environment) and wait for them (killed if still running after
+    ``timeout_s``); each must exit 0."""
     from editrl.cluster.reward_process import free_port
 
     port = free_port()
     procs = [subprocess.Popen([sys.executable, str(RANK_SCRIPT), str(rank), str(world), str(port), str(out), mode],
-                              cwd=RANK_SCRIPT.parents[1], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              cwd=RANK_SCRIPT.parents[1], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, **(env or {})})
              for rank in range(world)]
     try:
         outputs = [proc.communicate(timeout=timeout_s)[0] for proc in procs]

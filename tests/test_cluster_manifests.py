@@ -114,3 +114,50 @@ def test_redis_for_gcs_fault_tolerance_matches_the_rayjob():
     password = next(e for e in container["env"] if e["name"] == "REDIS_PASSWORD")["valueFrom"]["secretKeyRef"]
     assert password == {"name": "editrl-redis", "key": "password"}
     assert "$(REDIS_PASSWORD)" in container["args"]
+
+
+def _pod(group: dict) -> dict[str, float]:
+    """What one pod of a worker group offers Ray: CPUs and GPUs (as its container asks them) and
+    its custom resources; and its memory in bytes."""
+    (container,) = group["template"]["spec"]["containers"]
+    limits = container["resources"]["limits"]
+    memory = str(limits["memory"])
+    assert memory.endswith("Gi"), memory
+    return {"CPU": float(limits["cpu"]), "GPU": float(limits.get("nvidia.com/gpu", 0)),
+            "memory": float(memory[:-2]) * 2**30, **_custom_resources(group)}
+
+
+def test_the_worker_groups_can_hold_the_processes_the_cluster_preset_and_the_serve_app_ask_for():
+    from editrl.cluster.plan import plan_run
+
+    config = load_train_config(ROOT / "configs" / "cluster.yaml")
+    groups = {g["groupName"]: g for g in _documents("rayjob.yaml")["RayJob"]["spec"]["rayClusterSpec"]["workerGroupSpecs"]}
+    pods = {name: _pod(group) for name, group in groups.items()}
+    for name, group in groups.items():  # Ray sees the GPUs the container gets
+        assert float(group["rayStartParams"]["num-gpus"]) == pods[name]["GPU"], name
+
+    def fit(pod: dict, ask: dict[str, float]) -> int:
+        """How many processes asking ``ask`` one pod holds."""
+        return min(int(pod.get(key, 0.0) // value) for key, value in ask.items() if value > 0)
+
+    rollout = config.rollout
+    per_worker = {"CPU": rollout.num_cpus_per_worker, "GPU": rollout.num_gpus_per_worker, **rollout.resources}
+    per_pod = fit(pods["rollout"], per_worker)
+    assert per_pod >= 1
+    assert groups["rollout"]["replicas"] * per_pod >= rollout.num_workers  # the starting pods hold the starting workers
+    rt = config.runtime
+    per_rank = {"CPU": rt.learner_num_cpus, "GPU": rt.learner_num_gpus, **rt.learner_resources}
+    assert groups["learner"]["maxReplicas"] * fit(pods["learner"], per_rank) >= config.learner.ranks
+    assert pods["learner"]["driver"] >= 1  # the job's driver (entrypointResources) sits beside the learner
+
+    serve = yaml.safe_load((CLUSTER / "reward_serve.yaml").read_text())["applications"][0]
+    options = serve["deployments"][0]["ray_actor_options"]
+    per_replica = {"CPU": options["num_cpus"], "GPU": options["num_gpus"], **options["resources"]}
+    assert groups["reward"]["maxReplicas"] * fit(pods["reward"], per_replica) >= serve["args"]["num_replicas"]
+
+    # pod memory follows editrl plan for the processes that live in host memory (the reward replicas
+    # on CPU; the rollout workers' and learner's own peaks are GPU memory, checked by the plan itself)
+    plan = {p.kind: p for p in plan_run(config).processes}
+    reward = plan["reward replica"]
+    assert reward.device == "cpu"
+    assert pods["reward"]["memory"] >= fit(pods["reward"], per_replica) * reward.peak, (pods["reward"]["memory"], reward.peak)

@@ -74,6 +74,18 @@ def test_a_sharded_learner_resumes_its_checkpoint_exactly(tmp_path):
         assert result["second"]["ratio_max"] != 1.0 or result["second"]["ratio_min"] != 1.0  # step 2 is off-policy
 
 
+@pytest.mark.timeout(300)
+def test_a_sharded_rank_gives_back_the_weights_it_does_not_hold(tmp_path):
+    # glibc hands freed buffers of 64 KiB or more back to the kernel, so resident memory follows the tensors
+    run_ranks(2, tmp_path, "fsdp_memory", env={"MALLOC_MMAP_THRESHOLD_": "65536"})
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        # 36.1 M fp32 parameters (144 MB): each rank keeps half of every one and frees the other half
+        assert 140e6 < result["weights"] < 150e6 and result["local"] == pytest.approx(result["weights"] / 2, rel=0.01)
+        print(f"rank {rank}: sharding freed {result['freed'] / 2**20:.1f} MiB of {result['weights'] / 2**20:.1f} MiB of weights")
+        assert result["freed"] == pytest.approx(result["weights"] / 2, rel=0.25)
+
+
 def test_work_items_cover_every_sample_and_step_once_whatever_the_split():
     # 2 groups: steps 0 and 2 stochastic (G = 5), step 1 only (G = 5); 2 steps per forward, 2 samples per forward
     items = work_items([[True, False, True], [False, True, False]], [5, 5], timesteps_per_forward=2, micro_batch_samples=2)
