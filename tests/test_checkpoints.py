@@ -149,11 +149,21 @@ import json, sys, torch
 from editrl.policy.model import load_components
 def rss():
     return {k: int(v.split()[0]) * 1024 for k, v in (l.split(':', 1) for l in open('/proc/self/status')) if k in ('VmRSS', 'RssFile')}
+def checkpoint_pages():
+    # resident pages of mappings of the checkpoint's own files (not of libraries the load imports)
+    total, mapped = 0, False
+    for line in open('/proc/self/smaps'):
+        fields = line.split()
+        if len(fields) >= 6 and '-' in fields[0]:
+            mapped = fields[5].startswith(sys.argv[1])
+        elif mapped and fields[0] == 'Rss:':
+            total += int(fields[1]) * 1024
+    return total
 before = rss()
 parts = load_components(sys.argv[1], kind='concat', dtype=torch.bfloat16, encoders=False)
 after = rss()
 weights = sum(t.numel() * t.element_size() for t in [*parts.transformer.parameters(), *parts.transformer.buffers()])
-print(json.dumps({'added': after['VmRSS'] - before['VmRSS'], 'file': after['RssFile'] - before['RssFile'], 'weights': weights,
+print(json.dumps({'added': after['VmRSS'] - before['VmRSS'], 'file': checkpoint_pages(), 'weights': weights,
                   'dtypes': sorted({str(p.dtype) for p in parts.transformer.parameters()})}))
 """
 
