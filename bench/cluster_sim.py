@@ -57,16 +57,14 @@ SETTINGS = {"cpu": Settings("cpu"), "smoke": Settings("smoke", workers=(8,), ran
 def stage_seconds(preset: str) -> dict[str, float]:
     """Seconds to sample and to train one group of ``preset`` at :data:`EFFECTIVE_TFLOPS`, from its plan."""
     from editrl.cluster.config import load_train_config
-    from editrl.cluster.plan import forward_tflop, latent_size
+    from editrl.cluster.plan import factors, forward_tflop
     from editrl.policy.memory import architecture, model_sizes
 
     config = load_train_config(preset)
     policy = config.policy
     arch = architecture(policy)
     sizes = model_sizes(arch, policy.lora, policy.kind)
-    f, h, w = latent_size(config, arch)
-    pt, ph, pw = sizes.patch
-    forward = forward_tflop(sizes, (f // pt) * (h // ph) * (w // pw), policy.max_text_tokens)
+    forward = forward_tflop(sizes, factors(arch, tuple(sizes.patch)).tokens(policy), policy.max_text_tokens)
     sequences = 2 * config.group_size
     trained = policy.sde_window.size if policy.sde_window else policy.num_steps
     return {"forward_tflop": forward, "group_size": config.group_size,

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from editrl.cluster.config import TrainConfig
+from editrl.cluster.preflight import ModelFactors
 from editrl.policy.memory import DTYPE_BYTES, Architecture, ModelSizes, activation_model, architecture, model_sizes
 
 MIB, GIB = 2**20, 2**30
@@ -104,12 +105,10 @@ def _largest(process: ProcessPlan) -> str:
     return f"{item.name} {item.bytes / GIB:.1f} GiB"
 
 
-def latent_size(config: TrainConfig, arch: Architecture) -> tuple[int, int, int]:
-    """``(f, h, w)`` of a clip's latent: ``1 + (F - 1) / t`` frames and ``H / s`` by ``W / s`` cells."""
+def factors(arch: Architecture, patch: tuple[int, int, int]) -> ModelFactors:
+    """The VAE factors and patch size of ``arch`` (read from its configs, on disk or published)."""
     down = arch.vae["temperal_downsample"]
-    temporal, spatial = 2 ** sum(down), 2 ** len(down)
-    policy = config.policy
-    return 1 + (policy.num_frames - 1) // temporal, policy.height // spatial, policy.width // spatial
+    return ModelFactors(2 ** len(down), 2 ** sum(down), patch, arch.source)
 
 
 def group_bytes(config: TrainConfig, sizes: ModelSizes, latent: tuple[int, int, int]) -> float:
@@ -228,9 +227,8 @@ def plan_run(config: TrainConfig, root: str | Path = ".") -> Plan:
     """
     arch = architecture(config.policy, root)
     sizes = model_sizes(arch, config.policy.lora, config.policy.kind)
-    latent = latent_size(config, arch)
-    pt, ph, pw = sizes.patch
-    tokens = (latent[0] // pt) * (latent[1] // ph) * (latent[2] // pw)
+    model = factors(arch, tuple(sizes.patch))
+    latent, tokens = model.latent_size(config.policy), model.tokens(config.policy)
     group = group_bytes(config, sizes, latent)
     processes = [_rollout(config, sizes, arch, tokens, group), _learner(config, sizes, arch, tokens, group), _reward(config)]
     memory = config.runtime.device_memory_gib

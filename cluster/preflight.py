@@ -50,6 +50,15 @@ class ModelFactors:
     patch: tuple[int, int, int]
     source: str
 
+    def latent_size(self, policy: PolicyConfig) -> tuple[int, int, int]:
+        """``(f, h, w)`` of a clip's latent: ``1 + (F - 1) / temporal`` frames, ``H / spatial`` by ``W / spatial`` cells."""
+        return 1 + (policy.num_frames - 1) // self.temporal, policy.height // self.spatial, policy.width // self.spatial
+
+    def tokens(self, policy: PolicyConfig) -> int:
+        """Tokens per sequence: the latent cells over the DiT's patch size."""
+        (f, h, w), (pt, ph, pw) = self.latent_size(policy), self.patch
+        return (f // pt) * (h // ph) * (w // pw)
+
 
 def model_factors(policy: PolicyConfig) -> ModelFactors:
     """The factors of the model ``policy`` names, as :mod:`editrl.policy.model` computes them:
@@ -140,9 +149,7 @@ def check_sequence_parallel(config: TrainConfig, factors: ModelFactors | None = 
         return
     if policy.kind == "vace":
         raise PreflightError(f"learner.sequence_parallel={k}: policy.kind=vace has no context-parallel plan in diffusers; use 1")
-    f = factors or model_factors(policy)
-    latent_frames = (policy.num_frames - 1) // f.temporal + 1
-    tokens = (latent_frames // f.patch[0]) * (policy.height // f.spatial // f.patch[1]) * (policy.width // f.spatial // f.patch[2])
+    tokens = (factors or model_factors(policy)).tokens(policy)
     if policy.checkpoint is None:
         heads = policy.tiny.dit_heads
     else:
