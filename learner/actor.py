@@ -27,8 +27,10 @@ class LearnerService:
     def __init__(self, policy_config: PolicyConfig, config: LearnerConfig, corpus: list[str], root: str, seed: int, device: str = "cpu"):
         torch.set_num_threads(config.torch_threads)
         torch.manual_seed(seed)
-        # the DiT alone: the groups bring their instruction embeddings and source latents
-        policy = EditPolicy.from_config(policy_config, corpus, root=root, device=device, seed=seed, encoders=False)
+        # the DiT alone: the groups bring their instruction embeddings and source latents; a
+        # sharded rank reads only its slice of the checkpoint's weights, once sharded (join)
+        policy = EditPolicy.from_config(policy_config, corpus, root=root, device=device, seed=seed, encoders=False,
+                                        sliced=config.sharding == "fsdp")
         self.learner = Learner(policy, config, seed=seed)
 
     def ready(self) -> int:

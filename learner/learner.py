@@ -93,7 +93,9 @@ class Learner:
     def shard(self) -> int:
         """Shard the DiT and the adapter over the data-parallel ranks with FSDP2
         (:func:`editrl.learner.sharding.shard_transformer`, parameters gathered in
-        ``fsdp_param_dtype``) and rebuild the optimizer on the shards. Every rank calls it,
+        ``fsdp_param_dtype``) and rebuild the optimizer on the shards. A policy loaded with
+        ``sliced=True`` then reads this rank's rows of the DiT's weights
+        (:meth:`editrl.policy.policy.EditPolicy.read_weight_slices`). Every rank calls it,
         before the first update. Returns the number of sharded blocks.
 
         Raises:
@@ -103,7 +105,10 @@ class Learner:
         if dp is None or self.sharded or self.optimizer.state:
             raise RuntimeError("shard() needs a data-parallel group and an unsharded learner before its first update")
         dtype = getattr(torch, self.config.fsdp_param_dtype or self.policy.config.dtype)
+        sliced = self.policy.defer_weights()
         blocks = shard_transformer(self.policy.transformer, dp.world_size, self.policy.device.type, dtype)
+        if sliced:
+            self.policy.read_weight_slices(dp.rank, dp.world_size)
         self.policy.adapter.rebind(self.policy.transformer)
         self.params = self.policy.lora_parameters()
         self.optimizer = self._optimizer()

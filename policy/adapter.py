@@ -36,10 +36,13 @@ def lora_target_regex(names: list[str], attention: tuple[str, ...] = ("self", "c
     return rf".*blocks\.\d+\.attn[{blocks}]\.({alternatives})"
 
 
-def attach_lora(transformer: torch.nn.Module, lora: LoraSettings) -> int:
+def attach_lora(transformer: torch.nn.Module, lora: LoraSettings, seed: int = 0) -> int:
     """Add the trained LoRA adapter (named ``ADAPTER_NAME``) to the DiT's attention
     projections that ``lora`` names; its A and B matrices are fp32 whatever the
     weights' dtype (they and their AdamW state stay full precision under bf16).
+    Their initial values come from ``seed`` alone (the CPU generator is forked and
+    seeded), whatever was drawn before: loading the DiT whole or as slices, or building
+    it in code, gives the same adapter.
 
     Returns:
         The number of adapted modules.
@@ -47,15 +50,17 @@ def attach_lora(transformer: torch.nn.Module, lora: LoraSettings) -> int:
     Raises:
         AdapterMismatchError: the targets match no module.
     """
-    transformer.add_adapter(
-        LoraConfig(
-            r=lora.rank,
-            lora_alpha=lora.alpha,
-            init_lora_weights=lora.init if lora.init == "gaussian" else True,
-            target_modules=lora_target_regex(lora.target_modules, tuple(lora.attention)),
-        ),
-        adapter_name=ADAPTER_NAME,
-    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer.add_adapter(
+            LoraConfig(
+                r=lora.rank,
+                lora_alpha=lora.alpha,
+                init_lora_weights=lora.init if lora.init == "gaussian" else True,
+                target_modules=lora_target_regex(lora.target_modules, tuple(lora.attention)),
+            ),
+            adapter_name=ADAPTER_NAME,
+        )
     for name, param in transformer.named_parameters():
         if "lora_" in name:
             param.data = param.data.float()

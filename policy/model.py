@@ -25,6 +25,7 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
 from editrl.policy.config import TinyModelConfig
+from editrl.policy.weight_slices import WeightFiles, placeholder_transformer
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,9 @@ class PolicyComponents:
     scheduler: FlowMatchEulerDiscreteScheduler
     vae_config: Mapping[str, Any] | None = None
     """The VAE's config (``vae.config`` when the VAE is loaded; set by ``__post_init__``)."""
+    weight_files: WeightFiles | None = None
+    """Set when the transformer's parameters are placeholders still to be read, a slice per
+    rank, once it is sharded (``load_components(sliced=True)``, :mod:`editrl.policy.weight_slices`)."""
 
     def __post_init__(self) -> None:
         if self.vae_config is None:
@@ -56,7 +60,7 @@ class PolicyComponents:
     def without_encoders(self, kind: str) -> "PolicyComponents":
         """The same components without the text encoder, the tokenizer and (but for ``vace``) the VAE."""
         return PolicyComponents(self.transformer, self.vae if kind == "vace" else None, None, None, self.scheduler,
-                                self.vae_config)
+                                self.vae_config, self.weight_files)
 
 
 def build_word_tokenizer(corpus: list[str]) -> PreTrainedTokenizerFast:
@@ -255,7 +259,7 @@ def load_flow_scheduler(path: Path) -> FlowMatchEulerDiscreteScheduler:
 
 
 def load_components(path: str | Path, kind: str = "concat", dtype: torch.dtype = torch.float32,
-                    encoders: bool = True) -> PolicyComponents:
+                    encoders: bool = True, sliced: bool = False) -> PolicyComponents:
     """Load a diffusers-format Wan model directory from local disk (no network).
 
     ``kind`` decides the transformer: ``concat`` loads a ``WanTransformer3DModel``
@@ -266,6 +270,10 @@ def load_components(path: str | Path, kind: str = "concat", dtype: torch.dtype =
     lists in ``_keep_in_fp32_modules`` in fp32): never an fp32 copy first. With
     ``encoders=False`` (the learner) the text encoder and tokenizer are not loaded,
     nor the VAE's weights unless ``kind`` is ``vace``; its config is read either way.
+    With ``sliced=True`` (a learner that shards the DiT with FSDP2) the transformer's
+    weights are not read: its parameters are zero-byte placeholders and
+    ``weight_files`` says where each one is, for
+    :func:`editrl.policy.weight_slices.load_weight_slices` after sharding.
 
     Raises:
         FileNotFoundError: the directory or one of its five subfolders is missing.
@@ -286,8 +294,13 @@ def load_components(path: str | Path, kind: str = "concat", dtype: torch.dtype =
     saved_cls = json.loads((path / "transformer" / "config.json").read_text()).get("_class_name")
     if saved_cls != transformer_cls.__name__:
         raise ValueError(f"kind {kind!r} needs a {transformer_cls.__name__} checkpoint, {path} has {saved_cls}")
-    transformer = transformer_cls.from_pretrained(path / "transformer", local_files_only=True, torch_dtype=dtype)
-    if dtype != torch.float32:
+    weight_files = None
+    if sliced:
+        weight_files = WeightFiles.of(path / "transformer")
+        transformer = placeholder_transformer(path / "transformer", transformer_cls, dtype)
+    else:
+        transformer = transformer_cls.from_pretrained(path / "transformer", local_files_only=True, torch_dtype=dtype)
+    if dtype != torch.float32 and not sliced:
         release_file_mappings(transformer)
     if kind == "concat":
         transformer = widen_for_source_conditioning(transformer, vae_config["z_dim"])
@@ -295,9 +308,10 @@ def load_components(path: str | Path, kind: str = "concat", dtype: torch.dtype =
     text_encoder = UMT5EncoderModel.from_pretrained(path / "text_encoder", local_files_only=True) if encoders else None
     tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer", local_files_only=True) if encoders else None
     scheduler = load_flow_scheduler(path / "scheduler")
-    logger.info("loaded checkpoint %s (%s, kind %s, %s%s)", path, type(transformer).__name__, kind,
-                str(dtype).removeprefix("torch."), "" if encoders else ", DiT only")
-    return PolicyComponents(transformer, vae, text_encoder, tokenizer, scheduler, vae_config)
+    logger.info("loaded checkpoint %s (%s, kind %s, %s%s%s)", path, type(transformer).__name__, kind,
+                str(dtype).removeprefix("torch."), "" if encoders else ", DiT only",
+                ", DiT weights to be read a slice per rank" if sliced else "")
+    return PolicyComponents(transformer, vae, text_encoder, tokenizer, scheduler, vae_config, weight_files)
 
 
 def save_components(components: PolicyComponents, path: str | Path) -> None:

@@ -27,6 +27,7 @@ from editrl.policy.model import (
     vae_spatial_factor,
 )
 from editrl.policy.schedule import stochastic_steps
+from editrl.policy.weight_slices import defer_weights, load_weight_slices
 from editrl.protocol.rollout import SamplerSpec
 
 logger = logging.getLogger(__name__)
@@ -41,13 +42,18 @@ class EditPolicy:
     require gradients.
     """
 
-    def __init__(self, components: PolicyComponents, config: PolicyConfig, device: str = "cpu"):
+    def __init__(self, components: PolicyComponents, config: PolicyConfig, device: str = "cpu", seed: int = 0):
         self.config = config
         self.device = torch.device(device)
         self.model_dtype = MODEL_DTYPES[config.dtype]
         check_kind(components.transformer, components.vae_config, config.kind)
-        # cast where the weights are, then move: never a full-precision copy on the device
-        self.transformer = cast_weights(components.transformer, self.model_dtype).to(self.device)
+        self.weight_files = components.weight_files
+        """Where the DiT's weights are still to be read, once sharded (:meth:`read_weight_slices`); None when loaded."""
+        if self.weight_files is None:
+            # cast where the weights are, then move: never a full-precision copy on the device
+            self.transformer = cast_weights(components.transformer, self.model_dtype).to(self.device)
+        else:  # placeholders in their dtype; FSDP2 moves each block to the device as it shards it
+            self.transformer = components.transformer
         self.vae = components.vae.to(self.device) if components.vae is not None else None
         self.text_encoder = (cast_weights(components.text_encoder, self.model_dtype).to(self.device)
                              if components.text_encoder is not None else None)
@@ -58,7 +64,7 @@ class EditPolicy:
             if module is not None:
                 module.requires_grad_(False)
                 module.eval()
-        self.num_lora_modules = attach_lora(self.transformer, config.lora)
+        self.num_lora_modules = attach_lora(self.transformer, config.lora, seed=seed)
         logger.info("LoRA rank %d attached to %d modules", config.lora.rank, self.num_lora_modules)
         self.adapter = AdapterIndex(self.transformer, ADAPTER_NAME, self.num_lora_modules)
         vae_config = self.vae_config
@@ -68,14 +74,17 @@ class EditPolicy:
 
     @classmethod
     def from_config(cls, config: PolicyConfig, corpus: list[str], root: str | Path = ".", device: str = "cpu", seed: int = 0,
-                    encoders: bool = True) -> "EditPolicy":
+                    encoders: bool = True, sliced: bool = False) -> "EditPolicy":
         """Load ``config.checkpoint`` (relative to ``root``) or build the tiny model in code.
 
         A checkpoint's DiT loads directly in ``config.dtype``. ``encoders=False`` is the
         learner's policy: the DiT and scheduler only (instruction embeddings and source
         latents travel with each group), the VAE only for ``vace`` (see
         :class:`editrl.policy.model.PolicyComponents`); :meth:`encode_text`,
-        :meth:`encode_video` and :meth:`decode` then raise.
+        :meth:`encode_video` and :meth:`decode` then raise. ``sliced=True`` (a learner rank that
+        shards the DiT with FSDP2) does not read a checkpoint's DiT weights yet: the rank reads
+        its slice of them after sharding (:meth:`read_weight_slices`); a model built in code is
+        built whole either way. ``seed`` seeds the adapter's initial weights (and a model built in code).
         """
         if config.checkpoint is None:
             components = build_tiny_components(config.tiny, corpus, shift=config.shift, seed=seed, kind=config.kind)
@@ -84,8 +93,32 @@ class EditPolicy:
         else:
             path = Path(config.checkpoint)
             components = load_components(path if path.is_absolute() else Path(root) / path, kind=config.kind,
-                                         dtype=MODEL_DTYPES[config.dtype], encoders=encoders)
-        return cls(components, config, device=device)
+                                         dtype=MODEL_DTYPES[config.dtype], encoders=encoders, sliced=sliced)
+        return cls(components, config, device=device, seed=seed)
+
+    def defer_weights(self) -> bool:
+        """Before sharding a policy loaded with ``sliced=True``: make the DiT's placeholder
+        weights meta parameters, which FSDP2 shards without allocating them
+        (:func:`editrl.policy.weight_slices.defer_weights`). False (nothing done) for a
+        policy whose weights are loaded."""
+        if self.weight_files is None:
+            return False
+        defer_weights(self.transformer, self.weight_files)
+        return True
+
+    def read_weight_slices(self, rank: int, world_size: int) -> int:
+        """After :meth:`defer_weights` and sharding over ``world_size`` ranks: read this rank's
+        rows of every DiT weight onto the policy's device
+        (:func:`editrl.policy.weight_slices.load_weight_slices`); returns the bytes read.
+
+        Raises:
+            RuntimeError: the weights are already loaded.
+        """
+        if self.weight_files is None:
+            raise RuntimeError("the DiT's weights are already loaded")
+        read = load_weight_slices(self.transformer, self.weight_files, rank, world_size, self.device)
+        self.weight_files = None
+        return read
 
     # ---- schedule -------------------------------------------------------
     def sigmas(self) -> list[float]:
@@ -191,6 +224,9 @@ class EditPolicy:
         Returns:
             ``(B, C, f, h, w)`` fp32.
         """
+        if self.weight_files is not None:
+            raise RuntimeError("the DiT's weights are not read yet: a sliced load reads them after sharding "
+                               "(EditPolicy.read_weight_slices)")
         dtype = self.model_dtype
         scale = self.scheduler.config.num_train_timesteps
         if isinstance(sigma, torch.Tensor):

@@ -15,6 +15,10 @@ gloo process group on 127.0.0.1:PORT and, by MODE:
 - ``fsdp_sp``: one update sharded, with sequences split over pairs of ranks;
 - ``fsdp_memory``: a wider DiT (``SHARD_MEMORY_MODEL``) sharded; writes its weight bytes
   and how much this process's resident memory fell when it was sharded.
+- ``load_whole`` / ``load_sliced``: the checkpoint at ``$CHECKPOINT`` (a t2v DiT, loaded as
+  ``concat`` in bf16) loaded whole and then sharded, or sliced (``sliced=True``: each rank
+  reads its rows after sharding); writes every parameter gathered (the adapter too), the
+  bytes read and the peak resident memory (VmHWM) above the one before loading.
 
 Writes the adapter (gathered) and metrics to ``OUT/rank<RANK>.pt``.
 """
@@ -80,6 +84,30 @@ def _shard_memory(world: int) -> dict:
             "local": sum(p.to_local().numel() * p.element_size() for p in policy.transformer.parameters())}
 
 
+def _load_checkpoint(world: int, sliced: bool) -> dict:
+    from conftest import CORPUS, tiny_policy_config
+
+    from editrl.learner.config import LearnerConfig
+    from editrl.learner.learner import Learner
+    from editrl.policy.adapter import full_value
+    from editrl.policy.policy import EditPolicy
+
+    def status(field: str) -> int:
+        with open("/proc/self/status") as lines:
+            return next(int(line.split()[1]) * 1024 for line in lines if line.startswith(field + ":"))
+
+    before = status("VmRSS")
+    config = tiny_policy_config(checkpoint=os.environ["CHECKPOINT"], kind="concat", dtype="bfloat16")
+    policy = EditPolicy.from_config(config, CORPUS, seed=0, encoders=False, sliced=sliced)
+    learner = Learner(policy, LearnerConfig(ranks=world, sharding="fsdp", torch_threads=1), data_parallel=DataParallel.from_default_group())
+    learner.shard()
+    peak = status("VmHWM") - before
+    params = {name: full_value(param).cpu() for name, param in policy.transformer.named_parameters()}
+    local = sum(p.to_local().numel() * p.element_size() for p in policy.transformer.parameters())
+    return {"params": params, "peak": peak, "local": local,
+            "buffers": {name: b.cpu() for name, b in policy.transformer.named_buffers()}}
+
+
 MODES = {"fsdp": {}, "fsdp_resume": {}, "sp": {"sharding": "replicate", "sequence_parallel": 2}, "fsdp_sp": {"sequence_parallel": 2}}
 
 
@@ -87,8 +115,9 @@ def main(rank: int, world: int, port: int, out: Path, mode: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         result = {}
-        if mode == "fsdp_memory":
-            torch.save(_shard_memory(world), out / f"rank{rank}.pt")
+        if mode in ("fsdp_memory", "load_whole", "load_sliced"):
+            result = _shard_memory(world) if mode == "fsdp_memory" else _load_checkpoint(world, mode == "load_sliced")
+            torch.save(result, out / f"rank{rank}.pt")
             dist.barrier()
             return
         if mode == "replicate":
