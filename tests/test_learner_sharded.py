@@ -1,9 +1,15 @@
 """The learner sharded with FSDP2 over two gloo ranks trains like one unsharded rank, and its
 checkpoints (the adapter gathered, the AdamW state as per-rank shards) resume exactly; whole
 runs with two replicated or sharded learner ranks (Ray, a reward server) end with the
-one-rank adapter, resumed or not. Real processes, real torch.distributed (gloo over TCP on
+one-rank adapter, resumed or not, also after a rank is killed mid-update; a sliced load
+gives each rank the whole load's shards. Real processes, real torch.distributed (gloo over TCP on
 127.0.0.1), real FSDP2."""
+import os
 import shutil
+import signal
+import threading
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -181,9 +187,30 @@ def test_fsdp_needs_more_than_one_rank():
     assert LearnerConfig(ranks=2, sharding="fsdp").fsdp_param_dtype is None
 
 
+def _kill_rank_one_in_its_second_update(run_dir: Path, killed: dict) -> None:
+    """Once the run in ``run_dir`` has checkpointed step 1, SIGKILL learner rank 1 as soon as its
+    process title says it runs ``train_step`` (Ray titles a worker ``ray::<class>.<method>``)."""
+    import ray
+
+    from editrl.cluster.controller import NAMESPACE
+
+    deadline, pid = time.monotonic() + 600, None
+    while pid is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+        if ray.is_initialized() and (run_dir / "checkpoints" / "step_000001").is_dir():
+            rank1 = ray.get_actor("editrl-controller-learner-1", namespace=NAMESPACE)
+            pid = ray.get(rank1.__ray_call__.remote(lambda actor: os.getpid()))
+    while pid is not None and time.monotonic() < deadline:
+        if b"train_step" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            os.kill(pid, signal.SIGKILL)
+            killed["pid"] = pid
+            return
+        time.sleep(0.002)
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_runs_with_two_replicated_or_sharded_ranks_and_a_resumed_one_train_the_one_rank_adapter(tmp_path, caplog):
+@pytest.mark.timeout(1200)
+def test_runs_with_two_replicated_sharded_resumed_or_killed_and_resumed_ranks_train_the_one_rank_adapter(tmp_path, caplog):
     # sequential mode on CPU is deterministic: the same groups reach the learner in every run
     import logging
 
@@ -209,14 +236,27 @@ def test_runs_with_two_replicated_or_sharded_ranks_and_a_resumed_one_train_the_o
         train(config(2, **sharded), tmp_path / "sharded")
         train(config(1, **sharded), tmp_path / "resumed")
         summary = train(config(2, **sharded), tmp_path / "resumed", resume=True)
+        # a rank killed in the middle of step 2's update: the run fails naming it, and resumes from step 1
+        killed: dict = {}
+        killer = threading.Thread(target=_kill_rank_one_in_its_second_update, args=(tmp_path / "killed", killed), daemon=True)
+        killer.start()
+        with pytest.raises(Exception, match="learner rank 1 died") as failure:
+            train(config(2, **sharded), tmp_path / "killed")
+        killer.join(timeout=5)
+        assert killed, "rank 1 was never seen in its second update"
+        assert not (tmp_path / "killed" / "checkpoints" / "step_000002").exists()
+        killed_summary = train(config(2, **sharded), tmp_path / "killed", resume=True)
     for sharding in ("replicate", "fsdp"):
         assert any(m.startswith(f"learner: 2 ranks data-parallel ({sharding}), process group at tcp://") for m in caplog.messages)
-    assert summary["policy_version"] == 2
-    assert "resumed from step 1 (policy version 1)" in caplog.messages
+    cause = str(getattr(failure.value, "cause", None) or failure.value)
+    print(f"the killed run failed with: {cause.splitlines()[0][:200]}")
+    assert summary["policy_version"] == killed_summary["policy_version"] == 2
+    assert caplog.messages.count("resumed from step 1 (policy version 1)") == 2
     checkpoint = tmp_path / "resumed" / "checkpoints" / "step_000002"
     assert len(list((checkpoint / "optimizer_shards").glob("*.distcp"))) == 2
     adapters = {name: load_file(str(tmp_path / name / "adapter" / "adapter_model.safetensors"))
-                for name in ("one", "replicated", "sharded", "resumed")}
+                for name in ("one", "replicated", "sharded", "resumed", "killed")}
     assert _relative_error(adapters["replicated"], adapters["one"]) <= 1e-5
     assert _relative_error(adapters["sharded"], adapters["one"]) <= 1e-5
     assert _relative_error(adapters["resumed"], adapters["sharded"]) <= 1e-6
+    assert _relative_error(adapters["killed"], adapters["sharded"]) <= 1e-6
