@@ -2,7 +2,7 @@
 
 The same batch of groups (sampled once per process from the same seeded policy) is
 trained by one learner process with all the machine's threads, by one with one thread,
-and by two gloo ranks of one thread each (``learner.ranks: 2``: each rank trains half the
+and by two gloo ranks of one thread each (``topology.learner.ranks: 2``: each rank trains half the
 groups, gradients summed before the optimizer step). Each configuration runs as fresh
 processes, the configurations alternate over ``rounds``, and every update of rank 0 is
 timed after a barrier; the ratios pair the updates of one round.

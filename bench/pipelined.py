@@ -123,7 +123,7 @@ class Settings:
 
 
 _COMMON = (("prompts_per_step", 4), ("runtime.checkpoint_every", 0), ("eval.every_steps", 0))
-ONE_WORKER = Shape("1 worker", (("rollout.num_workers", 1),),
+ONE_WORKER = Shape("1 worker", (("topology.rollout.workers", 1),),
                    about="one rollout worker and the learner: one core per compute stage, as where every stage has a "
                          "device of its own (the reward server, the driver and Ray's own processes still share them)")
 
@@ -259,13 +259,13 @@ def measure(settings: Settings) -> BenchResult:
 def _measure_shape(settings: Settings, shape: Shape) -> ShapeRun:
     config = default_train_config(**dict(settings.overrides + shape.overrides)).model_copy(update={"steps": settings.steps})
     config = with_resolved_paths(config)
-    rt, rc = config.runtime, config.rollout
+    rc, workers, ranks = config.rollout, config.topology.rollout, config.topology.learner
     train_set, heldout_set = load_datasets(config)
     summaries: dict[str, list[dict]] = {mode: [] for mode in MODES}
-    concurrent = settings.reward_concurrent_batches or rc.num_workers * rc.reward_concurrency
+    concurrent = settings.reward_concurrent_batches or workers.workers * rc.reward_concurrency
     with tempfile.TemporaryDirectory(prefix="bench-pipelined-") as tmp, \
             reward_server(_server_config(0.0), Path(tmp), env={ADMIN_ENV: ADMIN_TOKEN}) as url, \
-            ray_session(num_cpus=math.ceil(rc.num_workers * rc.num_cpus_per_worker + rt.learner_num_cpus)):
+            ray_session(num_cpus=math.ceil(workers.workers * workers.cpus + ranks.cpus)):
         tmp_dir = Path(tmp)
         run = Run(config, tmp_dir / "run", list(corpus()), url, train_set, heldout_set)
         bench_run = _BenchRun(run, reward_url=url, fill_steps=settings.fill_steps)

@@ -141,7 +141,7 @@ def _shape_settings(run: ShapeRun) -> dict:
             "reward_latency_s": run.latency_s, "reward_concurrent_batches": run.concurrent,
             "group_worker_s": round(run.group_s, 4), "prompts_per_step": config.prompts_per_step,
             "group_size": config.group_size, "num_steps": config.policy.num_steps,
-            "rollout_workers": config.rollout.num_workers, "max_staleness": config.runtime.max_staleness,
+            "rollout_workers": config.topology.rollout.workers, "max_staleness": config.runtime.max_staleness,
             "prefetch_per_worker": config.runtime.prefetch_per_worker,
             "reward_concurrency": config.rollout.reward_concurrency}
 
@@ -210,7 +210,7 @@ def _explain(summaries: dict[str, list[dict]], settings: "Settings", config: Tra
     bottlenecks = collections.Counter(s["bottleneck"] for s in summaries["pipelined"])
     steps = len(summaries["pipelined"]) * (settings.steps - settings.fill_steps)
     dropped = sum(s["groups_dropped_stale"] for s in summaries["pipelined"])
-    workers = config.rollout.num_workers
+    workers = config.topology.rollout.workers
     cores = os.cpu_count() or 1
     # Core-seconds of one sequential step (nothing overlaps there): every worker's compute on
     # its one torch thread, plus the update (at least one core while it runs).

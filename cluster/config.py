@@ -11,6 +11,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from editrl.cluster.topology import TopologyConfig, moved_fields
 from editrl.learner.config import LearnerConfig
 from editrl.policy.config import PolicyConfig
 from editrl.resources import resolve_path
@@ -36,15 +37,6 @@ class RolloutConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
-    num_workers: int = Field(2, ge=1)
-    """Rollout actors started by the run."""
-    num_cpus_per_worker: float = Field(1.0, ge=0)
-    """Ray CPUs each actor reserves."""
-    num_gpus_per_worker: float = Field(0.0, ge=0)
-    """Ray GPUs each actor reserves (0 on CPU machines)."""
-    resources: dict[str, float] = {}
-    """Custom Ray resources each actor reserves, e.g. ``{rollout: 1}`` to place the
-    actors on a cluster's rollout worker group (see cluster/README.md)."""
     torch_threads: int = Field(1, ge=1)
     """CPU threads torch uses inside each actor."""
     reward_timeout_s: float = Field(120.0, gt=0)
@@ -97,18 +89,11 @@ class RuntimeConfig(BaseModel):
     judge scores its earlier groups."""
     checkpoint_every: int = Field(10, ge=0)
     """Write a checkpoint every this many steps (and at the end); 0 only at the end."""
-    learner_num_cpus: float = Field(1.0, ge=0)
-    """Ray CPUs the learner actor reserves."""
-    learner_num_gpus: float = Field(0.0, ge=0)
-    """Ray GPUs the learner actor reserves (its policy then runs on CUDA)."""
     device_memory_gib: float | None = Field(None, gt=0)
     """Memory of one GPU of the cluster in GiB (80 for an H100 or A100-80GB, 141 for an H200):
     ``editrl plan`` checks every process on GPUs against it (times its GPUs), and ``editrl
     train`` refuses a config whose plan does not fit. None: not checked (a CPU run is
     checked against the host's memory by ``editrl plan``)."""
-    learner_resources: dict[str, float] = {}
-    """Custom Ray resources the learner actor reserves, e.g. ``{learner: 1}`` to place it
-    on a cluster's learner group."""
     controller_name: str = "editrl-controller"
     """Name of the run's controller actor, the handle of ``editrl scale``."""
     autoscale: AutoscaleConfig | None = None
@@ -186,11 +171,24 @@ class TrainConfig(BaseModel):
     """Reward server."""
     eval: EvalConfig = EvalConfig()
     """Held-out evaluation."""
+    topology: TopologyConfig = TopologyConfig()
+    """How many rollout workers, learner ranks and reward replicas, and what each reserves."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_moved_fields(cls, data):
+        moved = moved_fields(data) if isinstance(data, dict) else []
+        if moved:
+            raise ValueError("; ".join(moved) + " (the counts and reservations of every process live in topology)")
+        return data
 
     @model_validator(mode="after")
     def _check_pairs(self) -> "TrainConfig":
         if self.policy.antithetic and self.group_size % 2:
             raise ValueError(f"policy.antithetic pairs the samples of a group: group_size must be even, got {self.group_size}")
+        if self.topology.reward.replicas > 1 and self.reward_server.url is None:
+            raise ValueError(f"topology.reward.replicas={self.topology.reward.replicas}: a run starts one reward server "
+                             "itself; more replicas are a Ray Serve deployment at reward_server.url (cluster/reward_serve.yaml)")
         return self
 
 

@@ -1,4 +1,4 @@
-"""The run's learner: one Ray actor, or ``learner.ranks`` actors that train data-parallel.
+"""The run's learner: one Ray actor, or ``topology.learner.ranks`` actors that train data-parallel.
 
 :func:`start_learner` returns something the driver uses as it uses one actor handle
 (``learner.train_step.remote(groups)`` and the like). For several ranks it is a
@@ -10,7 +10,7 @@ once all ranks answered (a failure or death of any rank fails the call at once, 
 silent ``learner.collective_timeout_s`` + 60 s after the first answered fails it too, each
 naming the rank: :class:`LearnerRankError`);
 publishing the adapter and writing checkpoints go to rank 0, whose adapter and
-optimizer state are every rank's, unless the learner is sharded (``learner.sharding: fsdp``):
+optimizer state are every rank's, unless the learner is sharded (``topology.learner.sharding: fsdp``):
 then they too go to every rank, since gathering the adapter and writing the optimizer's
 shards are collectives.
 """
@@ -121,22 +121,20 @@ class LearnerGroup:
 
 
 def _bundle(config: TrainConfig) -> dict[str, float]:
-    rt = config.runtime
-    bundle = {"CPU": rt.learner_num_cpus, "GPU": rt.learner_num_gpus, **rt.learner_resources}
-    return {key: value for key, value in bundle.items() if value > 0} or {"CPU": 0.01}
+    return config.topology.learner.ask() or {"CPU": 0.01}
 
 
 def check_placement(config: TrainConfig) -> None:
-    """Refuse ``learner.ranks`` bundles the cluster does not have, before anything starts.
+    """Refuse ``topology.learner.ranks`` bundles the cluster does not have, before anything starts.
 
     Raises:
         ValueError: naming the resource, what the ranks need and what the cluster has.
     """
-    ranks, bundle, available = config.learner.ranks, _bundle(config), ray.cluster_resources()
+    ranks, bundle, available = config.topology.learner.ranks, _bundle(config), ray.cluster_resources()
     for key, value in bundle.items():
         if ranks * value > available.get(key, 0.0):
-            raise ValueError(f"learner.ranks={ranks} needs {ranks * value:g} {key} ({value:g} per rank, "
-                             f"runtime.learner_num_* / learner_resources); the Ray cluster has {available.get(key, 0.0):g}")
+            raise ValueError(f"topology.learner.ranks={ranks} needs {ranks * value:g} {key} ({value:g} per rank, "
+                             f"topology.learner.cpus / gpus / resources); the Ray cluster has {available.get(key, 0.0):g}")
 
 
 def start_learner(config: TrainConfig, name: str, namespace: str, args: tuple, placement_timeout_s: float = 300.0):
@@ -148,8 +146,9 @@ def start_learner(config: TrainConfig, name: str, namespace: str, args: tuple, p
         ValueError: the cluster lacks the resources of the ranks (:func:`check_placement`).
         TimeoutError: the placement group was not ready within ``placement_timeout_s``.
     """
-    rt, ranks = config.runtime, config.learner.ranks
-    actor_cls = make_learner_actor(rt.learner_num_cpus, rt.learner_num_gpus, rt.learner_resources)
+    placement_config = config.topology.learner
+    ranks = placement_config.ranks
+    actor_cls = make_learner_actor(placement_config.cpus, placement_config.gpus, placement_config.resources)
     if ranks == 1:
         return actor_cls.options(name=name, namespace=namespace).remote(*args)
     check_placement(config)
@@ -157,15 +156,15 @@ def start_learner(config: TrainConfig, name: str, namespace: str, args: tuple, p
     ready, _ = ray.wait([placement.ready()], timeout=placement_timeout_s)
     if not ready:
         remove_placement_group(placement)
-        raise TimeoutError(f"the placement group of learner.ranks={ranks} (bundles {_bundle(config)}) was not ready "
+        raise TimeoutError(f"the placement group of topology.learner.ranks={ranks} (bundles {_bundle(config)}) was not ready "
                            f"within {placement_timeout_s:.0f} s")
     handles = [actor_cls.options(
         name=name if rank == 0 else f"{name}-{rank}", namespace=namespace,
         scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=placement, placement_group_bundle_index=rank),
     ).remote(*args) for rank in range(ranks)]
     address = ray.get(handles[0].rendezvous_address.remote())
-    ray.get([handle.join.remote(address, rank, ranks, config.learner.collective_timeout_s)
+    ray.get([handle.join.remote(address, rank, ranks, config.learner.collective_timeout_s, placement_config.sequence_parallel)
              for rank, handle in enumerate(handles)])
-    sharded = config.learner.sharding == "fsdp"
-    logger.info("learner: %d ranks data-parallel (%s), process group at %s", ranks, config.learner.sharding, address)
+    sharded = placement_config.sharding == "fsdp"
+    logger.info("learner: %d ranks data-parallel (%s), process group at %s", ranks, placement_config.sharding, address)
     return LearnerGroup(handles, placement, timeout_s=config.learner.collective_timeout_s + 60.0, sharded=sharded)

@@ -129,8 +129,8 @@ def forward_tflop(sizes: ModelSizes, tokens: int, text_tokens: int) -> float:
 
 
 def _learner(config: TrainConfig, sizes: ModelSizes, arch: Architecture, tokens: int, group: float) -> ProcessPlan:
-    policy, learner, runtime = config.policy, config.learner, config.runtime
-    device = "cuda" if runtime.learner_num_gpus > 0 else "cpu"
+    policy, learner, ranks = config.policy, config.learner, config.topology.learner
+    device = "cuda" if ranks.gpus > 0 else "cpu"
     samples = learner.micro_batch_samples or config.group_size
     branches = 2 if policy.guidance_scale != 1.0 and learner.cfg_null_grad else 1
     sequences = min(samples, config.group_size) * branches * learner.timesteps_per_forward
@@ -138,8 +138,8 @@ def _learner(config: TrainConfig, sizes: ModelSizes, arch: Architecture, tokens:
     checkpointing = mode == "on" or (mode == "auto" and tokens >= learner.checkpointing_min_tokens)
     model = activation_model(arch, policy.lora, policy.dtype, policy.kind, policy.max_text_tokens)
     per_sequence = {on: model.peak_bytes(sizes, tokens, on) for on in (False, True)}
-    split = learner.sequence_parallel  # Ulysses: every block's tensors hold 1/split of the tokens (of the heads in attention)
-    shards = learner.ranks if learner.sharding == "fsdp" else 1
+    split = ranks.sequence_parallel  # Ulysses: every block's tensors hold 1/split of the tokens (of the heads in attention)
+    shards = ranks.ranks if ranks.sharding == "fsdp" else 1
     weights = [Item("DiT weights", sizes.weight_bytes(policy.dtype), f"{count_text(sizes.dit)} parameters, {policy.dtype}"),
                Item("LoRA adapter, gradient, AdamW state", 16 * sizes.lora, f"{count_text(sizes.lora)} parameters x 4 fp32 copies")]
     if shards > 1:  # FSDP2: 1/ranks of each, plus the block computing and the next one prefetched, gathered
@@ -159,12 +159,12 @@ def _learner(config: TrainConfig, sizes: ModelSizes, arch: Architecture, tokens:
     ]
     if policy.kind == "vace":
         items.insert(2, Item("VAE weights", 4 * sizes.vae, "for the VACE context (fp32)"))
-    return ProcessPlan("learner rank", learner.ranks, device, items)
+    return ProcessPlan("learner rank", ranks.ranks, device, items)
 
 
 def _rollout(config: TrainConfig, sizes: ModelSizes, arch: Architecture, tokens: int, group: float) -> ProcessPlan:
-    policy, rollout = config.policy, config.rollout
-    device = "cuda" if rollout.num_gpus_per_worker > 0 else "cpu"
+    policy, workers = config.policy, config.topology.rollout
+    device = "cuda" if workers.gpus > 0 else "cpu"
     g, b = config.group_size, DTYPE_BYTES[policy.dtype]
     branches = 2 if policy.guidance_scale != 1.0 else 1
     pixels = policy.num_frames * policy.height * policy.width
@@ -182,7 +182,7 @@ def _rollout(config: TrainConfig, sizes: ModelSizes, arch: Architecture, tokens:
         Item("VAE decode", g * 6 * first_stage * temporal * policy.height * policy.width * 4,
              f"six {first_stage}-channel fp32 maps per {temporal}-frame chunk (estimate)", phase="decode"),
     ]
-    return ProcessPlan("rollout worker", rollout.num_workers, device, items)
+    return ProcessPlan("rollout worker", workers.workers, device, items)
 
 
 def _reward_config(config: TrainConfig):
@@ -192,14 +192,15 @@ def _reward_config(config: TrainConfig):
 
 
 def _reward(config: TrainConfig) -> ProcessPlan:
-    policy = config.policy
+    policy, replicas = config.policy, config.topology.reward
+    device = "cuda" if replicas.gpus > 0 else "cpu"
     video = policy.num_frames * policy.height * policy.width * 3
-    items = [Item("runtime", RUNTIME_BYTES["cpu"])]
+    items = [Item("runtime", RUNTIME_BYTES[device])]
     try:
         server = _reward_config(config)
     except (OSError, ValueError) as exc:
         items.append(Item("decoded videos", 0.0, f"reward-server config not read: {exc}"))
-        return ProcessPlan("reward replica", 1, "cpu", items)
+        return ProcessPlan("reward replica", replicas.replicas, device, items)
     batch = server.max_batch_size
     items.append(Item("decoded videos", batch * 2 * video * 5, f"{batch} items x source and edit, uint8 and fp32", phase="score"))
     for name, spec in server.reward.backends.items():
@@ -207,7 +208,7 @@ def _reward(config: TrainConfig) -> ProcessPlan:
         if getattr(spec, "engine", None) in ("transformers", "vllm") and model and Path(model).is_dir():
             weights = sum(f.stat().st_size for f in Path(model).rglob("*") if f.suffix in (".safetensors", ".bin"))
             items.append(Item(f"{name} VLM weights", weights, f"files in {model}"))
-    return ProcessPlan("reward replica", 1, "cpu", items)
+    return ProcessPlan("reward replica", replicas.replicas, device, items)
 
 
 def host_memory_bytes() -> float:
@@ -232,7 +233,8 @@ def plan_run(config: TrainConfig, root: str | Path = ".") -> Plan:
     group = group_bytes(config, sizes, latent)
     processes = [_rollout(config, sizes, arch, tokens, group), _learner(config, sizes, arch, tokens, group), _reward(config)]
     memory = config.runtime.device_memory_gib
-    gpus = {"rollout worker": config.rollout.num_gpus_per_worker, "learner rank": config.runtime.learner_num_gpus}
+    topology = config.topology
+    gpus = {"rollout worker": topology.rollout.gpus, "learner rank": topology.learner.gpus, "reward replica": topology.reward.gpus}
     for process in processes:
         if process.device == "cuda" and memory is not None:
             process.limit = memory * GIB * max(1.0, gpus[process.kind])

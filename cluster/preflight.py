@@ -138,17 +138,17 @@ def check_geometry(policy: PolicyConfig, factors: ModelFactors | None = None) ->
 
 
 def check_sequence_parallel(config: TrainConfig, factors: ModelFactors | None = None) -> None:
-    """``learner.sequence_parallel`` k splits every sequence's tokens and the attention heads
+    """``topology.learner.sequence_parallel`` k splits every sequence's tokens and the attention heads
     k ways: k must divide both, and the model kind must have diffusers' context-parallel plan.
 
     Raises:
         PreflightError: naming the field, the numbers and the nearest degrees that work.
     """
-    k, policy = config.learner.sequence_parallel, config.policy
+    k, policy, ranks = config.topology.learner.sequence_parallel, config.policy, config.topology.learner.ranks
     if k == 1:
         return
     if policy.kind == "vace":
-        raise PreflightError(f"learner.sequence_parallel={k}: policy.kind=vace has no context-parallel plan in diffusers; use 1")
+        raise PreflightError(f"topology.learner.sequence_parallel={k}: policy.kind=vace has no context-parallel plan in diffusers; use 1")
     tokens = (factors or model_factors(policy)).tokens(policy)
     if policy.checkpoint is None:
         heads = policy.tiny.dit_heads
@@ -156,9 +156,9 @@ def check_sequence_parallel(config: TrainConfig, factors: ModelFactors | None = 
         heads = int(_read_json(checkpoint_dir(policy.checkpoint) / "transformer" / "config.json").get("num_attention_heads", 0))
     for what, count in ((f"{tokens} tokens per sequence", tokens), (f"{heads} attention heads of the DiT", heads)):
         if count % k:
-            works = [d for d in range(1, config.learner.ranks + 1) if config.learner.ranks % d == 0 and tokens % d == 0 and heads % d == 0]
-            raise PreflightError(f"learner.sequence_parallel={k} must divide the {what}; degrees that work with "
-                                 f"learner.ranks={config.learner.ranks}: {works}")
+            works = [d for d in range(1, ranks + 1) if ranks % d == 0 and tokens % d == 0 and heads % d == 0]
+            raise PreflightError(f"topology.learner.sequence_parallel={k} must divide the {what}; degrees that work with "
+                                 f"topology.learner.ranks={ranks}: {works}")
 
 
 def check_paths(config: TrainConfig) -> None:
@@ -220,7 +220,7 @@ LORA_KEY = re.compile(r".*\.attn([12])\.(.+)\.lora_A\.weight$")
 
 def check_resume_checkpoint(config: TrainConfig, run_dir: Path) -> None:
     """``--resume``: the newest checkpoint fits the config it is resumed with: written by as many
-    learner ranks as ``learner.ranks`` (the data split, and with it every update's float sums,
+    learner ranks as ``topology.learner.ranks`` (the data split, and with it every update's float sums,
     follows the rank count), and its adapter has ``policy.lora``'s rank, attentions and projections.
 
     Raises:
@@ -229,14 +229,14 @@ def check_resume_checkpoint(config: TrainConfig, run_dir: Path) -> None:
     name = latest_checkpoint_name(run_dir)
     path = run_dir / "checkpoints" / str(name)
     driver = _read_json(path / "driver.json")
-    saved_ranks, ranks = driver.get("learner_ranks"), config.learner.ranks
+    saved_ranks, ranks = driver.get("learner_ranks"), config.topology.learner.ranks
     if saved_ranks is not None and saved_ranks != ranks:
         raise PreflightError(f"--resume {run_dir}: checkpoint {name} was written by {saved_ranks} learner ranks, the config "
-                             f"asks learner.ranks={ranks}; resume with --set learner.ranks={saved_ranks}")
-    saved_sharding, sharding = driver.get("learner_sharding", "replicate"), config.learner.sharding
+                             f"asks topology.learner.ranks={ranks}; resume with --set topology.learner.ranks={saved_ranks}")
+    saved_sharding, sharding = driver.get("learner_sharding", "replicate"), config.topology.learner.sharding
     if saved_sharding != sharding:
-        raise PreflightError(f"--resume {run_dir}: checkpoint {name} was written with learner.sharding={saved_sharding}, the "
-                             f"config asks {sharding}; resume with --set learner.sharding={saved_sharding}")
+        raise PreflightError(f"--resume {run_dir}: checkpoint {name} was written with topology.learner.sharding={saved_sharding}, the "
+                             f"config asks {sharding}; resume with --set topology.learner.sharding={saved_sharding}")
     lora = config.policy.lora
     shapes = {key: shape for key, shape in safetensors_shapes(path / "adapter_model.safetensors").items() if LORA_KEY.match(key)}
     saved_rank = sorted({shape[0] for shape in shapes.values()})

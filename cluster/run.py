@@ -43,12 +43,12 @@ class Run:
                  train_set: PromptDataset, heldout_set: PromptDataset):
         self.config, self.run_dir = config, run_dir
         self.train_set, self.heldout_set = train_set, heldout_set
-        rc, rt = config.rollout, config.runtime
+        rc, rt, workers, ranks = config.rollout, config.runtime, config.topology.rollout, config.topology.learner
         root = str(bundled_root())
         self.learner = start_learner(config, f"{rt.controller_name}-learner", NAMESPACE, (
-            config.policy, config.learner, corpus, root, config.seed, "cuda" if rt.learner_num_gpus else "cpu"))
-        actor_cls = make_rollout_actor(rc.num_cpus_per_worker, rc.num_gpus_per_worker, rc.max_restarts, rc.resources)
-        device = "cuda" if rc.num_gpus_per_worker else "cpu"
+            config.policy, config.learner, corpus, root, config.seed, "cuda" if ranks.gpus else "cpu", ranks.sharding))
+        actor_cls = make_rollout_actor(workers.cpus, workers.gpus, rc.max_restarts, workers.resources)
+        device = "cuda" if workers.gpus else "cpu"
         self.pool = WorkerPool(
             lambda worker_id: actor_cls.remote(
                 worker_id, config.policy, corpus, root, reward_url, reward_timeout_s=rc.reward_timeout_s,
@@ -56,9 +56,9 @@ class Run:
                 reward_concurrency=rc.reward_concurrency, device=device, seed=config.seed,
                 video_format=rc.reward_video_format,
             ),
-            rc.num_workers, prefetch_per_worker=rt.prefetch_per_worker, scoring_per_worker=rc.reward_concurrency,
+            workers.workers, prefetch_per_worker=rt.prefetch_per_worker, scoring_per_worker=rc.reward_concurrency,
         )
-        self.controller = start_controller(rt.controller_name, rc.num_workers)
+        self.controller = start_controller(rt.controller_name, workers.workers)
         self.on_step_end: list[Callable[["Run"], None]] = []
         """Called with the run after every finished step (its metrics are logged by then)."""
         self.evaluations: list[dict] = []
@@ -272,7 +272,7 @@ class Run:
         and the learner's rank count (``--resume`` refuses another)."""
         return {"tasks": self.tasks.state_dict(), "trained_ids": sorted(self.trained_ids),
                 "counters": dict(self.counters), "evaluations": self.evaluations,
-                "learner_ranks": self.config.learner.ranks, "learner_sharding": self.config.learner.sharding}
+                "learner_ranks": self.config.topology.learner.ranks, "learner_sharding": self.config.topology.learner.sharding}
 
     def _load_driver_state(self, state: dict) -> None:
         self.step = int(state["step"])

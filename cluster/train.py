@@ -97,11 +97,11 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False) -> dict:
         if config.reward_server.url:  # e.g. a Serve deployment that may still be starting
             with RewardClient(reward_url) as client:
                 client.wait_until_healthy(timeout_s=config.reward_server.startup_timeout_s)
-        rc, rt = config.rollout, config.runtime
+        rt, workers, ranks = config.runtime, config.topology.rollout, config.topology.learner
         # Ray CPUs are scheduling tokens: a local instance gets enough for the learner, the
         # workers and room to scale up at runtime, whatever the machine's core count.
-        max_workers = max(rc.num_workers, rt.autoscale.max_workers if rt.autoscale else 0) + LOCAL_SCALE_HEADROOM
-        local_cpus = math.ceil(max_workers * rc.num_cpus_per_worker + rt.learner_num_cpus * config.learner.ranks)
+        max_workers = max(workers.workers, rt.autoscale.max_workers if rt.autoscale else 0) + LOCAL_SCALE_HEADROOM
+        local_cpus = math.ceil(max_workers * workers.cpus + ranks.cpus * ranks.ranks)
         root = checkout_root()
         init_ray(config.ray_address, num_cpus=None if config.ray_address else local_cpus, project_root=str(root) if root else None)
         stack.callback(ray.shutdown)

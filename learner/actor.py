@@ -24,13 +24,17 @@ from editrl.protocol.rollout import Group
 class LearnerService:
     """The learner as the driver uses it: update, publish, checkpoint."""
 
-    def __init__(self, policy_config: PolicyConfig, config: LearnerConfig, corpus: list[str], root: str, seed: int, device: str = "cpu"):
+    def __init__(self, policy_config: PolicyConfig, config: LearnerConfig, corpus: list[str], root: str, seed: int, device: str = "cpu",
+                 sharding: str = "replicate"):
+        """``sharding``: ``replicate`` or ``fsdp`` (``topology.learner.sharding``): an ``fsdp`` rank
+        shards the DiT when it joins its peers and reads only its slice of a checkpoint's weights."""
         torch.set_num_threads(config.torch_threads)
+        self.sharding = sharding
         torch.manual_seed(seed)
         # the DiT alone: the groups bring their instruction embeddings and source latents; a
         # sharded rank reads only its slice of the checkpoint's weights, once sharded (join)
         policy = EditPolicy.from_config(policy_config, corpus, root=root, device=device, seed=seed, encoders=False,
-                                        sliced=config.sharding == "fsdp")
+                                        sliced=sharding == "fsdp")
         self.learner = Learner(policy, config, seed=seed)
 
     def ready(self) -> int:
@@ -43,19 +47,19 @@ class LearnerService:
             port = probe.getsockname()[1]
         return f"tcp://{ray.util.get_node_ip_address()}:{port}"
 
-    def join(self, init_method: str, rank: int, world_size: int, timeout_s: float) -> int:
+    def join(self, init_method: str, rank: int, world_size: int, timeout_s: float, sequence_parallel: int = 1) -> int:
         """Join the learner ranks' process group (NCCL on CUDA, gloo on CPU) and train data-parallel
         from now on (:mod:`editrl.learner.data_parallel`), with sequences split over groups of
-        ``learner.sequence_parallel`` ranks and the DiT sharded with FSDP2 when ``learner.sharding``
+        ``sequence_parallel`` ranks and the DiT sharded with FSDP2 when this rank's ``sharding``
         is ``fsdp``; a collective that waits longer than ``timeout_s`` (a
         rank died) raises. Returns ``rank``."""
         backend = "nccl" if self.learner.policy.device.type == "cuda" else "gloo"
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=timeout_s))
-        self.learner.data_parallel = DataParallel.from_default_group(self.learner.config.sequence_parallel)
-        if self.learner.config.sequence_parallel > 1:
+        self.learner.data_parallel = DataParallel.from_default_group(sequence_parallel)
+        if sequence_parallel > 1:
             self.learner.split_sequences()
-        if self.learner.config.sharding == "fsdp":
+        if self.sharding == "fsdp":
             self.learner.shard()
         return rank
 

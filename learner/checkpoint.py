@@ -6,7 +6,7 @@ Layout of a run directory::
                                learner.pt                 (optimizer, RNG, policy version; tensors and
                                                           plain containers only, loaded with weights_only=True)
                                driver.json                (step, data cursor, counters)
-                               optimizer_shards/          (``learner.sharding: fsdp`` only: each rank's
+                               optimizer_shards/          (``topology.learner.sharding: fsdp`` only: each rank's
                                                           AdamW shard, torch.distributed.checkpoint)
     checkpoints/latest         name of the newest complete checkpoint
 
@@ -141,7 +141,7 @@ def load_checkpoint(path: Path, learner) -> dict:
     Raises:
         FileNotFoundError: a file of the checkpoint is missing.
         CheckpointError: ``learner.pt`` holds anything but tensors and plain containers, or
-            the optimizer state was written with the other ``learner.sharding``.
+            the optimizer state was written with the other ``topology.learner.sharding``.
         policy.policy.AdapterMismatchError: the adapter does not fit the policy.
     """
     learner.policy.load_adapter_state(load_file(str(path / "adapter_model.safetensors")))
@@ -149,7 +149,7 @@ def load_checkpoint(path: Path, learner) -> dict:
     saved_sharded = state["optimizer"] == SHARDED
     if saved_sharded != learner.sharded:
         raise CheckpointError(f"{path} holds the optimizer state of a {'sharded' if saved_sharded else 'replicated'} learner; "
-                              f"resume with learner.sharding={'fsdp' if saved_sharded else 'replicate'}")
+                              f"resume with topology.learner.sharding={'fsdp' if saved_sharded else 'replicate'}")
     if learner.sharded:
         optimizer = get_optimizer_state_dict(learner.policy.transformer, learner.optimizer)  # this rank's layout
         shards = {"optimizer": optimizer}

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class LearnerConfig(BaseModel):
@@ -71,41 +71,11 @@ class LearnerConfig(BaseModel):
     updates_per_step: int = Field(1, ge=1)
     """Optimizer steps per batch of groups: the groups are split into this many
     minibatches; after the first, ratios move off 1 and clipping acts."""
-    ranks: int = Field(1, ge=1)
-    """Learner processes training data-parallel (one Ray actor each, placed by a placement group
-    of one bundle per rank with ``runtime.learner_num_cpus``/``_gpus``/``_resources``, packed):
-    the minibatch's work items (group, trained steps, sample range: :mod:`editrl.learner.work`)
-    are split round-robin and the gradients are summed before each optimizer step. With
-    ``sharding: replicate`` rank 0 publishes the adapter and writes checkpoints (the adapter and
-    optimizer state are the same on every rank); with ``fsdp`` every rank takes part.
-    ``--resume`` needs the same count and sharding."""
-    sharding: Literal["replicate", "fsdp"] = "replicate"
-    """With ``ranks > 1``: ``replicate`` keeps the whole DiT, adapter and optimizer on every rank
-    and all-reduces the LoRA gradients; ``fsdp`` shards them with FSDP2 (``fully_shard`` per
-    transformer block, :mod:`editrl.learner.sharding`): each rank holds 1/ranks of the weights,
-    the adapter's fp32 master weights and the AdamW state, gathers one block at a time, and
-    checkpoints write the optimizer state as per-rank shards (torch.distributed.checkpoint;
-    the run directory must be on storage every learner node sees)."""
-    sequence_parallel: int = Field(1, ge=1)
-    """Ulysses sequence parallelism: groups of this many consecutive learner ranks run the same
-    work items, each on 1/k of every sequence's tokens (attention exchanges tokens for heads
-    with all-to-alls; diffusers' context parallelism for Wan), so activations per rank are
-    about 1/k; work is split over ``ranks / k`` groups. Must divide ``ranks`` and the DiT's
-    attention heads, and the tokens per sequence; not for ``policy.kind: vace`` (diffusers
-    has no plan for it). Combines with either ``sharding``."""
     fsdp_param_dtype: Literal["float32", "bfloat16"] | None = None
-    """``sharding: fsdp``: the dtype parameters are gathered in for compute (FSDP2 mixed
+    """``topology.learner.sharding: fsdp``: the dtype parameters are gathered in for compute (FSDP2 mixed
     precision; gradients are always reduced in fp32); None is the DiT's weight dtype
     (``policy.dtype``)."""
     collective_timeout_s: float = Field(600.0, gt=0)
-    """With ``ranks > 1``: seconds a rank waits in a collective (a peer died or hangs) before it fails."""
+    """With ``topology.learner.ranks > 1``: seconds a rank waits in a collective (a peer died or hangs) before it fails."""
     torch_threads: int = Field(2, ge=1)
     """CPU threads of the learner process."""
-
-    @model_validator(mode="after")
-    def _sharding_needs_ranks(self) -> "LearnerConfig":
-        if self.sharding == "fsdp" and self.ranks < 2:
-            raise ValueError(f"learner.sharding=fsdp shards over learner ranks: needs learner.ranks >= 2, got {self.ranks}")
-        if self.ranks % self.sequence_parallel:
-            raise ValueError(f"learner.sequence_parallel={self.sequence_parallel} must divide learner.ranks={self.ranks}")
-        return self

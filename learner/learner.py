@@ -118,16 +118,17 @@ class Learner:
         return blocks
 
     def split_sequences(self) -> None:
-        """Ulysses sequence parallelism of degree ``learner.sequence_parallel`` over the ranks
+        """Ulysses sequence parallelism of the data-parallel group's degree over the ranks
         (:func:`editrl.learner.sharding.split_sequences`); every rank calls it, before :meth:`shard`.
 
         Raises:
-            RuntimeError: no data-parallel group of that degree.
+            RuntimeError: no data-parallel group with sequence parallelism, or already sharded.
             ValueError: see :func:`editrl.learner.sharding.split_sequences`.
         """
-        dp, degree = self.data_parallel, self.config.sequence_parallel
-        if dp is None or dp.sequence_parallel != degree or self.sharded:
-            raise RuntimeError(f"split_sequences() needs an unsharded data-parallel group with sequence_parallel={degree}")
+        dp = self.data_parallel
+        if dp is None or dp.sequence_parallel < 2 or self.sharded:
+            raise RuntimeError("split_sequences() needs an unsharded data-parallel group with sequence_parallel > 1")
+        degree = dp.sequence_parallel
         split_sequences(self.policy.transformer, dp.world_size, degree, self.policy.device.type)
         logger.info("learner rank %d: sequences split over %d ranks (sequence-parallel group %d of %d)",
                     dp.rank, degree, dp.data_rank, dp.data_size)

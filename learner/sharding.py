@@ -75,11 +75,11 @@ def split_sequences(transformer: torch.nn.Module, world_size: int, degree: int, 
             or its attention heads do not divide into ``degree`` parts.
     """
     if getattr(transformer, "_cp_plan", None) is None:
-        raise ValueError(f"learner.sequence_parallel={degree}: diffusers has no context-parallel plan for "
+        raise ValueError(f"topology.learner.sequence_parallel={degree}: diffusers has no context-parallel plan for "
                          f"{type(transformer).__name__}")
     heads = transformer.config.num_attention_heads
     if heads % degree:
-        raise ValueError(f"learner.sequence_parallel={degree} must divide the DiT's {heads} attention heads")
+        raise ValueError(f"topology.learner.sequence_parallel={degree} must divide the DiT's {heads} attention heads")
     from diffusers import ContextParallelConfig
 
     mesh = init_device_mesh(device_type, (world_size // degree, 1, degree), mesh_dim_names=("data", "ring", "ulysses"))

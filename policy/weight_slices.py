@@ -1,6 +1,6 @@
 """The sharded load of a checkpoint's DiT: every rank reads only its slice of each weight.
 
-A learner that shards the DiT with FSDP2 (``learner.sharding: fsdp``) would otherwise load
+A learner that shards the DiT with FSDP2 (``topology.learner.sharding: fsdp``) would otherwise load
 the whole model on every rank and then keep 1/N of it, so its load peak is the whole model
 (Wan2.1-14B: 28 GiB in bf16 per rank, 57 GiB of fp32 file pages read). Instead:
 

@@ -43,10 +43,9 @@ gradient norm exceeds. 3 groups x 3 trained steps are 9 work items: ranks run 5 
 zero-weight repeat), and the steps of one group land on both ranks."""
 
 
-def _parallel(world: int, sharding: str = "fsdp", sequence_parallel: int = 1):
+def _parallel(sharding: str = "fsdp", sequence_parallel: int = 1):
     """The test's learner and groups on these ranks, sequences split and the DiT sharded as asked."""
-    learner, groups = build_learner_and_groups(DataParallel.from_default_group(sequence_parallel), ranks=world,
-                                               sharding=sharding, sequence_parallel=sequence_parallel, **FSDP_CONFIG)
+    learner, groups = build_learner_and_groups(DataParallel.from_default_group(sequence_parallel), **FSDP_CONFIG)
     if sequence_parallel > 1:
         learner.split_sequences()
     if sharding == "fsdp":
@@ -60,7 +59,7 @@ SHARD_MEMORY_MODEL = {"latent_channels": 4, "vae_base_dim": 8, "dit_heads": 8, "
 the embeddings and norms: 36.1 M parameters, 144 MB in fp32 (no text encoder or VAE loaded)."""
 
 
-def _shard_memory(world: int) -> dict:
+def _shard_memory() -> dict:
     import gc
 
     from conftest import CORPUS, tiny_policy_config
@@ -77,14 +76,14 @@ def _shard_memory(world: int) -> dict:
 
     policy = EditPolicy.from_config(tiny_policy_config(tiny=TinyModelConfig(**SHARD_MEMORY_MODEL)), CORPUS, seed=0, encoders=False)
     weights = sum(p.numel() * p.element_size() for p in policy.transformer.parameters())
-    learner = Learner(policy, LearnerConfig(ranks=world, sharding="fsdp", torch_threads=1), data_parallel=DataParallel.from_default_group())
+    learner = Learner(policy, LearnerConfig(torch_threads=1), data_parallel=DataParallel.from_default_group())
     before = rss()
     learner.shard()
     return {"weights": weights, "freed": before - rss(),
             "local": sum(p.to_local().numel() * p.element_size() for p in policy.transformer.parameters())}
 
 
-def _load_checkpoint(world: int, sliced: bool) -> dict:
+def _load_checkpoint(sliced: bool) -> dict:
     from conftest import CORPUS, tiny_policy_config
 
     from editrl.learner.config import LearnerConfig
@@ -99,7 +98,7 @@ def _load_checkpoint(world: int, sliced: bool) -> dict:
     before = status("VmRSS")
     config = tiny_policy_config(checkpoint=os.environ["CHECKPOINT"], kind="concat", dtype="bfloat16")
     policy = EditPolicy.from_config(config, CORPUS, seed=0, encoders=False, sliced=sliced)
-    learner = Learner(policy, LearnerConfig(ranks=world, sharding="fsdp", torch_threads=1), data_parallel=DataParallel.from_default_group())
+    learner = Learner(policy, LearnerConfig(torch_threads=1), data_parallel=DataParallel.from_default_group())
     learner.shard()
     peak = status("VmHWM") - before
     params = {name: full_value(param).cpu() for name, param in policy.transformer.named_parameters()}
@@ -116,7 +115,7 @@ def main(rank: int, world: int, port: int, out: Path, mode: str) -> None:
     try:
         result = {}
         if mode in ("fsdp_memory", "load_whole", "load_sliced"):
-            result = _shard_memory(world) if mode == "fsdp_memory" else _load_checkpoint(world, mode == "load_sliced")
+            result = _shard_memory() if mode == "fsdp_memory" else _load_checkpoint(mode == "load_sliced")
             torch.save(result, out / f"rank{rank}.pt")
             dist.barrier()
             return
@@ -124,7 +123,7 @@ def main(rank: int, world: int, port: int, out: Path, mode: str) -> None:
             learner, groups = build_learner_and_groups(DataParallel.from_default_group())
             result["metrics"] = learner.train_step(groups)
         else:
-            learner, groups = _parallel(world, **MODES[mode])
+            learner, groups = _parallel(**MODES[mode])
             seen = []  # tokens per sequence inside the first block (its FFN's input: batch, tokens, width)
             hook = learner.policy.transformer.blocks[0].ffn.register_forward_pre_hook(lambda _, args: seen.append(args[0].shape[1]))
             result["metrics"], result["saved_bytes"] = train_step_saving(learner, groups)
@@ -135,7 +134,7 @@ def main(rank: int, world: int, port: int, out: Path, mode: str) -> None:
             save_checkpoint(run_dir, 1, learner, {})
             dist.barrier()
             second = learner.train_step(groups)
-            resumed, _ = _parallel(world)
+            resumed, _ = _parallel()
             load_checkpoint(latest_checkpoint(run_dir), resumed)
             result.update(second=second, resumed_metrics=resumed.train_step(groups), resumed=resumed.policy.adapter_state())
         result["adapter"] = learner.policy.adapter_state()

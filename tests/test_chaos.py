@@ -28,6 +28,7 @@ import yaml
 from conftest import tiny_policy_config
 from reward_servers import REPO_ROOT, wait_healthy
 
+from editrl.cluster.topology import RolloutTopology, TopologyConfig
 from editrl.cluster.config import EvalConfig, RewardServerSettings, RolloutConfig, RuntimeConfig, TrainConfig
 from editrl.cluster.reward_process import free_port
 from editrl.cluster.train import train
@@ -139,7 +140,7 @@ def test_reward_server_killed_and_restarted_mid_run(tmp_path, request, backend, 
         policy=tiny_policy_config(),
         learner=LearnerConfig(learning_rate=1e-2, torch_threads=1),
         # two attempts (one 0.5 s backoff): the outage outlasts the client's retries
-        rollout=RolloutConfig(num_workers=2, reward_timeout_s=15, reward_max_attempts=2),
+        topology=TopologyConfig(rollout=RolloutTopology(workers=2)), rollout=RolloutConfig(reward_timeout_s=15, reward_max_attempts=2),
         runtime=RuntimeConfig(mode="pipelined", max_staleness=STEPS, checkpoint_every=0,
                               on_score_failure=on_score_failure, max_score_reissues=20),
         reward_server=RewardServerSettings(url=server.url, startup_timeout_s=30),

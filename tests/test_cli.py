@@ -48,7 +48,8 @@ def tiny_preset(tmp_path: Path, **overrides) -> Path:
         "steps": 2, "prompts_per_step": 2, "group_size": 2,
         "policy": tiny_policy_config().model_dump(mode="json"),
         "learner": {"learning_rate": 1e-2, "torch_threads": 1},
-        "rollout": {"num_workers": 1, "reward_timeout_s": 30},
+        "rollout": {"reward_timeout_s": 30},
+        "topology": {"rollout": {"workers": 1}},
         "runtime": {"mode": "sequential", "checkpoint_every": 0},
         "eval": {"seeds_per_prompt": 1, "max_prompts": 1, "num_videos_saved": 0},
     }
@@ -73,13 +74,13 @@ def test_geometry_that_the_model_cannot_take_is_named_with_the_nearest_valid_val
 
 @pytest.mark.parametrize(("settings", "message"), [
     # 40 x 40 pixels, 5 frames: latent 3 x 10 x 10, patches 1 x 2 x 2: 3 x 5 x 5 = 75 tokens
-    (["policy.height=40", "policy.width=40", "learner.ranks=2", "learner.sequence_parallel=2"],
-     "learner.sequence_parallel=2 must divide the 75 tokens per sequence; degrees that work with learner.ranks=2: [1]"),
-    (["learner.ranks=6", "learner.sequence_parallel=3"],
-     "learner.sequence_parallel=3 must divide the 2 attention heads of the DiT; degrees that work with learner.ranks=6: [1, 2]"),
-    (["policy.kind=vace", "learner.ranks=2", "learner.sequence_parallel=2"],
-     "learner.sequence_parallel=2: policy.kind=vace has no context-parallel plan in diffusers; use 1"),
-    (["learner.ranks=3", "learner.sequence_parallel=2"], "learner.sequence_parallel=2 must divide learner.ranks=3"),
+    (["policy.height=40", "policy.width=40", "topology.learner.ranks=2", "topology.learner.sequence_parallel=2"],
+     "topology.learner.sequence_parallel=2 must divide the 75 tokens per sequence; degrees that work with topology.learner.ranks=2: [1]"),
+    (["topology.learner.ranks=6", "topology.learner.sequence_parallel=3"],
+     "topology.learner.sequence_parallel=3 must divide the 2 attention heads of the DiT; degrees that work with topology.learner.ranks=6: [1, 2]"),
+    (["policy.kind=vace", "topology.learner.ranks=2", "topology.learner.sequence_parallel=2"],
+     "topology.learner.sequence_parallel=2: policy.kind=vace has no context-parallel plan in diffusers; use 1"),
+    (["topology.learner.ranks=3", "topology.learner.sequence_parallel=2"], "topology.learner.sequence_parallel=2 must divide topology.learner.ranks=3"),
 ], ids=["tokens", "heads", "vace", "ranks"])
 def test_a_sequence_parallel_degree_that_cannot_split_the_work_is_refused_with_the_numbers(tmp_path, settings, message):
     sets = [arg for setting in settings for arg in ("--set", setting)]
@@ -308,11 +309,11 @@ def test_a_resume_with_another_rank_count_or_adapter_is_refused_before_anything_
     run = _checkpointed_run(tmp_path, ranks=2, lora_rank=lora.rank, attention="attn1")
     result = editrl("train", "--resume", str(run), cwd=tmp_path)
     assert_fails_before_heavy_imports(result, "checkpoint step_000002 was written by 2 learner ranks, the config asks "
-                                              "learner.ranks=1; resume with --set learner.ranks=2")
-    result = editrl("train", "--resume", str(run), "--set", "learner.ranks=2", "--set", f"policy.lora.rank={lora.rank * 2}",
+                                              "topology.learner.ranks=1; resume with --set topology.learner.ranks=2")
+    result = editrl("train", "--resume", str(run), "--set", "topology.learner.ranks=2", "--set", f"policy.lora.rank={lora.rank * 2}",
                     cwd=tmp_path)
     assert_fails_before_heavy_imports(result, f"has LoRA rank [{lora.rank}], the config asks policy.lora.rank={lora.rank * 2}")
-    result = editrl("train", "--resume", str(run), "--set", "learner.ranks=2", "--set", "policy.lora.attention=[self, cross]",
+    result = editrl("train", "--resume", str(run), "--set", "topology.learner.ranks=2", "--set", "policy.lora.attention=[self, cross]",
                     cwd=tmp_path)
     assert_fails_before_heavy_imports(result, "adapts attn1.to_k, attn1.to_out.0, attn1.to_q, attn1.to_v; the config")
 

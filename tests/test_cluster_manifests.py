@@ -74,7 +74,7 @@ def test_entrypoint_places_the_driver_on_the_learner_and_trains_the_cluster_pres
     assert preset == ROOT / "configs" / "cluster.yaml"
 
     config = load_train_config(preset)
-    assert config.rollout.resources == {"rollout": 1} and config.rollout.num_gpus_per_worker == 1
+    assert config.topology.rollout.resources == {"rollout": 1} and config.topology.rollout.gpus == 1
     # the run reaches the reward replicas through the Service in front of the reward pods
     service = docs["Service"]
     url = urlparse(config.reward_server.url)
@@ -140,20 +140,20 @@ def test_the_worker_groups_can_hold_the_processes_the_cluster_preset_and_the_ser
         """How many processes asking ``ask`` one pod holds."""
         return min(int(pod.get(key, 0.0) // value) for key, value in ask.items() if value > 0)
 
-    rollout = config.rollout
-    per_worker = {"CPU": rollout.num_cpus_per_worker, "GPU": rollout.num_gpus_per_worker, **rollout.resources}
-    per_pod = fit(pods["rollout"], per_worker)
+    topology = config.topology
+    per_pod = fit(pods["rollout"], topology.rollout.ask())
     assert per_pod >= 1
-    assert groups["rollout"]["replicas"] * per_pod >= rollout.num_workers  # the starting pods hold the starting workers
-    rt = config.runtime
-    per_rank = {"CPU": rt.learner_num_cpus, "GPU": rt.learner_num_gpus, **rt.learner_resources}
-    assert groups["learner"]["maxReplicas"] * fit(pods["learner"], per_rank) >= config.learner.ranks
+    assert groups["rollout"]["replicas"] * per_pod >= topology.rollout.workers  # the starting pods hold the starting workers
+    assert groups["learner"]["maxReplicas"] * fit(pods["learner"], topology.learner.ask()) >= topology.learner.ranks
     assert pods["learner"]["driver"] >= 1  # the job's driver (entrypointResources) sits beside the learner
 
+    # the Serve app runs the replicas the topology names, each asking what the topology says
     serve = yaml.safe_load((CLUSTER / "reward_serve.yaml").read_text())["applications"][0]
     options = serve["deployments"][0]["ray_actor_options"]
     per_replica = {"CPU": options["num_cpus"], "GPU": options["num_gpus"], **options["resources"]}
-    assert groups["reward"]["maxReplicas"] * fit(pods["reward"], per_replica) >= serve["args"]["num_replicas"]
+    assert serve["args"]["num_replicas"] == topology.reward.replicas
+    assert {key: value for key, value in per_replica.items() if value > 0} == topology.reward.ask()
+    assert groups["reward"]["maxReplicas"] * fit(pods["reward"], per_replica) >= topology.reward.replicas
 
     # pod memory follows editrl plan for the processes that live in host memory (the reward replicas
     # on CPU; the rollout workers' and learner's own peaks are GPU memory, checked by the plan itself)

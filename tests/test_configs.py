@@ -42,3 +42,38 @@ def test_antithetic_pairs_need_an_even_group_size():
     load_train_config(REPO_ROOT / "configs/default.yaml", {"policy.antithetic": True, "group_size": 4})
     with pytest.raises(ValueError, match="group_size must be even, got 5"):
         load_train_config(REPO_ROOT / "configs/default.yaml", {"policy.antithetic": True, "group_size": 5})
+
+
+def test_a_field_that_moved_into_topology_is_refused_with_its_new_place():
+    from pydantic import ValidationError
+
+    from editrl.cluster.config import TrainConfig
+
+    with pytest.raises(ValidationError, match=r"rollout.num_workers is now topology.rollout.workers; "
+                                              r"learner.ranks is now topology.learner.ranks"):
+        TrainConfig.model_validate({"rollout": {"num_workers": 4}, "learner": {"ranks": 2}})
+    config = TrainConfig.model_validate({"topology": {"rollout": {"workers": 4}, "learner": {"ranks": 2, "gpus": 1}}})
+    assert config.topology.rollout.workers == 4 and config.topology.learner.ask() == {"CPU": 1.0, "GPU": 1.0}
+
+
+def test_several_reward_replicas_need_a_reward_server_the_run_does_not_start():
+    from pydantic import ValidationError
+
+    from editrl.cluster.config import TrainConfig
+
+    with pytest.raises(ValidationError, match=r"topology.reward.replicas=2: a run starts one reward server itself"):
+        TrainConfig.model_validate({"topology": {"reward": {"replicas": 2}}})
+    served = TrainConfig.model_validate({"topology": {"reward": {"replicas": 2}}, "reward_server": {"url": "http://r:8000"}})
+    assert served.topology.reward.replicas == 2
+
+
+def test_the_plan_counts_and_places_every_process_kind_as_the_topology_says():
+    from editrl.cluster.config import TrainConfig
+    from editrl.cluster.plan import plan_run
+
+    config = TrainConfig.model_validate({"topology": {"rollout": {"workers": 3}, "learner": {"ranks": 2, "gpus": 1},
+                                                      "reward": {"replicas": 4, "gpus": 1}},
+                                         "reward_server": {"url": "http://r:8000"}, "runtime": {"device_memory_gib": 80}})
+    processes = {p.kind: (p.count, p.device, p.limit) for p in plan_run(config).processes}
+    gib = 2**30
+    assert processes == {"rollout worker": (3, "cpu", None), "learner rank": (2, "cuda", 80 * gib), "reward replica": (4, "cuda", 80 * gib)}

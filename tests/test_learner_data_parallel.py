@@ -54,15 +54,15 @@ def test_each_rank_takes_every_world_sizeth_item():
 def test_ranks_the_cluster_cannot_place_are_refused_with_the_numbers(monkeypatch):
     import ray
 
-    from editrl.cluster.config import RuntimeConfig, TrainConfig
+    from editrl.cluster.config import TrainConfig
     from editrl.cluster.learner_group import check_placement
-    from editrl.learner.config import LearnerConfig
+    from editrl.cluster.topology import LearnerTopology, TopologyConfig
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": 4.0})
-    fits = TrainConfig(learner=LearnerConfig(ranks=4), runtime=RuntimeConfig(learner_num_cpus=2, learner_num_gpus=1))
+    fits = TrainConfig(topology=TopologyConfig(learner=LearnerTopology(ranks=4, cpus=2, gpus=1)))
     check_placement(fits)
-    too_many = fits.model_copy(update={"learner": LearnerConfig(ranks=8)})
-    with pytest.raises(ValueError, match=r"learner.ranks=8 needs 8 GPU \(1 per rank.*the Ray cluster has 4$"):
+    too_many = TrainConfig(topology=TopologyConfig(learner=LearnerTopology(ranks=8, cpus=2, gpus=1)))
+    with pytest.raises(ValueError, match=r"topology.learner.ranks=8 needs 8 GPU \(1 per rank.*the Ray cluster has 4$"):
         check_placement(too_many)
 
 
@@ -74,16 +74,17 @@ def two_learner_ranks():
     from data_parallel_setup import build_learner_and_groups
 
     from conftest import CORPUS, tiny_policy_config
-    from editrl.cluster.config import RuntimeConfig, TrainConfig
+    from editrl.cluster.config import TrainConfig
     from editrl.cluster.learner_group import start_learner
+    from editrl.cluster.topology import LearnerTopology, TopologyConfig
     from editrl.learner.config import LearnerConfig
 
     root = Path(__file__).resolve().parent.parent
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": f"{root}{os.pathsep}{root / 'tests'}"}})
     try:
-        config = TrainConfig(policy=tiny_policy_config(), learner=LearnerConfig(ranks=2, torch_threads=1, collective_timeout_s=10),
-                             runtime=RuntimeConfig(learner_num_cpus=0.5))
+        config = TrainConfig(policy=tiny_policy_config(), learner=LearnerConfig(torch_threads=1, collective_timeout_s=10),
+                             topology=TopologyConfig(learner=LearnerTopology(ranks=2, cpus=0.5)))
         group = start_learner(config, "test-learner", "editrl-test", (config.policy, config.learner, CORPUS, str(root), 0, "cpu"))
         ray.get(group.ready.remote())
         yield ray, group, build_learner_and_groups()[1]

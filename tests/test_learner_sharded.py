@@ -181,10 +181,14 @@ def test_pooled_statistics_do_not_depend_on_which_rank_ran_which_samples():
         assert errors[0] == pytest.approx(torch.tensor(3.0).exp().item() - 1.0)
 
 
-def test_fsdp_needs_more_than_one_rank():
-    with pytest.raises(ValueError, match="learner.sharding=fsdp .* needs learner.ranks >= 2, got 1"):
-        LearnerConfig(sharding="fsdp")
-    assert LearnerConfig(ranks=2, sharding="fsdp").fsdp_param_dtype is None
+def test_fsdp_needs_more_than_one_rank_and_sequence_parallelism_a_divisor_of_the_ranks():
+    from editrl.cluster.topology import LearnerTopology
+
+    with pytest.raises(ValueError, match="topology.learner.sharding=fsdp .* needs topology.learner.ranks >= 2, got 1"):
+        LearnerTopology(sharding="fsdp")
+    with pytest.raises(ValueError, match="topology.learner.sequence_parallel=2 must divide topology.learner.ranks=3"):
+        LearnerTopology(ranks=3, sequence_parallel=2)
+    assert LearnerTopology(ranks=2, sharding="fsdp").sharding == "fsdp"
 
 
 def _kill_rank_one_in_its_second_update(run_dir: Path, killed: dict) -> None:
@@ -218,14 +222,16 @@ def test_runs_with_two_replicated_sharded_resumed_or_killed_and_resumed_ranks_tr
 
     from conftest import tiny_policy_config
     from editrl.cluster.config import EvalConfig, RolloutConfig, RuntimeConfig, TrainConfig
+    from editrl.cluster.topology import LearnerTopology, RolloutTopology, TopologyConfig
     from editrl.cluster.train import train
 
-    def config(steps: int, **learner) -> TrainConfig:
+    def config(steps: int, **ranks) -> TrainConfig:
         return TrainConfig(
             steps=steps, prompts_per_step=3, group_size=2, policy=tiny_policy_config(),
-            learner=LearnerConfig(learning_rate=1e-2, torch_threads=1, collective_timeout_s=120, **learner),
-            rollout=RolloutConfig(num_workers=1, reward_timeout_s=30),
-            runtime=RuntimeConfig(mode="sequential", checkpoint_every=1, learner_num_cpus=0.5),
+            learner=LearnerConfig(learning_rate=1e-2, torch_threads=1, collective_timeout_s=120),
+            rollout=RolloutConfig(reward_timeout_s=30),
+            topology=TopologyConfig(rollout=RolloutTopology(workers=1), learner=LearnerTopology(cpus=0.5, **ranks)),
+            runtime=RuntimeConfig(mode="sequential", checkpoint_every=1),
             eval=EvalConfig(seeds_per_prompt=1, max_prompts=1, num_videos_saved=0),
         )
 

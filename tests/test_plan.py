@@ -111,14 +111,16 @@ def test_the_learner_estimate_is_within_25_percent_of_a_learner_process_peak_rss
 
 def test_a_sharded_learner_rank_holds_its_share_of_the_weights_and_two_gathered_blocks():
     config = load_train_config(REPO_ROOT / "configs" / "wan21_14b_480p.yaml")  # 4 ranks, fsdp, bf16
-    assert config.learner.sharding == "fsdp" and config.learner.ranks == 4
+    assert config.topology.learner.sharding == "fsdp" and config.topology.learner.ranks == 4
 
     def items(config):
         learner = next(p for p in plan_run(config).processes if p.kind == "learner rank")
         return {item.name: item.bytes for item in learner.items}, learner.peak
 
     sharded, sharded_peak = items(config)
-    whole, whole_peak = items(config.model_copy(update={"learner": config.learner.model_copy(update={"sharding": "replicate"})}))
+    topology = config.topology
+    replicated = topology.model_copy(update={"learner": topology.learner.model_copy(update={"sharding": "replicate"})})
+    whole, whole_peak = items(config.model_copy(update={"topology": replicated}))
     assert sharded["DiT weights"] == pytest.approx(whole["DiT weights"] / 4)
     assert sharded["LoRA adapter, gradient, AdamW state"] == pytest.approx(whole["LoRA adapter, gradient, AdamW state"] / 4)
     # a 14B block's linear weights: 8 attention projections 5120 x 5120 (209,715,200) + FFN 2 x 5120 x 13824
@@ -149,7 +151,7 @@ def test_plan_refuses_a_config_that_cannot_fit_and_names_the_numbers():
 
 def test_train_refuses_a_config_whose_plan_does_not_fit_before_starting_anything(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "editrl", "train", "--run-dir", str(tmp_path / "run"), "--set", "runtime.learner_num_gpus=1",
+        [sys.executable, "-m", "editrl", "train", "--run-dir", str(tmp_path / "run"), "--set", "topology.learner.gpus=1",
          "--set", "runtime.device_memory_gib=0.25"],
         capture_output=True, text=True, cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, timeout=300)
     assert out.returncode == 1

@@ -17,6 +17,7 @@ import torch
 from conftest import tiny_policy_config
 from safetensors.torch import load_file
 
+from editrl.cluster.topology import RolloutTopology, TopologyConfig
 from editrl.cluster.config import EvalConfig, RolloutConfig, RuntimeConfig, TrainConfig
 from editrl.cluster.controller import DEFAULT_NAME, NAMESPACE
 from editrl.cluster.train import train
@@ -33,7 +34,7 @@ def _config(**runtime) -> TrainConfig:
         group_size=2,
         policy=tiny_policy_config(),
         learner=LearnerConfig(learning_rate=1e-2, torch_threads=1),
-        rollout=RolloutConfig(num_workers=2, reward_timeout_s=30, max_restarts=2),
+        topology=TopologyConfig(rollout=RolloutTopology(workers=2)), rollout=RolloutConfig(reward_timeout_s=30, max_restarts=2),
         runtime=RuntimeConfig(**runtime),
         eval=EvalConfig(seeds_per_prompt=1, max_prompts=1, num_videos_saved=0),
     )

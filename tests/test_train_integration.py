@@ -7,6 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import tiny_policy_config
 
+from editrl.cluster.topology import RolloutTopology, TopologyConfig
 from editrl.cluster.config import EvalConfig, RolloutConfig, RuntimeConfig, TrainConfig
 from editrl.cluster.run_log import paired_gain
 from editrl.cluster.train import train
@@ -23,7 +24,7 @@ def test_two_training_steps_through_ray_and_the_reward_server(tmp_path):
         group_size=2,
         policy=tiny_policy_config(),
         learner=LearnerConfig(learning_rate=1e-2, torch_threads=1),
-        rollout=RolloutConfig(num_workers=2, reward_timeout_s=30),
+        topology=TopologyConfig(rollout=RolloutTopology(workers=2)), rollout=RolloutConfig(reward_timeout_s=30),
         runtime=RuntimeConfig(mode="sequential", checkpoint_every=1),
         eval=EvalConfig(seeds_per_prompt=2, max_prompts=3, num_videos_saved=2),
     )
