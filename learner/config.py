@@ -72,9 +72,10 @@ class LearnerConfig(BaseModel):
     """Optimizer steps per batch of groups: the groups are split into this many
     minibatches; after the first, ratios move off 1 and clipping acts."""
     fsdp_param_dtype: Literal["float32", "bfloat16"] | None = None
-    """``topology.learner.sharding: fsdp``: the dtype parameters are gathered in for compute (FSDP2 mixed
-    precision; gradients are always reduced in fp32); None is the DiT's weight dtype
-    (``policy.dtype``)."""
+    """``topology.learner.sharding: fsdp``: the dtype every parameter is gathered in for compute
+    (FSDP2 mixed precision; the adapter then computes in it too); None keeps each parameter's
+    own dtype, as the rollout workers' unsharded model computes (bf16 weights, Wan's fp32
+    norms and time embedding, the fp32 adapter). Gradients are always reduced in fp32."""
     collective_timeout_s: float = Field(600.0, gt=0)
     """With ``topology.learner.ranks > 1``: seconds a rank waits in a collective (a peer died or hangs) before it fails."""
     torch_threads: int = Field(2, ge=1)

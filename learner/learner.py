@@ -93,7 +93,7 @@ class Learner:
     def shard(self) -> int:
         """Shard the DiT and the adapter over the data-parallel ranks with FSDP2
         (:func:`editrl.learner.sharding.shard_transformer`, parameters gathered in
-        ``fsdp_param_dtype``) and rebuild the optimizer on the shards. A policy loaded with
+        ``fsdp_param_dtype``, or each in its own dtype) and rebuild the optimizer on the shards. A policy loaded with
         ``sliced=True`` then reads this rank's rows of the DiT's weights
         (:meth:`editrl.policy.policy.EditPolicy.read_weight_slices`). Every rank calls it,
         before the first update. Returns the number of sharded blocks.
@@ -104,7 +104,7 @@ class Learner:
         dp = self.data_parallel
         if dp is None or self.sharded or self.optimizer.state:
             raise RuntimeError("shard() needs a data-parallel group and an unsharded learner before its first update")
-        dtype = getattr(torch, self.config.fsdp_param_dtype or self.policy.config.dtype)
+        dtype = getattr(torch, self.config.fsdp_param_dtype) if self.config.fsdp_param_dtype else None
         sliced = self.policy.defer_weights()
         blocks = shard_transformer(self.policy.transformer, dp.world_size, self.policy.device.type, dtype)
         if sliced:
@@ -114,7 +114,7 @@ class Learner:
         self.optimizer = self._optimizer()
         self.sharded = True
         logger.info("learner rank %d: DiT sharded over %d ranks (%d FSDP2 blocks, parameters gathered in %s)",
-                    dp.rank, dp.world_size, blocks, dtype)
+                    dp.rank, dp.world_size, blocks, dtype or "their own dtypes")
         return blocks
 
     def split_sequences(self) -> None:

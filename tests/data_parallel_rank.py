@@ -7,7 +7,7 @@ gloo process group on 127.0.0.1:PORT and, by MODE:
 - ``replicate`` (default): one ``Learner.train_step`` with
   :class:`editrl.learner.data_parallel.DataParallel`;
 - ``fsdp``: the same with the DiT sharded by FSDP2 (``Learner.shard``) and the gradient
-  clipped (``FSDP_CONFIG``);
+  clipped (``FSDP_CONFIG``); ``fsdp_bf16`` with the policy in bf16;
 - ``fsdp_resume``: sharded, one update, a checkpoint, a second update; then a fresh
   sharded learner restored from the checkpoint takes the second update again (written as
   ``resumed``);
@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from data_parallel_setup import build_learner_and_groups, train_step_saving  # noqa: E402
+from data_parallel_setup import build_learner_and_groups, local_bytes, train_step_saving  # noqa: E402
 
 from editrl.learner.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
 from editrl.learner.data_parallel import DataParallel  # noqa: E402
@@ -43,9 +43,9 @@ gradient norm exceeds. 3 groups x 3 trained steps are 9 work items: ranks run 5 
 zero-weight repeat), and the steps of one group land on both ranks."""
 
 
-def _parallel(sharding: str = "fsdp", sequence_parallel: int = 1):
+def _parallel(sharding: str = "fsdp", sequence_parallel: int = 1, dtype: str = "float32"):
     """The test's learner and groups on these ranks, sequences split and the DiT sharded as asked."""
-    learner, groups = build_learner_and_groups(DataParallel.from_default_group(sequence_parallel), **FSDP_CONFIG)
+    learner, groups = build_learner_and_groups(DataParallel.from_default_group(sequence_parallel), dtype=dtype, **FSDP_CONFIG)
     if sequence_parallel > 1:
         learner.split_sequences()
     if sharding == "fsdp":
@@ -80,7 +80,7 @@ def _shard_memory() -> dict:
     before = rss()
     learner.shard()
     return {"weights": weights, "freed": before - rss(),
-            "local": sum(p.to_local().numel() * p.element_size() for p in policy.transformer.parameters())}
+            "local": local_bytes(policy.transformer)}
 
 
 def _load_checkpoint(sliced: bool) -> dict:
@@ -102,12 +102,12 @@ def _load_checkpoint(sliced: bool) -> dict:
     learner.shard()
     peak = status("VmHWM") - before
     params = {name: full_value(param).cpu() for name, param in policy.transformer.named_parameters()}
-    local = sum(p.to_local().numel() * p.element_size() for p in policy.transformer.parameters())
+    local = local_bytes(policy.transformer)
     return {"params": params, "peak": peak, "local": local,
             "buffers": {name: b.cpu() for name, b in policy.transformer.named_buffers()}}
 
 
-MODES = {"fsdp": {}, "fsdp_resume": {}, "sp": {"sharding": "replicate", "sequence_parallel": 2}, "fsdp_sp": {"sequence_parallel": 2}}
+MODES = {"fsdp": {}, "fsdp_bf16": {"dtype": "bfloat16"}, "fsdp_resume": {}, "sp": {"sharding": "replicate", "sequence_parallel": 2}, "fsdp_sp": {"sequence_parallel": 2}}
 
 
 def main(rank: int, world: int, port: int, out: Path, mode: str) -> None:

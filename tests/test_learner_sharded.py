@@ -31,11 +31,14 @@ def _relative_error(result: dict, expected: dict) -> float:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize(("world", "mode"), [(2, "fsdp"), (2, "sp"), (4, "fsdp_sp")],
-                         ids=["fsdp", "sequence_parallel", "fsdp_and_sequence_parallel"])
+@pytest.mark.parametrize(("world", "mode"), [(2, "fsdp"), (2, "fsdp_bf16"), (2, "sp"), (4, "fsdp_sp")],
+                         ids=["fsdp", "fsdp_bf16", "sequence_parallel", "fsdp_and_sequence_parallel"])
 def test_sharded_or_sequence_parallel_ranks_give_the_one_rank_adapter(tmp_path, world, mode):
     run_ranks(world, tmp_path, mode)
-    learner, groups = build_learner_and_groups(**FSDP_CONFIG)
+    # bf16: each parameter computes in its own dtype when sharded (the fp32 adapter and norms beside
+    # the bf16 weights), exactly as one unsharded rank does, so the same ratios and the same update
+    dtype = "bfloat16" if mode.endswith("bf16") else "float32"
+    learner, groups = build_learner_and_groups(dtype=dtype, **FSDP_CONFIG)
     start = learner.policy.adapter_state()
     expected_metrics, saved_bytes = train_step_saving(learner, groups)
     expected = learner.policy.adapter_state()
@@ -47,6 +50,8 @@ def test_sharded_or_sequence_parallel_ranks_give_the_one_rank_adapter(tmp_path, 
         print(f"relative error of the sharded adapter: {error:.2e}")
         assert error <= 1e-5
         metrics = result["metrics"]
+        for key in ("onpolicy_ratio_error", "ratio_min", "ratio_max"):
+            assert metrics[key] == expected_metrics[key], key
         assert metrics["onpolicy_ratio_error"] == 0.0 and metrics["ratio_min"] == metrics["ratio_max"] == 1.0
         assert metrics["train_terms"] == expected_metrics["train_terms"] == 9.0
         for key in ("loss", "pg_loss", "kl_ref", "adv_mean", "adv_std", "grad_norm", "log_ratio_std"):
@@ -57,7 +62,7 @@ def test_sharded_or_sequence_parallel_ranks_give_the_one_rank_adapter(tmp_path, 
     assert tuple(groups[0].latents.shape[-3:]) == (3, 8, 8) and tokens == 48 and all(r["block_tokens"] == [tokens // 2 if "sp" in mode else tokens] for r in ranks)
     # activations kept per forward: 9 work items on one rank; ceil(9 / 2) = 5 forwards on each rank when two
     # groups of ranks split them (FSDP pads the shorter share), all 9 when both ranks of a pair run them all
-    forwards = {"fsdp": 5, "sp": 9, "fsdp_sp": 5}[mode]
+    forwards = {"fsdp": 5, "fsdp_bf16": 5, "sp": 9, "fsdp_sp": 5}[mode]
     for r in ranks:
         ratio = (r["saved_bytes"] / forwards) / (saved_bytes / 9)
         print(f"{mode}: activations kept per forward {ratio:.3f}x the one-rank learner's")
