@@ -36,7 +36,8 @@ bench: venv
 	PYTHONPATH=$(CURDIR) $(PY) -m bench $(BENCH_ARGS)
 
 # On a machine with a CUDA device: the tests marked `gpu` (the learner's recomputed
-# log-probs in bf16, the in-process VLM judge) and the benchmarks' GPU section (item 7).
+# log-probs in bf16, the in-process VLM judge, the sharded learner on NCCL, the plan's
+# learner estimate against the GPU's peak) and the benchmarks' GPU section (item 7).
 # Without one, both report that they were skipped and why.
 gpu-check: venv
 	$(PY) -m pytest -m gpu -rs $(PYTEST_ARGS)

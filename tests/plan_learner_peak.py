@@ -1,6 +1,8 @@
 """A learner process as the learner actor runs it, for ``tests/test_plan.py``: load the DiT of
 a checkpoint (no encoders), take one update on groups of random latents, print the
-process's peak RSS (VmHWM) and its RSS after loading, in MiB, as JSON.
+process's peak RSS (VmHWM) and its RSS after loading, in MiB, as JSON; with
+``topology.learner.gpus`` the learner runs on CUDA and the peak CUDA memory allocated during the
+update and the memory allocated after loading are printed too.
 
 Usage: python tests/plan_learner_peak.py CONFIG_JSON
 """
@@ -26,7 +28,8 @@ def main() -> None:
 
     config = TrainConfig.model_validate(json.loads(sys.argv[1]))
     torch.set_num_threads(config.learner.torch_threads)
-    policy = EditPolicy.from_config(config.policy, [], encoders=False)
+    cuda = config.topology.learner.gpus > 0
+    policy = EditPolicy.from_config(config.policy, [], encoders=False, device="cuda" if cuda else "cpu")
     generator = torch.Generator().manual_seed(0)
     c = policy.vae_config["z_dim"]
     spatial = 2 ** len(policy.vae_config["temperal_downsample"])
@@ -43,8 +46,16 @@ def main() -> None:
         rewards=torch.arange(g, dtype=torch.float32), reward_dimensions={}, reward_config_version="plan",
     ) for i in range(config.prompts_per_step)]
     loaded = status_mib("VmRSS")
-    Learner(policy, config.learner).train_step(groups)
-    print(json.dumps({"loaded_rss_mib": loaded, "peak_rss_mib": status_mib("VmHWM")}))
+    learner = Learner(policy, config.learner)
+    result = {"loaded_rss_mib": loaded}
+    if cuda:
+        torch.cuda.synchronize()
+        result["cuda_loaded_mib"] = torch.cuda.memory_allocated() / 2**20
+        torch.cuda.reset_peak_memory_stats()
+    learner.train_step(groups)
+    if cuda:
+        result["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    print(json.dumps({**result, "peak_rss_mib": status_mib("VmHWM")}))
 
 
 if __name__ == "__main__":

@@ -69,10 +69,10 @@ def test_the_activation_model_extrapolates_to_a_direct_count(dtype, kind):
     assert model.forward_bytes(sizes, tokens=96) == pytest.approx(direct, rel=1e-6)
 
 
-def _learner_config(checkpoint: Path, frames: int, checkpointing: str) -> TrainConfig:
+def _learner_config(checkpoint: Path, frames: int, checkpointing: str, dtype: str = "float32", gpus: int = 0) -> TrainConfig:
     policy = PolicyConfig(checkpoint=str(checkpoint), tiny=medium_tiny(), height=240, width=416, num_frames=frames,
-                          num_steps=2, sde_fraction=0.5, max_text_tokens=16, lora=LoraSettings(rank=8, alpha=16))
-    return TrainConfig(policy=policy, group_size=2, prompts_per_step=1,
+                          num_steps=2, sde_fraction=0.5, max_text_tokens=16, lora=LoraSettings(rank=8, alpha=16), dtype=dtype)
+    return TrainConfig(policy=policy, group_size=2, prompts_per_step=1, topology={"learner": {"gpus": gpus}},
                        learner={"micro_batch_samples": 1, "activation_checkpointing": checkpointing, "kl_coef": 0.004,
                                 "torch_threads": 1})
 
@@ -107,6 +107,26 @@ def test_the_learner_estimate_is_within_25_percent_of_a_learner_process_peak_rss
         assert measured["peak_rss_mib"] * MIB == pytest.approx(learner.peak, rel=0.25), (frames, mode, measured, items)
     added = [r["peak_rss_mib"] - r["loaded_rss_mib"] for r in results]
     assert added[1] > 1.4 * added[0] and added[2] < 0.8 * added[1]  # grows with the tokens, checkpointing saves
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_learner_estimate_is_within_25_percent_of_a_gpu_learner_peak(medium_checkpoint):
+    # bf16 weights on one GPU, 33 frames at 240 x 416 (latent 9 x 30 x 52: 3510 tokens) with and without checkpointing
+    cases = [(17, "off"), (33, "off"), (33, "on")]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    for frames, mode in cases:
+        config = _learner_config(medium_checkpoint, frames, mode, dtype="bfloat16", gpus=1)
+        out = subprocess.run([sys.executable, str(REPO_ROOT / "tests" / "plan_learner_peak.py"), config.model_dump_json()],
+                             capture_output=True, text=True, env=env, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        measured = json.loads(out.stdout.strip().splitlines()[-1])
+        learner = next(p for p in plan_run(config).processes if p.kind == "learner rank")
+        items = {i.name: i.bytes for i in learner.items}
+        estimate = learner.peak - items["runtime"]  # the CUDA context is not allocated memory
+        print(f"{frames} frames, checkpointing {mode}: CUDA peak {measured['cuda_peak_mib']:.0f} MiB, estimated "
+              f"{estimate / MIB:.0f} MiB (loaded {measured['cuda_loaded_mib']:.0f} MiB)")
+        assert measured["cuda_peak_mib"] * MIB == pytest.approx(estimate, rel=0.25), (frames, mode, measured, items)
 
 
 def test_a_sharded_learner_rank_holds_its_share_of_the_weights_and_two_gathered_blocks():
