@@ -4,7 +4,9 @@ With CUDA present: sampling overhead (item 2), batched-timestep training
 (item 5) and the adapter's publish-and-load round trip (item 3 without Ray: on
 one GPU the learner and the worker share a device) with the medium random-init
 Wan DiT of :data:`bench.workload.MEDIUM_MODEL` at (16, 9, 30, 52) latents (240x416,
-33 frames), bf16 weights. Without CUDA the result says it was skipped and why.
+33 frames), bf16 weights; and the sharded learner of :mod:`bench.gpu_learner` (one rollout
+group and one FSDP2 update at 480p x 33 frames, its peak next to ``editrl plan``'s).
+Without CUDA the result says it was skipped and why.
 The reward server and the Ray benchmarks are CPU-side and are not repeated here.
 """
 from __future__ import annotations
@@ -13,7 +15,7 @@ import logging
 
 import torch
 
-from bench import learner_batching, sampling_overhead
+from bench import gpu_learner, learner_batching, sampling_overhead
 from bench.harness import interleaved
 from bench.results import BenchResult, Measurement, Stats, Target
 from bench.workload import corpus, latent_shape, policy_config
@@ -82,6 +84,13 @@ def measure(sampling: sampling_overhead.Settings, learner: learner_batching.Sett
     except Exception as exc:  # noqa: BLE001
         logger.exception("GPU adapter round trip failed")
         merged.notes.append(f"adapter round trip failed: {type(exc).__name__}: {exc}")
+    try:  # the sharded learner at 480p x 33 frames (bench/gpu_learner.py)
+        rows, targets = gpu_learner.measure_on_gpu()
+        merged.measurements += rows
+        merged.targets += targets
+    except Exception as exc:  # noqa: BLE001
+        logger.exception("GPU sharded learner failed")
+        merged.notes.append(f"{gpu_learner.NAME} failed: {type(exc).__name__}: {exc}")
     config = policy_config(profile)
     merged.settings.update(latent_shape=list(latent_shape(config)), dit=config.tiny.model_dump(), dtype=config.dtype, device=device)
     if not merged.measurements:
@@ -98,5 +107,6 @@ def run(profile: str) -> BenchResult:
         name=NAME, item=ITEM, title=TITLE, profile=profile, status="skipped",
         reason="skipped: no CUDA device on this machine (torch.cuda.is_available() is False)",
         notes=["With a GPU, `make bench` runs items 2, 5 and the adapter round trip of item 3 with a medium Wan DiT "
-               "(8 layers of Wan2.1-1.3B's width) at (16, 9, 30, 52) latents in bf16."],
+               "(8 layers of Wan2.1-1.3B's width) at (16, 9, 30, 52) latents in bf16, and one sharded (FSDP2, NCCL) "
+               "update of it at 480p x 33 frames with its peak GPU memory next to editrl plan's estimate."],
     )

@@ -85,7 +85,9 @@ def conditioning(policy: EditPolicy, index: int, seed: int = 0) -> tuple[torch.T
     """Source latents ``(1, C, f, h, w)`` (standard normal: timings do not depend on the
     values, and the VAE is not what is measured), the embeddings of the bundled
     instruction number ``index`` and of the empty instruction, on the policy's device."""
-    shape = (1, *latent_shape(policy.config))
+    vae, c = policy.vae_config, policy.config  # the loaded model's factors (a checkpoint's too)
+    temporal, spatial = 2 ** sum(vae["temperal_downsample"]), 2 ** len(vae["temperal_downsample"])
+    shape = (1, vae["z_dim"], 1 + (c.num_frames - 1) // temporal, c.height // spatial, c.width // spatial)
     source = torch.randn(shape, generator=torch.Generator().manual_seed(seed + index)).to(policy.device)
     texts = corpus()
     return source, policy.encode_text([texts[index % len(texts)]]), policy.encode_text([""])

@@ -185,3 +185,17 @@ def test_cluster_sim_smoke_takes_stage_times_from_the_plan_flops():
     # sampling runs 20 steps of the CFG pair, training 2 steps x 5 forwards: 2x the sampling time per group
     assert stages["Wan2.1-14B"]["sample_s"] == pytest.approx(2 * stages["Wan2.1-14B"]["train_group_s"])
     assert {m.metrics["bottleneck"] for m in result.measurements} <= {"workers", "reward", "learner", "staleness window"}
+
+
+def test_the_gpu_learner_check_runs_its_steps_on_the_cpu_with_a_tiny_checkpoint(tmp_path):
+    # the GPU check's own code (sample, sliced load, one-rank FSDP2 with per-dtype units, one bf16 update),
+    # run on gloo at 32 x 32 x 5 frames: the sharded bf16 learner recomputes the sampler's log-probs exactly
+    from bench.gpu_learner import measure, run_config
+    from bench.workload import SMOKE_MODEL, corpus
+    from editrl.policy.model import build_tiny_components, save_components
+
+    save_components(build_tiny_components(SMOKE_MODEL, list(corpus()), kind="concat"), tmp_path / "model")
+    rows, targets = measure(run_config(str(tmp_path / "model"), height=32, width=32, num_frames=5, gpus=0), "cpu")
+    update = next(r for r in rows if r.name == "sharded update")
+    assert update.params["tokens"] == 48 and update.metrics["onpolicy_ratio_error"] == 0.0
+    assert update.metrics["plan_gib"] > 0 and [t.name for t in targets] == ["gpu.sharded_onpolicy_ratio"] and targets[0].met
