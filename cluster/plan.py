@@ -20,6 +20,8 @@ from pathlib import Path
 from editrl.cluster.config import TrainConfig
 from editrl.cluster.preflight import ModelFactors
 from editrl.policy.memory import DTYPE_BYTES, Architecture, ModelSizes, activation_model, architecture, model_sizes
+from editrl.policy.schedule import stochastic_steps
+from editrl.protocol.rollout import trained_positions
 
 MIB, GIB = 2**20, 2**30
 RUNTIME_BYTES = {"cpu": 440 * MIB, "cuda": 1 * GIB}
@@ -111,13 +113,26 @@ def factors(arch: Architecture, patch: tuple[int, int, int]) -> ModelFactors:
     return ModelFactors(2 ** len(down), 2 ** sum(down), patch, arch.source)
 
 
-def group_bytes(config: TrainConfig, sizes: ModelSizes, latent: tuple[int, int, int]) -> float:
-    """Bytes of one sampled group as the learner receives it: all ``T + 1`` latents of its
-    G trajectories (fp32), per-step log-probs, the recorded means with GRPO-Guard, the
-    source latent and the two instruction embeddings (fp32)."""
+def stored_positions(config: TrainConfig) -> int:
+    """Latents per trajectory a group carries to the learner: each trained step t and t + 1
+    (:func:`editrl.protocol.rollout.trained_positions`; a window of w steps is w + 1)."""
+    p = config.policy
+    if p.sampler == "ode":
+        return 0
+    w = p.sde_window
+    steps = (stochastic_steps(p.num_steps, p.sde_fraction) if w is None else
+             stochastic_steps(p.num_steps, p.sde_fraction, w.size, w.position, w.start, w.stride, w.every))
+    return len(trained_positions(steps))
+
+
+def group_bytes(config: TrainConfig, sizes: ModelSizes, latent: tuple[int, int, int], positions: int | None = None) -> float:
+    """Bytes of one sampled group: ``positions`` latents of each of its G trajectories (fp32;
+    None: all ``T + 1``, as a worker holds them while it samples), per-step log-probs, the
+    recorded means with GRPO-Guard, the source latent and the two instruction embeddings (fp32)."""
     g, steps, cells = config.group_size, config.policy.num_steps, sizes.latent_channels * math.prod(latent)
+    positions = steps + 1 if positions is None else positions
     means = g * steps * cells * 4 if config.learner.ratio_norm == "grpo_guard" else 0
-    return g * (steps + 1) * cells * 4 + g * steps * 4 + means + cells * 4 + 2 * config.policy.max_text_tokens * sizes.text_dim * 4
+    return g * positions * cells * 4 + g * steps * 4 + means + cells * 4 + 2 * config.policy.max_text_tokens * sizes.text_dim * 4
 
 
 def forward_tflop(sizes: ModelSizes, tokens: int, text_tokens: int) -> float:
@@ -150,7 +165,8 @@ def _learner(config: TrainConfig, sizes: ModelSizes, arch: Architecture, tokens:
     items = [
         Item("runtime", RUNTIME_BYTES[device]),
         *weights,
-        Item("groups of one update", config.prompts_per_step * group, f"{config.prompts_per_step} groups of {bytes_text(group)}"),
+        Item("groups of one update", config.prompts_per_step * group,
+             f"{config.prompts_per_step} groups of {bytes_text(group)} ({stored_positions(config)} latents per trajectory)"),
         Item("activations", sequences * per_sequence[checkpointing] / split,
              f"{sequences} sequences of {tokens} tokens per micro-batch{f', 1/{split} of each on this rank' if split > 1 else ''}, "
              f"checkpointing {'on' if checkpointing else 'off'}; "
@@ -230,8 +246,8 @@ def plan_run(config: TrainConfig, root: str | Path = ".") -> Plan:
     sizes = model_sizes(arch, config.policy.lora, config.policy.kind)
     model = factors(arch, tuple(sizes.patch))
     latent, tokens = model.latent_size(config.policy), model.tokens(config.policy)
-    group = group_bytes(config, sizes, latent)
-    processes = [_rollout(config, sizes, arch, tokens, group), _learner(config, sizes, arch, tokens, group), _reward(config)]
+    sampling, stored = group_bytes(config, sizes, latent), group_bytes(config, sizes, latent, stored_positions(config))
+    processes = [_rollout(config, sizes, arch, tokens, sampling), _learner(config, sizes, arch, tokens, stored), _reward(config)]
     memory = config.runtime.device_memory_gib
     topology = config.topology
     gpus = {"rollout worker": topology.rollout.gpus, "learner rank": topology.learner.gpus, "reward replica": topology.reward.gpus}

@@ -333,8 +333,8 @@ class Learner:
         device = self.policy.device
         g = len(range(*rows.indices(group.latents.shape[0])))
         cond = [t.to(device).expand(g, *t.shape[1:]) for t in (group.source_latents, group.text_embeds, group.null_embeds)]
-        xs = [group.latents[rows, t].to(device) for t in chunk]
-        x_nexts = [group.latents[rows, t + 1].to(device) for t in chunk]
+        xs = [group.latent(t)[rows].to(device) for t in chunk]
+        x_nexts = [group.latent(t + 1)[rows].to(device) for t in chunk]
         outs = policy_steps(self.policy, group.sampler, chunk, xs, *cond, x_nexts=x_nexts, null_grad=self.config.cfg_null_grad)
         for t, out in zip(chunk, outs):
             if out.log_prob is None:

@@ -106,7 +106,9 @@ class Group:
     """Policy version (of the LoRA adapter) the trajectories were sampled with."""
     worker_id: int
     latents: torch.Tensor
-    """``(G, T + 1, C, f, h, w)`` every latent, sigma_0 = 1 first."""
+    """``(G, K, C, f, h, w)``: the latents at the positions ``latent_steps`` (position t is the
+    latent before step t, 0 the initial noise at sigma_0 = 1, T the final one); all T + 1 when
+    ``latent_steps`` is None."""
     log_probs: torch.Tensor
     """``(G, T)`` per-step log-prob at sampling time; NaN on deterministic steps."""
     sampler: SamplerSpec
@@ -129,6 +131,23 @@ class Group:
     means: torch.Tensor | None = None
     """``(G, T, C, f, h, w)`` transition means at sampling time when the task asked for
     them (``record_means``); None otherwise."""
+    latent_steps: tuple[int, ...] | None = None
+    """The positions ``latents`` holds, increasing (rollout workers keep every trained step t
+    and t + 1: :func:`trained_positions`); None: all T + 1."""
+
+    def latent(self, position: int) -> torch.Tensor:
+        """``(G, C, f, h, w)``: the latents at ``position`` (0..T).
+
+        Raises:
+            KeyError: the group does not hold that position (naming the group and what it holds).
+        """
+        if self.latent_steps is None:
+            return self.latents[:, position]
+        try:
+            return self.latents[:, self.latent_steps.index(position)]
+        except ValueError:
+            raise KeyError(f"group {self.task.group_id} holds the latents at positions {list(self.latent_steps)}, "
+                           f"not {position}") from None
 
     @property
     def sigmas(self) -> torch.Tensor:
@@ -139,6 +158,15 @@ class Group:
     def sde_mask(self) -> torch.Tensor:
         """``(T,)`` bool: the stochastic (trained) steps."""
         return torch.tensor(self.sampler.stochastic, dtype=torch.bool)
+
+
+def trained_positions(stochastic: list[bool] | tuple[bool, ...]) -> tuple[int, ...]:
+    """The latent positions the learner reads of a trajectory whose steps ``stochastic`` are
+    trained: every trained step t and t + 1 (a window of w consecutive steps is w + 1 positions).
+
+    Example: ``[False, True, True, False]`` (T = 4) -> ``(1, 2, 3)``.
+    """
+    return tuple(sorted({p for t, s in enumerate(stochastic) if s for p in (t, t + 1)}))
 
 
 @dataclass

@@ -13,6 +13,7 @@ import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,7 +25,7 @@ from editrl.policy.policy import EditPolicy
 from editrl.policy.sampling import Trajectories, sample_trajectories
 from editrl.protocol.dataset import load_clip
 from editrl.protocol.reward import ScoreItem, ScoreRequest, VideoPayload
-from editrl.protocol.rollout import Group, GroupFailure, GroupTask, ScoreFailure
+from editrl.protocol.rollout import Group, GroupFailure, GroupTask, ScoreFailure, trained_positions
 from editrl.protocol.video import VideoDecodeError, encode_mp4
 from editrl.rollout_workers.reward_client import RewardClient, RewardServerError
 
@@ -235,8 +236,12 @@ class RolloutWorker:
         edited = self.policy.decode(trajectories.latents[:, -1])
         edited_payloads = [self._payload(edited[i]) for i in range(task.group_size)]
         timings["decode_s"] = time.perf_counter() - start
+        # only what the learner reads travels on: the latents around the trained steps (a group
+        # with none, an evaluation group, keeps its edit's latent)
+        positions = trained_positions(trajectories.spec.stochastic) or (trajectories.spec.num_steps,)
+        trajectories = dataclasses.replace(trajectories, latents=trajectories.latents[:, list(positions)].clone())
         return _Sampled(self.policy_version, source_payload, source_latents.cpu(), text_embeds.cpu(), trajectories,
-                        edited if task.keep_frames else None, edited_payloads, timings)
+                        positions, edited if task.keep_frames else None, edited_payloads, timings)
 
     def _scored_group(self, task: GroupTask, sampled: "_Sampled") -> Group:
         start = time.perf_counter()
@@ -269,6 +274,7 @@ class RolloutWorker:
             timings=timings,
             frames=sampled.frames,
             means=trajectories.means,
+            latent_steps=sampled.latent_steps,
         )
 
 
@@ -282,6 +288,8 @@ class _Sampled:
     source_latents: torch.Tensor
     text_embeds: torch.Tensor
     trajectories: Trajectories
+    """The group's trajectories, ``latents`` only at ``latent_steps``."""
+    latent_steps: tuple[int, ...]
     frames: np.ndarray | None
     edited: list[VideoPayload]
     """Each sample's edited video as sent for scoring."""

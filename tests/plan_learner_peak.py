@@ -24,7 +24,7 @@ def main() -> None:
     from editrl.cluster.config import TrainConfig
     from editrl.learner.learner import Learner
     from editrl.policy.policy import EditPolicy
-    from editrl.protocol.rollout import Group, GroupTask
+    from editrl.protocol.rollout import Group, GroupTask, trained_positions
 
     config = TrainConfig.model_validate(json.loads(sys.argv[1]))
     torch.set_num_threads(config.learner.torch_threads)
@@ -37,10 +37,13 @@ def main() -> None:
     p = config.policy
     latent = (c, 1 + (p.num_frames - 1) // temporal, p.height // spatial, p.width // spatial)
     g, steps, dim = config.group_size, p.num_steps, policy.transformer.config.text_dim
+    specs = [policy.sampler_spec(seed=i) for i in range(config.prompts_per_step)]
+    positions = [trained_positions(spec.stochastic) for spec in specs]  # what a rollout worker sends
     groups = [Group(
         task=GroupTask(f"g{i}", f"p{i}", "edit", "unused.mp4", i, g), policy_version=0, worker_id=0,
-        latents=torch.randn(g, steps + 1, *latent, generator=generator), log_probs=torch.zeros(g, steps),
-        sampler=policy.sampler_spec(seed=i), source_latents=torch.randn(1, *latent, generator=generator),
+        latents=torch.randn(g, len(positions[i]), *latent, generator=generator), log_probs=torch.zeros(g, steps),
+        latent_steps=positions[i],
+        sampler=specs[i], source_latents=torch.randn(1, *latent, generator=generator),
         text_embeds=torch.randn(1, p.max_text_tokens, dim, generator=generator),
         null_embeds=torch.randn(1, p.max_text_tokens, dim, generator=generator),
         rewards=torch.arange(g, dtype=torch.float32), reward_dimensions={}, reward_config_version="plan",

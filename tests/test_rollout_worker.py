@@ -56,7 +56,9 @@ def test_worker_returns_a_complete_scored_group(reward_url, clip_path):
     # "make the video brighter" is a checkable edit: every sample has an instruction score
     assert all(v is not None for v in group.reward_dimensions["instruction_following"])
     assert group.reward_config_version
-    assert group.latents.shape[:2] == (3, 5) and torch.isfinite(group.log_probs[:, :3]).all()
+    # steps 0-2 of 4 trained: the group carries the latents before and after each, positions 0..3 of 0..4
+    assert group.latent_steps == (0, 1, 2, 3) and group.latents.shape[:2] == (3, 4)
+    assert torch.isfinite(group.log_probs[:, :3]).all()
     assert {"encode_s", "sample_s", "decode_s", "reward_s"} <= set(group.timings)
 
 
@@ -150,9 +152,10 @@ def test_worker_samples_the_configured_window_and_records_means(reward_url, clip
     assert group.sde_mask.tolist() == expected and sum(expected) == 1
     # the group shares its initial noise and ODE prefix up to the window, then branches
     first = expected.index(True)
-    for t in range(group.latents.shape[1]):
-        assert all(torch.equal(group.latents[0, t], group.latents[i, t]) for i in (1, 2)) == (t <= first)
-    assert group.means.shape == group.latents[:, 1:].shape
+    assert group.latent_steps == (first, first + 1)  # only the trained step's two latents travel
+    for t in group.latent_steps:
+        assert all(torch.equal(group.latent(t)[0], group.latent(t)[i]) for i in (1, 2)) == (t <= first)
+    assert group.means.shape[:2] == (3, 4)
 
 
 def test_evaluation_groups_do_not_share_noise_under_a_shared_noise_window(reward_url, clip_path):
@@ -165,8 +168,9 @@ def test_evaluation_groups_do_not_share_noise_under_a_shared_noise_window(reward
     [train_group] = worker.sample([_task(clip_path)])
     [eval_group] = worker.sample([GroupTask("eval-0", "p0", CORPUS[0], clip_path, seed=5, group_size=3, deterministic=True)])
     # training samples share the initial noise; deterministic evaluation samples must not
-    assert torch.equal(train_group.latents[0, 0], train_group.latents[1, 0])
-    assert not torch.equal(eval_group.latents[0, -1], eval_group.latents[1, -1])
+    assert train_group.latent_steps == (0, 1) and torch.equal(train_group.latent(0)[0], train_group.latent(0)[1])
+    assert eval_group.latent_steps == (4,)  # an evaluation group keeps only its edit's latent
+    assert not torch.equal(eval_group.latent(4)[0], eval_group.latent(4)[1])
 
 
 def _shifted(state: dict[str, torch.Tensor], delta: float) -> dict[str, torch.Tensor]:
