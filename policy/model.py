@@ -25,7 +25,7 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
 from editrl.policy.config import TinyModelConfig
-from editrl.policy.weight_slices import WeightFiles, placeholder_transformer
+from editrl.policy.weight_slices import WeightFiles, load_dtype, placeholder_transformer
 
 logger = logging.getLogger(__name__)
 
@@ -178,10 +178,9 @@ def cast_weights(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module
     embedding, ... of Wan's DiT) in fp32, as ``from_pretrained(torch_dtype=...)`` does."""
     if dtype == torch.float32:
         return module
-    keep = set(getattr(module, "_keep_in_fp32_modules", None) or [])
     for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
         if tensor.is_floating_point():
-            tensor.data = tensor.data.to(torch.float32 if keep & set(name.split(".")) else dtype)
+            tensor.data = tensor.data.to(load_dtype(module, name, tensor, dtype))
     return module
 
 

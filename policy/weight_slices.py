@@ -65,6 +65,16 @@ class WeightFiles:
         return cls(files)
 
 
+def load_dtype(module: torch.nn.Module, name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
+    """The dtype ``from_pretrained(torch_dtype=dtype)`` gives the tensor ``name`` of ``module``:
+    ``dtype`` for floating-point tensors, except fp32 in the modules the class lists in
+    ``_keep_in_fp32_modules`` (Wan's norms, time embedding, ``scale_shift_table``)."""
+    if not tensor.is_floating_point():
+        return tensor.dtype
+    keep = set(getattr(module, "_keep_in_fp32_modules", None) or [])
+    return torch.float32 if keep & set(name.split(".")) else dtype
+
+
 def placeholder(param: torch.Tensor) -> torch.nn.Parameter:
     """A frozen parameter of ``param``'s shape and dtype that holds no memory: a stride-0 view of one zero."""
     return torch.nn.Parameter(torch.zeros((), dtype=param.dtype).expand(param.shape), requires_grad=False)
@@ -73,9 +83,7 @@ def placeholder(param: torch.Tensor) -> torch.nn.Parameter:
 def placeholder_transformer(directory: str | Path, model_cls: type, dtype: torch.dtype) -> torch.nn.Module:
     """The transformer of ``directory/config.json`` with placeholder parameters in their load dtype.
 
-    The floating-point parameters get ``dtype`` except the modules the class keeps in fp32
-    (``_keep_in_fp32_modules``), as ``from_pretrained(torch_dtype=dtype)`` gives them;
-    buffers are real (the rotary tables are computed, not loaded).
+    Each parameter gets its :func:`load_dtype`; buffers are real (the rotary tables are computed, not loaded).
 
     Raises:
         FileNotFoundError: no ``config.json``.
@@ -84,15 +92,11 @@ def placeholder_transformer(directory: str | Path, model_cls: type, dtype: torch
     config = model_cls.load_config(directory, local_files_only=True)
     with init_empty_weights(include_buffers=False):
         model = model_cls.from_config(config)
-    keep = set(getattr(model, "_keep_in_fp32_modules", None) or [])
     for module_name, module in model.named_modules():
         for name, param in list(module._parameters.items()):
-            if param is None:
-                continue
-            target = param.dtype
-            if param.is_floating_point():
-                target = torch.float32 if keep & set(f"{module_name}.{name}".split(".")) else dtype
-            module._parameters[name] = placeholder(param.to(target))
+            if param is not None:
+                target = load_dtype(model, f"{module_name}.{name}", param, dtype)
+                module._parameters[name] = placeholder(param.to(target))
     return model
 
 
