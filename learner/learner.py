@@ -291,7 +291,7 @@ class Learner:
                 device = out.log_prob.device
                 loss, term = edit_grpo_objective(
                     out.log_prob, group.log_probs[rows, t].to(device), group_advantages_[rows].to(device),
-                    out.mean, group.means[rows, t].to(device) if ratio_norm else None,
+                    out.mean, group.mean(t)[rows].to(device) if ratio_norm else None,
                     None if ref_means is None else ref_means[j], out.std, group.sampler.sigmas[t + 1] - group.sampler.sigmas[t],
                     cfg.clip_range, cfg.kl_coef, ratio_norm=ratio_norm, reweight=ratio_norm and cfg.grpo_guard_reweight,
                 )

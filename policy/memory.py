@@ -30,7 +30,7 @@ from editrl.policy.config import LoraSettings, PolicyConfig
 from editrl.policy.model import build_tiny_components, cast_weights
 from editrl.resources import resolve_path
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 @dataclass(frozen=True)

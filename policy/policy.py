@@ -202,6 +202,7 @@ class EditPolicy:
         null_embeds: torch.Tensor,
         guidance_scale: float,
         null_grad: bool = True,
+        micro_batch: int | None = None,
     ) -> torch.Tensor:
         """Guided velocity ``v = v_null + w (v_text - v_null)`` at noise level ``sigma``.
 
@@ -220,9 +221,16 @@ class EditPolicy:
             text_embeds, null_embeds: ``(B, L, D)`` instruction and empty-instruction embeddings.
             guidance_scale: w; 1.0 skips the null branch.
             null_grad: whether gradients flow through the null branch (see above).
+            micro_batch: most rows per transformer forward (``rollout.forward_micro_batch``):
+                the 2B rows of both branches (B without guidance) run in consecutive slices of
+                this many; None runs them at once. The DiT treats rows independently, so only
+                the peak activation memory changes (and float rounding of the batched kernels).
 
         Returns:
             ``(B, C, f, h, w)`` fp32.
+
+        Raises:
+            ValueError: ``micro_batch < 1``.
         """
         if self.weight_files is not None:
             raise RuntimeError("the DiT's weights are not read yet: a sliced load reads them after sharding "
@@ -233,21 +241,34 @@ class EditPolicy:
             timestep = sigma.to(x.device, torch.float32) * scale
         else:
             timestep = torch.full((x.shape[0],), sigma * scale, device=x.device)
+        if micro_batch is not None and micro_batch < 1:
+            raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
         hidden, extra = self._conditioned_input(x, source_latents)
+        hidden = hidden.to(dtype)
         if guidance_scale == 1.0:
-            out = self.transformer(hidden.to(dtype), timestep, text_embeds.to(dtype), return_dict=False, **extra)[0]
-            return out.float()
+            return self._rows_forward(hidden, timestep, text_embeds.to(dtype), extra, micro_batch)
         if not null_grad:
-            v_text = self.transformer(hidden.to(dtype), timestep, text_embeds.to(dtype), return_dict=False, **extra)[0].float()
+            v_text = self._rows_forward(hidden, timestep, text_embeds.to(dtype), extra, micro_batch)
             with torch.no_grad():
-                v_null = self.transformer(hidden.to(dtype), timestep, null_embeds.to(dtype), return_dict=False, **extra)[0].float()
+                v_null = self._rows_forward(hidden, timestep, null_embeds.to(dtype), extra, micro_batch)
             return v_null + guidance_scale * (v_text - v_null)
         extra = {key: torch.cat([value, value], dim=0) for key, value in extra.items()}
-        hidden2 = torch.cat([hidden, hidden], dim=0).to(dtype)
         text2 = torch.cat([text_embeds, null_embeds], dim=0).to(dtype)
-        out = self.transformer(hidden2, torch.cat([timestep, timestep]), text2, return_dict=False, **extra)[0].float()
+        out = self._rows_forward(torch.cat([hidden, hidden], dim=0), torch.cat([timestep, timestep]), text2, extra, micro_batch)
         v_text, v_null = out.chunk(2, dim=0)
         return v_null + guidance_scale * (v_text - v_null)
+
+    def _rows_forward(self, hidden: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, extra: dict,
+                      micro_batch: int | None) -> torch.Tensor:
+        """The transformer on ``(N, ...)`` rows, ``micro_batch`` rows per forward; ``(N, C, f, h, w)`` fp32."""
+        n = hidden.shape[0]
+        size = n if micro_batch is None else min(micro_batch, n)
+        outs = []
+        for start in range(0, n, size):
+            rows = slice(start, start + size)
+            chunk_extra = {key: value[rows] for key, value in extra.items()}
+            outs.append(self.transformer(hidden[rows], timestep[rows], text[rows], return_dict=False, **chunk_extra)[0].float())
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
     def tokens_per_sequence(self, latent_size: tuple[int, ...] | torch.Size) -> int:
         """Tokens one sequence of latents of size ``(f, h, w)`` is to the DiT:

@@ -9,8 +9,8 @@ import torch
 
 from editrl.policy.policy import EditPolicy
 from editrl.policy.samplers import sampler_step
-from editrl.policy.sde import StepOutput
-from editrl.protocol.rollout import SamplerSpec
+from editrl.policy.sde import StepOutput, gaussian_transition
+from editrl.protocol.rollout import SamplerSpec, trained_positions
 
 
 @dataclass
@@ -39,6 +39,7 @@ def policy_steps(
     noises: list[torch.Tensor | None] | None = None,
     x_nexts: list[torch.Tensor | None] | None = None,
     null_grad: bool = True,
+    micro_batch: int | None = None,
 ) -> list[StepOutput]:
     """k guided steps of the policy (possibly at k different sigmas) in one batched
     forward; the one code path of rollout sampling (k = 1) and the learner's
@@ -53,6 +54,8 @@ def policy_steps(
         noises: k standard-normal tensors (or None) to sample stochastic steps.
         x_nexts: k recorded next latents (or None) to score instead of sampling.
         null_grad: gradients through the CFG null branch (:meth:`EditPolicy.velocity`).
+        micro_batch: most rows (samples x CFG branches) per transformer forward
+            (:meth:`EditPolicy.velocity`); None: all in one.
 
     Returns:
         k :class:`editrl.policy.sde.StepOutput`, in order.
@@ -74,7 +77,7 @@ def policy_steps(
         sigma = torch.tensor([spec.sigmas[t] for t in steps], dtype=torch.float32).repeat_interleave(batch)
         x = torch.cat(xs, dim=0)
         source, text, null = (t.repeat(k, *([1] * (t.ndim - 1))) for t in (source_latents, text_embeds, null_embeds))
-    v = policy.velocity(x, sigma, source, text, null, spec.guidance_scale, null_grad=null_grad)
+    v = policy.velocity(x, sigma, source, text, null, spec.guidance_scale, null_grad=null_grad, micro_batch=micro_batch)
     outs = []
     for t, x_i, v_i, n, xn in zip(steps, xs, v.split(batch, dim=0), noises, x_nexts):
         sampler, eta = spec.rule(t)
@@ -93,13 +96,15 @@ def policy_step(
     null_embeds: torch.Tensor,
     noise: torch.Tensor | None = None,
     x_next: torch.Tensor | None = None,
+    micro_batch: int | None = None,
 ) -> StepOutput:
     """Step ``t`` of the policy: :func:`policy_steps` with k = 1.
 
     Shapes: every tensor ``(B, ...)`` with B the group's samples; see
     :func:`editrl.policy.samplers.sampler_step` for ``noise``/``x_next``.
     """
-    return policy_steps(policy, spec, [t], [x], source_latents, text_embeds, null_embeds, [noise], [x_next])[0]
+    return policy_steps(policy, spec, [t], [x], source_latents, text_embeds, null_embeds, [noise], [x_next],
+                        micro_batch=micro_batch)[0]
 
 
 def _step_noise(shape: tuple[int, ...], generator: torch.Generator, antithetic: bool) -> torch.Tensor:
@@ -128,6 +133,8 @@ def sample_trajectories(
     shared_initial_noise: bool = False,
     antithetic: bool = False,
     record_means: bool = False,
+    trajectory_dtype: torch.dtype = torch.float32,
+    micro_batch: int | None = None,
 ) -> Trajectories:
     """Sample ``group_size`` trajectories for one (source, instruction) prompt.
 
@@ -145,6 +152,13 @@ def sample_trajectories(
         antithetic: samples ``i`` and ``i + G/2`` get opposite noises at every
             stochastic step (``group_size`` must be even).
         record_means: also return each step's transition mean.
+        trajectory_dtype: the dtype the latents are stored in (``rollout.trajectory_dtype``).
+            Every latent the learner reads (:func:`editrl.protocol.rollout.trained_positions`
+            of the stochastic steps) is rounded to it *before* it is used: the sampled
+            ``x_{t+1}`` is rounded, its log-prob is that of the rounded value, and step
+            ``t + 1`` starts from it; so the learner, scoring the stored latents, finds the
+            same log-probs (on-policy ratio exactly 1) in any storage dtype.
+        micro_batch: most rows (samples x CFG branches) per transformer forward; None: all.
 
     The LoRA adapter acts only on the steps where ``policy.config.adapter_acts_at``
     says so (``lora.active_steps``); the other steps run the base model.
@@ -152,7 +166,8 @@ def sample_trajectories(
     Returns:
         :class:`Trajectories`; its spec marks the steps that were actually
         stochastic (a requested step whose std is 0, such as CPS's last step,
-        is deterministic and not trained).
+        is deterministic and not trained). ``latents`` are fp32 holding values of
+        ``trajectory_dtype`` at the trained positions.
 
     Raises:
         ValueError: a stochastic step at which the adapter does not act (it could
@@ -169,6 +184,11 @@ def sample_trajectories(
             f"steps {inactive} are stochastic but the adapter does not act there "
             f"(lora.active_steps={policy.config.lora.active_steps}); they could not be trained"
         )
+    stored = set(trained_positions(stochastic))
+
+    def rounded(position: int, x: torch.Tensor) -> torch.Tensor:
+        return x.to(trajectory_dtype).float() if position in stored and trajectory_dtype != torch.float32 else x
+
     shape = (g, *source_latents.shape[1:])
     if shared_initial_noise:
         x = torch.randn((1, *shape[1:]), generator=generator, dtype=torch.float32).to(device)
@@ -176,6 +196,7 @@ def sample_trajectories(
     else:
         x = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
         branch = 0
+    x = rounded(0, x)
     latents = [_expand(x, g).cpu()]
     log_probs = torch.full((g, len(stochastic)), float("nan"))
     means = [] if record_means else None
@@ -191,8 +212,10 @@ def sample_trajectories(
             n = x.shape[0]
             noise = _step_noise(shape, generator, antithetic).to(device) if is_stochastic else None
             out = policy_step(policy, spec, t, x, _expand(source_latents, n), _expand(text_embeds, n), _expand(null_embeds, n),
-                              noise=noise)
-            x = out.x_next
+                              noise=noise, micro_batch=micro_batch)
+            x = rounded(t + 1, out.x_next)
+            if out.log_prob is not None and x is not out.x_next:  # the log-prob of what is stored
+                out = gaussian_transition(out.mean, out.std, x_next=x)
             latents.append(_expand(x, g).cpu())
             if means is not None:
                 means.append(_expand(out.mean, g).cpu())

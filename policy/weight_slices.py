@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import PreTrainedModel
 from accelerate import init_empty_weights
 from safetensors import safe_open
 from torch.distributed.tensor import DTensor
@@ -67,11 +68,15 @@ class WeightFiles:
 
 def load_dtype(module: torch.nn.Module, name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
     """The dtype ``from_pretrained(torch_dtype=dtype)`` gives the tensor ``name`` of ``module``:
-    ``dtype`` for floating-point tensors, except fp32 in the modules the class lists in
-    ``_keep_in_fp32_modules`` (Wan's norms, time embedding, ``scale_shift_table``)."""
-    if not tensor.is_floating_point():
-        return tensor.dtype
-    keep = set(getattr(module, "_keep_in_fp32_modules", None) or [])
+    ``dtype`` for floating-point tensors, except fp32 in the modules the class keeps in fp32.
+    diffusers keeps ``_keep_in_fp32_modules`` (Wan's norms, time embedding,
+    ``scale_shift_table``) under any 16-bit dtype; transformers keeps them only under fp16 and
+    ``_keep_in_fp32_modules_strict`` under fp16 and bf16 (UMT5's ``wo`` is bf16 under bf16)."""
+    if not tensor.is_floating_point() or dtype == torch.float32:
+        return tensor.dtype if not tensor.is_floating_point() else dtype
+    keep = set(getattr(module, "_keep_in_fp32_modules_strict", None) or [])
+    if not isinstance(module, PreTrainedModel) or dtype == torch.float16:
+        keep |= set(getattr(module, "_keep_in_fp32_modules", None) or [])
     return torch.float32 if keep & set(name.split(".")) else dtype
 
 

@@ -192,3 +192,15 @@ def test_a_bf16_load_of_an_fp32_checkpoint_holds_the_bf16_weights_not_the_file(t
     # measured: 1.07x the weights; without release_file_mappings the fp32 file stays mapped: 2.98x (2x of it file pages)
     assert loaded["added"] <= 1.2 * loaded["weights"], loaded
     assert loaded["file"] <= 0.1 * loaded["weights"], loaded
+
+
+def test_a_bf16_load_reads_the_text_encoder_in_bf16(tmp_path):
+    path = _save_wan_layout(tmp_path, "t2v")
+    loaded = load_components(path, kind="t2v", dtype=torch.bfloat16)
+    # transformers keeps UMT5's `wo` in fp32 only under fp16: under bf16 every weight is bf16
+    assert {p.dtype for p in loaded.text_encoder.parameters()} == {torch.bfloat16}
+    # the same embeddings as loading in fp32 and casting in the policy
+    full = EditPolicy(load_components(path, kind="t2v"), tiny_policy_config(kind="t2v", dtype="bfloat16"))
+    direct = EditPolicy(loaded, tiny_policy_config(kind="t2v", dtype="bfloat16"))
+    assert {p.dtype for p in full.text_encoder.parameters()} == {torch.bfloat16}
+    torch.testing.assert_close(direct.encode_text([CORPUS[0]]), full.encode_text([CORPUS[0]]), rtol=0, atol=0)
