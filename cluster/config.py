@@ -52,6 +52,35 @@ class RolloutConfig(BaseModel):
     ``F * H * W * 3`` bytes per video, base64). See docs/reward_server.md."""
     max_restarts: int = Field(3, ge=0)
     """Times Ray restarts a crashed rollout actor; its groups are re-issued."""
+    trajectory_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Dtype of the latents a group carries to the learner (the positions around the trained
+    steps). 16-bit halves a group's bytes; each stored latent is rounded to it before its
+    log-prob is taken and before the next step starts from it, so the on-policy ratio stays
+    exactly 1. ``auto``: float32 on a CPU worker, bfloat16 on a GPU worker (float16 on a GPU
+    without bfloat16)."""
+    forward_micro_batch: int | None = Field(None, ge=1)
+    """Rows (samples x CFG branches) per transformer forward while sampling: a group of G with
+    guidance runs 2G rows per step, ``2G / forward_micro_batch`` forwards of this many, so any G
+    fits a GPU. Must divide the rows. None: all rows in one forward."""
+    encode_threads: int = Field(2, ge=0)
+    """Threads that encode a group's edited videos as mp4 for the reward server, beside the
+    sampling slot: the next group samples while the last one encodes. 0 encodes on the
+    sampling slot (one video after the other)."""
+    text_encoder: Literal["resident", "offload"] = "resident"
+    """Where the text encoder lives between encodings (embeddings are cached per instruction):
+    ``resident`` on the worker's device; ``offload`` in host memory, moved to the device for an
+    encoding and back (a UMT5-XXL is 11 GB in bf16). The same on a CPU worker."""
+    vae_decode: Literal["batch", "slices", "tiles"] = "batch"
+    """How the VAE decodes a group's edits: ``batch`` all G at once, ``slices`` one video at a
+    time, ``tiles`` one video at a time in overlapping spatial tiles (diffusers' VAE slicing and
+    tiling; the least memory, seams blended)."""
+    attention_backend: str | None = None
+    """diffusers attention backend of the rollout transformer (``native``, ``flash``,
+    ``_native_cudnn``, ``sage``, ...; see ``diffusers.attention_dispatch``); None keeps
+    PyTorch's scaled-dot-product attention."""
+    compile_blocks: bool = False
+    """``torch.compile`` the rollout transformer's repeated blocks (diffusers'
+    ``compile_repeated_blocks``): one compilation per block shape, then faster steps on a GPU."""
 
 
 class AutoscaleConfig(BaseModel):
@@ -107,6 +136,11 @@ class RuntimeConfig(BaseModel):
     ``groups_reissued``) and never trained on made-up rewards."""
     max_score_reissues: int = Field(3, ge=0)
     """Most re-issues of one group after failed scoring (``on_score_failure: reissue``)."""
+    max_inflight_mib: float | None = Field(None, gt=0)
+    """Budget of the groups' tensors in Ray's object store, MiB: the driver hands out no new
+    task while the groups sampled or being sampled and not yet trained would exceed it (the
+    workers wait; counted in ``data/stalls``) rather than letting the store spill to disk.
+    Refused at start when smaller than one group. None: no budget."""
 
 
 class RewardServerSettings(BaseModel):
@@ -186,6 +220,12 @@ class TrainConfig(BaseModel):
     def _check_pairs(self) -> "TrainConfig":
         if self.policy.antithetic and self.group_size % 2:
             raise ValueError(f"policy.antithetic pairs the samples of a group: group_size must be even, got {self.group_size}")
+        rows = self.group_size * (2 if self.policy.guidance_scale != 1.0 else 1)
+        micro = self.rollout.forward_micro_batch
+        if micro is not None and rows % micro:
+            raise ValueError(f"rollout.forward_micro_batch={micro} does not divide the {rows} rows of a sampling step "
+                             f"(group_size {self.group_size} x {rows // self.group_size} CFG branches); "
+                             f"divisors: {[d for d in range(1, rows + 1) if rows % d == 0]}")
         if self.topology.reward.replicas > 1 and self.reward_server.url is None:
             raise ValueError(f"topology.reward.replicas={self.topology.reward.replicas}: a run starts one reward server "
                              "itself; more replicas are a Ray Serve deployment at reward_server.url (cluster/reward_serve.yaml)")

@@ -52,9 +52,8 @@ def evaluate_heldout(pool: WorkerPool, config: TrainConfig, heldout_set: PromptD
         stats[f"reward_mean/{edit_type}"] = float(np.mean(values))
     for group in groups:
         if group.frames is not None:
-            source = heldout_set.clip(heldout_set.by_id(group.task.prompt_id))
             path = run_dir / "samples" / f"heldout_{label}_{group.task.prompt_id}.mp4"
-            save_side_by_side(path, source, group.frames[0], config.fps)
+            save_side_by_side(path, group.frames[0], group.frames[1], config.fps)
     logger.info("held-out evaluation at step %d: reward %.3f +- %.3f over %d samples", step, stats["reward_mean"], stats["reward_sem"], len(rewards))
     stats["prompt_means"] = {g.task.prompt_id: float(g.rewards.mean()) for g in groups}
     return stats
@@ -74,6 +73,11 @@ def run_summary(step: int, policy_version: int, mode: str, counters: dict, initi
         "groups_failed": int(counters["groups_failed"]),
         "groups_dropped_stale": int(counters["groups_dropped_stale"]),
         "groups_reissued": int(counters["groups_reissued"]),
+        "groups_lost": int(counters["groups_lost"]),
+        "data_bytes_moved": int(counters["data_bytes_moved"]),
+        "data_driver_tensor_bytes": int(counters["driver_tensor_bytes"]),
+        "data_inflight_bytes_max": int(counters["inflight_bytes_max"]),
+        "budget_stalls": int(counters["budget_stalls"]),
         "reward_heldout_initial": initial["reward_mean"],
         "reward_heldout_final": final["reward_mean"],
         "reward_heldout_initial_sem": initial["reward_sem"],

@@ -77,11 +77,22 @@ class Plan:
     plus the attention products)."""
     host_limit: float | None = None
     """CPU runs: this host's memory, which all processes share."""
+    group_bytes: float = 0.0
+    """Bytes of one group as it travels to the learner (:func:`group_bytes` at the stored positions)."""
+    groups_per_update: int = 1
+    """B, the groups of one update."""
+    inflight_budget: float | None = None
+    """``runtime.max_inflight_mib`` in bytes (None: no budget)."""
 
     def problems(self) -> list[str]:
-        """One line per process kind that does not fit, with the numbers; empty when all fit."""
+        """One line per process kind that does not fit, with the numbers, and one for a budget of
+        groups in flight below one update's groups; empty when all fit."""
         out = [f"{p.kind}: estimated peak {p.peak / GIB:.1f} GiB > {p.limit / GIB:.1f} GiB of device memory "
                f"(largest: {_largest(p)})" for p in self.processes if p.fits is False]
+        need = self.groups_per_update * self.group_bytes
+        if self.inflight_budget is not None and self.inflight_budget < need:
+            out.append(f"runtime.max_inflight_mib={self.inflight_budget / MIB:g} MiB holds fewer groups than one update: "
+                       f"{self.groups_per_update} groups of {self.group_bytes / MIB:.2f} MiB need {need / MIB:.2f} MiB")
         if self.host_limit is not None:
             total = sum(p.peak * p.count for p in self.processes if p.device == "cpu")
             if total > self.host_limit:
@@ -113,26 +124,44 @@ def factors(arch: Architecture, patch: tuple[int, int, int]) -> ModelFactors:
     return ModelFactors(2 ** len(down), 2 ** sum(down), patch, arch.source)
 
 
+def _stochastic(config: TrainConfig) -> list[int]:
+    p = config.policy
+    if p.sampler == "ode":
+        return []
+    w = p.sde_window
+    flags = (stochastic_steps(p.num_steps, p.sde_fraction) if w is None else
+             stochastic_steps(p.num_steps, p.sde_fraction, w.size, w.position, w.start, w.stride, w.every))
+    return [t for t, s in enumerate(flags) if s]
+
+
 def stored_positions(config: TrainConfig) -> int:
     """Latents per trajectory a group carries to the learner: each trained step t and t + 1
     (:func:`editrl.protocol.rollout.trained_positions`; a window of w steps is w + 1)."""
-    p = config.policy
-    if p.sampler == "ode":
-        return 0
-    w = p.sde_window
-    steps = (stochastic_steps(p.num_steps, p.sde_fraction) if w is None else
-             stochastic_steps(p.num_steps, p.sde_fraction, w.size, w.position, w.start, w.stride, w.every))
-    return len(trained_positions(steps))
+    steps = _stochastic(config)
+    return len(trained_positions([t in steps for t in range(config.policy.num_steps)]))
+
+
+def trajectory_dtype(config: TrainConfig) -> str:
+    """``rollout.trajectory_dtype`` with ``auto`` resolved as a worker does on its device (bfloat16
+    on GPU workers: the plan assumes a GPU that has it)."""
+    dtype = config.rollout.trajectory_dtype
+    if dtype == "auto":
+        return "bfloat16" if config.topology.rollout.gpus > 0 else "float32"
+    return dtype
 
 
 def group_bytes(config: TrainConfig, sizes: ModelSizes, latent: tuple[int, int, int], positions: int | None = None) -> float:
-    """Bytes of one sampled group: ``positions`` latents of each of its G trajectories (fp32;
-    None: all ``T + 1``, as a worker holds them while it samples), per-step log-probs, the
-    recorded means with GRPO-Guard, the source latent and the two instruction embeddings (fp32)."""
+    """Bytes of one sampled group: ``positions`` latents of each of its G trajectories (in
+    ``rollout.trajectory_dtype``; None: all ``T + 1`` in fp32, as a worker holds them while it
+    samples), per-step log-probs, the recorded means at the trained steps with GRPO-Guard (all T
+    while sampling), the source latent and the two instruction embeddings (fp32)."""
     g, steps, cells = config.group_size, config.policy.num_steps, sizes.latent_channels * math.prod(latent)
-    positions = steps + 1 if positions is None else positions
-    means = g * steps * cells * 4 if config.learner.ratio_norm == "grpo_guard" else 0
-    return g * positions * cells * 4 + g * steps * 4 + means + cells * 4 + 2 * config.policy.max_text_tokens * sizes.text_dim * 4
+    sampling = positions is None
+    positions = steps + 1 if sampling else positions
+    latent_bytes = 4 if sampling else DTYPE_BYTES[trajectory_dtype(config)]
+    trained = steps if sampling else len(_stochastic(config))
+    means = g * trained * cells * 4 if config.learner.ratio_norm == "grpo_guard" else 0
+    return g * positions * cells * latent_bytes + g * steps * 4 + means + cells * 4 + 2 * config.policy.max_text_tokens * sizes.text_dim * 4
 
 
 def forward_tflop(sizes: ModelSizes, tokens: int, text_tokens: int) -> float:
@@ -179,24 +208,32 @@ def _learner(config: TrainConfig, sizes: ModelSizes, arch: Architecture, tokens:
 
 
 def _rollout(config: TrainConfig, sizes: ModelSizes, arch: Architecture, tokens: int, group: float) -> ProcessPlan:
-    policy, workers = config.policy, config.topology.rollout
+    policy, workers, engine = config.policy, config.topology.rollout, config.rollout
     device = "cuda" if workers.gpus > 0 else "cpu"
     g, b = config.group_size, DTYPE_BYTES[policy.dtype]
     branches = 2 if policy.guidance_scale != 1.0 else 1
+    rows = engine.forward_micro_batch or g * branches
     pixels = policy.num_frames * policy.height * policy.width
     first_stage = arch.vae["base_dim"] * arch.vae["dim_mult"][0]
     temporal = 2 ** sum(arch.vae["temperal_downsample"])
+    videos = g if engine.vae_decode == "batch" else 1
+    # diffusers' VAE tiles are 256 x 256 pixels: a tiled decode holds one tile's maps at a time
+    area = min(1.0, 256 * 256 / (policy.height * policy.width)) if engine.vae_decode == "tiles" else 1.0
+    offloaded = engine.text_encoder == "offload" and device == "cuda"
     items = [
         Item("runtime", RUNTIME_BYTES[device]),
         Item("DiT weights and adapter", sizes.weight_bytes(policy.dtype) + 4 * sizes.lora, f"{policy.dtype}, LoRA fp32"),
-        Item("text encoder", sizes.text_encoder * b, f"{count_text(sizes.text_encoder)} parameters"),
+        Item("text encoder", 0.0 if offloaded else sizes.text_encoder * b,
+             f"{count_text(sizes.text_encoder)} parameters{', in host memory between encodings' if offloaded else ''}"),
         Item("VAE", 4 * sizes.vae, f"{count_text(sizes.vae)} parameters, fp32"),
         Item("group being sampled", group, f"{g} trajectories of {policy.num_steps + 1} latents"),
-        Item("denoising forward", g * branches * tokens * (2 * sizes.ffn_dim + 4 * sizes.width) * b,
-             f"{g * branches} sequences: one block's live tensors (estimate)", phase="sample"),
+        Item("denoising forward", rows * tokens * (2 * sizes.ffn_dim + 4 * sizes.width) * b,
+             f"{rows} of {g * branches} sequences per forward (rollout.forward_micro_batch): one block's live tensors (estimate)",
+             phase="sample"),
         Item("decoded videos", g * pixels * 3 * 5, "fp32 frames and their uint8 copies", phase="decode"),
-        Item("VAE decode", g * 6 * first_stage * temporal * policy.height * policy.width * 4,
-             f"six {first_stage}-channel fp32 maps per {temporal}-frame chunk (estimate)", phase="decode"),
+        Item("VAE decode", videos * area * 6 * first_stage * temporal * policy.height * policy.width * 4,
+             f"six {first_stage}-channel fp32 maps per {temporal}-frame chunk of {videos} video(s) "
+             f"(rollout.vae_decode: {engine.vae_decode}; estimate)", phase="decode"),
     ]
     return ProcessPlan("rollout worker", workers.workers, device, items)
 
@@ -255,8 +292,10 @@ def plan_run(config: TrainConfig, root: str | Path = ".") -> Plan:
         if process.device == "cuda" and memory is not None:
             process.limit = memory * GIB * max(1.0, gpus[process.kind])
     on_gpu = any(p.device == "cuda" for p in processes)
+    budget = config.runtime.max_inflight_mib
     return Plan(arch.source, sizes, tokens, processes, forward_tflop(sizes, tokens, config.policy.max_text_tokens),
-                host_limit=None if on_gpu else host_memory_bytes())
+                host_limit=None if on_gpu else host_memory_bytes(), group_bytes=stored,
+                groups_per_update=config.prompts_per_step, inflight_budget=None if budget is None else budget * MIB)
 
 
 def format_plan(plan: Plan) -> str:

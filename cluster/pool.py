@@ -1,7 +1,8 @@
 """The rollout worker pool as the driver sees it: which actors exist, which
 groups each has in flight, adapter publication, restarts and resizing.
 
-Every group a worker is given is remembered until its result comes back. A
+Every group a worker is given is remembered until its result comes back, its tensors
+as a reference the driver owns and does not fetch (see :mod:`editrl.rollout_workers.actor`). A
 worker that dies (its calls raise ``RayActorError``) hands its in-flight groups
 back to be re-issued; Ray restarts it (``max_restarts``) and the pool sends it
 the current adapter before it samples again. A group whose ``submit`` call raises
@@ -21,11 +22,25 @@ import time
 from dataclasses import dataclass, field
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import GetTimeoutError, ObjectStoreFullError, OutOfDiskError, RayActorError, RayTaskError
 
 from editrl.protocol.rollout import Group, GroupFailure, GroupTask
 
 logger = logging.getLogger(__name__)
+
+
+STORE_ERRORS = (ObjectStoreFullError, OutOfDiskError)
+"""What a worker's call raises when the object store cannot hold the groups' tensors it returns."""
+
+
+def with_bulk(results: list[Group | GroupFailure], bulk_refs: list) -> list[Group | GroupFailure]:
+    """The results of a ``collect`` or ``sample`` call, each group given the reference to its
+    tensors (the call's return value at its index: :func:`editrl.rollout_workers.actor.split_results`);
+    the tensors are not fetched."""
+    for result, ref in zip(results, bulk_refs):
+        if isinstance(result, Group):
+            result.bulk = ref
+    return results
 
 
 @dataclass
@@ -68,6 +83,8 @@ class WorkerPool:
         self._adapter: tuple | None = None
         self._staging: list = []  # set_adapter calls not yet checked (pipelined publishes)
         self.restarts = 0
+        self.return_failures = 0
+        """Groups re-issued because their worker could not return them (:meth:`_returns_failed`)."""
         self._busy_s = 0.0
         for _ in range(initial):
             self.add()
@@ -172,19 +189,23 @@ class WorkerPool:
         results: list[Group | GroupFailure] = self._failed_submits()
         for worker in self.workers.values():
             if worker.collect_ref is None and worker.in_flight:
-                worker.collect_ref = worker.actor.collect.remote(0.2)
-        refs = {w.collect_ref: w for w in self.workers.values() if w.collect_ref is not None}
+                slots = len(worker.in_flight)  # the most groups it can hand back
+                worker.collect_ref = worker.actor.collect.options(num_returns=1 + slots).remote(0.2, slots)
+        refs = {w.collect_ref[0]: w for w in self.workers.values() if w.collect_ref is not None}
         lost: list[GroupTask] = []
         if refs:
             ready, _ = ray.wait(list(refs), num_returns=1, timeout=timeout_s)
             ready += ray.wait([r for r in refs if r not in ready], num_returns=len(refs) - len(ready), timeout=0)[0]
             for ref in ready:
                 worker = refs[ref]
-                worker.collect_ref = None
+                bulk_refs, worker.collect_ref = worker.collect_ref[1:], None
                 try:
-                    batch = ray.get(ref)
+                    batch = with_bulk(ray.get(ref), bulk_refs)
                 except RayActorError as exc:
                     lost += self._handle_death(worker, exc)
+                    continue
+                except STORE_ERRORS as exc:
+                    lost += self._returns_failed(worker, exc)
                     continue
                 for result in batch:
                     if worker.in_flight.pop(result.task.group_id, None) is None:
@@ -218,6 +239,20 @@ class WorkerPool:
                     logger.error("group %s (prompt %s): %s", task.group_id, task.prompt_id, reason)
                     failures.append(GroupFailure(task=task, worker_id=worker.worker_id, reason=reason))
         return failures
+
+    def _returns_failed(self, worker: _Worker, exc: Exception) -> list[GroupTask]:
+        """A ``collect`` that raised (its groups' tensors could not be stored, e.g. the object
+        store full and unable to spill): the groups it was handing back are unknown, so every
+        group the worker has sampled and not returned is handed back to be re-issued (a copy that
+        still comes back later is ignored by the driver)."""
+        sampling = set(worker.submit_refs.values())
+        lost = [task for task in worker.in_flight.values() if task not in sampling]
+        for task in lost:
+            worker.in_flight.pop(task.group_id)
+        self.return_failures += len(lost)
+        logger.error("rollout worker %d could not return its groups (%s); re-issuing %d: %s", worker.worker_id,
+                     " ".join(str(exc).split())[:300], len(lost), ", ".join(t.group_id for t in lost))
+        return lost
 
     def _handle_death(self, worker: _Worker, exc: Exception) -> list[GroupTask]:
         lost = list(worker.in_flight.values())
@@ -253,14 +288,20 @@ class WorkerPool:
             share = tasks[i :: len(active)]
             if share:
                 self._ensure_adapter(worker)
-                calls.append((worker, share, worker.actor.sample.remote(share)))
+                calls.append((worker, share, worker.actor.sample.options(num_returns=1 + len(share)).remote(share)))
         results, lost = [], []
-        for worker, share, ref in calls:
+        for worker, share, refs in calls:
             try:
-                batch = ray.get(ref)
+                batch = with_bulk(ray.get(refs[0]), refs[1:])
             except RayActorError as exc:
                 worker.in_flight = {t.group_id: t for t in share}
                 lost += self._handle_death(worker, exc)
+                continue
+            except STORE_ERRORS as exc:
+                logger.error("rollout worker %d could not return its groups (%s); re-issuing %d", worker.worker_id,
+                             " ".join(str(exc).split())[:300], len(share))
+                self.return_failures += len(share)
+                lost += share
                 continue
             for result in batch:
                 if isinstance(result, Group):

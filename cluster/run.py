@@ -22,13 +22,14 @@ from tqdm import tqdm
 from editrl.cluster.config import TrainConfig
 from editrl.cluster.controller import NAMESPACE, start_controller
 from editrl.cluster.evaluation import evaluate_heldout, run_summary
+from editrl.cluster.inflight import InflightBudget, rollout_engine
 from editrl.cluster.learner_group import start_learner
 from editrl.cluster.pool import WorkerPool
 from editrl.cluster.run_log import MetricsLog, RolloutLog
 from editrl.cluster.step_metrics import autoscale_target, step_metrics
 from editrl.cluster.tasks import TaskSource
 from editrl.protocol.dataset import PromptDataset
-from editrl.protocol.rollout import Group, GroupFailure, GroupTask, ScoreFailure
+from editrl.protocol.rollout import Group, GroupFailure, GroupTask, ScoreFailure, tensor_bytes
 from editrl.resources import bundled_root
 from editrl.rollout_workers.actor import make_rollout_actor
 
@@ -49,16 +50,19 @@ class Run:
             config.policy, config.learner, corpus, root, config.seed, "cuda" if ranks.gpus else "cpu", ranks.sharding))
         actor_cls = make_rollout_actor(workers.cpus, workers.gpus, rc.max_restarts, workers.resources)
         device = "cuda" if workers.gpus else "cpu"
+        self.controller = start_controller(rt.controller_name, workers.workers)
+        engine = rollout_engine(rc)
         self.pool = WorkerPool(
             lambda worker_id: actor_cls.remote(
                 worker_id, config.policy, corpus, root, reward_url, reward_timeout_s=rc.reward_timeout_s,
                 reward_max_attempts=rc.reward_max_attempts, torch_threads=rc.torch_threads, fps=config.fps,
                 reward_concurrency=rc.reward_concurrency, device=device, seed=config.seed,
-                video_format=rc.reward_video_format,
+                video_format=rc.reward_video_format, engine=engine,
             ),
             workers.workers, prefetch_per_worker=rt.prefetch_per_worker, scoring_per_worker=rc.reward_concurrency,
         )
-        self.controller = start_controller(rt.controller_name, workers.workers)
+        self.budget = InflightBudget.of(config)
+        """The byte budget of groups in flight (``runtime.max_inflight_mib``)."""
         self.on_step_end: list[Callable[["Run"], None]] = []
         """Called with the run after every finished step (its metrics are logged by then)."""
         self.evaluations: list[dict] = []
@@ -78,6 +82,7 @@ class Run:
         self.accepted_ids: set[str] = set()
         self.counters: collections.Counter = collections.Counter()
         self._reissues: list[GroupTask] = []
+        self._stalled = False
         self._score_reissues: collections.Counter = collections.Counter()  # group id -> re-issues after failed scoring
         if self.metrics_log is not None and metrics_log is not None:
             self.metrics_log.close()
@@ -141,8 +146,23 @@ class Run:
                 logger.warning("group %s came back twice; the copy is ignored", result.task.group_id)
             else:
                 self.accepted_ids.add(result.task.group_id)
+                self.counters["driver_tensor_bytes"] += tensor_bytes(result)
+                self.budget.observe(result.bulk_bytes)
                 groups.append(result)
         return groups
+
+    def may_submit(self, held: list[Group]) -> bool:
+        """Whether one more task fits the byte budget beside the groups ``held`` (sampled, not yet
+        trained) and those being sampled; a refusal after an allowance counts one stall
+        (``budget_stalls``) and the workers wait until an update frees room."""
+        allowed, inflight = self.budget.allows(sum(g.bulk_bytes for g in held), self.pool.in_flight())
+        self.counters["inflight_bytes_max"] = max(self.counters["inflight_bytes_max"], inflight)
+        if not allowed and not self._stalled:
+            self.counters["budget_stalls"] += 1
+            self.counters["budget_stalls_step"] += 1
+            logger.info("byte budget: %.1f MiB of groups in flight; no new task until an update frees room", inflight / 2**20)
+        self._stalled = not allowed
+        return allowed
 
     def _failed(self, failure: GroupFailure) -> None:
         task, rt = failure.task, self.config.runtime
@@ -158,6 +178,26 @@ class Run:
         else:
             after = f" after {done} re-issues" if done else ""
             logger.error("group %s (prompt %s) dropped%s: %s", task.group_id, task.prompt_id, after, failure.reason)
+
+    def settle(self, batch: list[Group], metrics: dict) -> list[Group] | None:
+        """The groups an update trained, from the learner's answer. Groups whose tensors were lost
+        before the learner read them (the node holding them died) are counted (``groups_lost``),
+        logged by id and re-issued (same id and seed; ``groups_reissued``); None when the learner
+        had nothing left to train (the step did not happen)."""
+        lost = set(metrics.pop("lost_group_ids", []))
+        if lost:
+            self.counters["groups_lost"] += len(lost)
+            self.counters["groups_reissued"] += len(lost)
+            for group in batch:
+                if group.task.group_id in lost:
+                    self.accepted_ids.discard(group.task.group_id)
+                    self._reissues.append(group.task)
+            logger.error("%d groups lost their tensors before the update read them; re-issued: %s", len(lost),
+                         ", ".join(sorted(lost)))
+        if not metrics.pop("updated", 1.0):
+            self.count_empty_step()
+            return None
+        return [g for g in batch if g.task.group_id not in lost]
 
     def take_reissues(self) -> list[GroupTask]:
         """Tasks whose scoring failed and that are to be handed out again (same id and
@@ -206,6 +246,7 @@ class Run:
         staleness = [trained_at - g.policy_version for g in groups]
         samples = sum(g.rewards.numel() for g in groups)
         self.counters["samples"] += samples
+        self.counters["data_bytes_moved"] += sum(g.bulk_bytes for g in groups)
         self.counters["time_rollout_s"] += wall
         workers = self.pool.active_count()
         metrics = step_metrics(

@@ -1,7 +1,8 @@
 """The two schedules of a run: a producer-consumer loop over the rollout-worker pool
 (producers: workers sampling and getting groups scored) and the learner (consumer).
 
-* ``pipelined``: workers always hold ``prefetch_per_worker`` groups; the learner
+* ``pipelined``: workers always hold ``prefetch_per_worker`` groups (fewer while the groups
+  in flight would exceed ``runtime.max_inflight_mib``); the learner
   (its own actor) trains on B complete groups whose data is at most
   ``max_staleness`` policy versions old (the oldest first) while the workers keep
   sampling and earlier groups are scored;
@@ -36,7 +37,8 @@ def pipelined(run: Run, progress: tqdm) -> None:
     busy_before = run.pool.busy_seconds()
     while run.step < cfg.steps:
         run.follow_controller()
-        while run.pool.capacity() > 0:
+        held = buffer + (training[1] if training else [])
+        while run.pool.capacity() > 0 and run.may_submit(held):
             run.pool.submit(reissue.popleft() if reissue else run.tasks.next())
         results, lost = run.pool.poll(timeout_s=0.05 if training else 0.5)
         reissue.extend(lost)
@@ -56,6 +58,9 @@ def pipelined(run: Run, progress: tqdm) -> None:
             training = None
             metrics = ray.get(ref)
             waiting_since = time.perf_counter()
+            batch = run.settle(batch, metrics)
+            if batch is None:
+                continue
             time_sync = run.publish(wait=False)
             busy_now = run.pool.busy_seconds()
             run.finish_step(progress, batch, trained_at, metrics, wait_data, time_sync,
@@ -83,6 +88,9 @@ def sequential(run: Run, progress: tqdm) -> None:
         wait_data = time.perf_counter() - step_started
         trained_at = run.policy_version
         metrics = ray.get(run.learner.train_step.remote(groups))
+        groups = run.settle(groups, metrics)
+        if groups is None:
+            continue
         time_sync = run.publish(wait=True)
         run.finish_step(progress, groups, trained_at, metrics, wait_data, time_sync,
                         time.perf_counter() - step_started, run.pool.busy_seconds() - busy_before)

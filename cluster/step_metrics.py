@@ -15,7 +15,11 @@ def step_metrics(groups: list[Group], train_metrics: dict, staleness: list[int],
     the update), pool size, phase times (seconds) and throughput.
 
     ``counters`` is the run's counter; its per-step keys (``groups_failed_step``,
-    ``groups_dropped_stale_step``) are consumed.
+    ``groups_dropped_stale_step``, ``budget_stalls_step``) are consumed.
+
+    Data plane: ``data_bytes_per_step`` (the trained groups' tensors, moved worker -> object
+    store -> learner), ``data_driver_tensor_bytes_total`` (tensor bytes the driver ever received
+    in groups: 0 when the tensors go past it), ``data_inflight_bytes_max`` and ``budget_stalls``.
     """
     samples = sum(g.rewards.numel() for g in groups)
     return {
@@ -40,6 +44,11 @@ def step_metrics(groups: list[Group], train_metrics: dict, staleness: list[int],
         "samples_per_s": samples / max(wall, 1e-9),
         "denoising_steps_per_s": samples * num_denoising_steps / max(wall, 1e-9),
         **phase_times(groups),
+        "data_bytes_per_step": float(sum(g.bulk_bytes for g in groups)),
+        "data_driver_tensor_bytes_total": float(counters["driver_tensor_bytes"]),
+        "data_inflight_bytes_max": float(counters["inflight_bytes_max"]),
+        "budget_stalls": float(counters.pop("budget_stalls_step", 0)),
+        "budget_stalls_total": float(counters["budget_stalls"]),
     }
 
 

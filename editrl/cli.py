@@ -124,7 +124,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as exc:  # PreflightError, pydantic.ValidationError, YAML and file errors
         logging.getLogger("editrl").debug("config check failed", exc_info=True)
         return _error(one_line(exc))
-    if config.runtime.device_memory_gib is not None:
+    if config.runtime.device_memory_gib is not None or config.runtime.max_inflight_mib is not None:
         problems = _plan_problems(config)
         if problems:
             return _error(f"does not fit (editrl plan): {'; '.join(problems)}")

@@ -4,6 +4,7 @@ rollouts while it trains."""
 from __future__ import annotations
 
 import datetime
+import logging
 import socket
 from pathlib import Path
 
@@ -18,7 +19,9 @@ from editrl.learner.learner import Learner
 from editrl.policy.adapter import adapter_checksum
 from editrl.policy.config import PolicyConfig
 from editrl.policy.policy import EditPolicy
-from editrl.protocol.rollout import Group
+from editrl.protocol.rollout import Group, join_bulk
+
+logger = logging.getLogger(__name__)
 
 
 class LearnerService:
@@ -64,8 +67,27 @@ class LearnerService:
         return rank
 
     def train_step(self, groups: list[Group]) -> dict:
-        """One update; see :meth:`editrl.learner.learner.Learner.train_step`."""
-        return self.learner.train_step(groups)
+        """One update; see :meth:`editrl.learner.learner.Learner.train_step`.
+
+        Groups whose tensors are in the object store (``bulk``, returned there by the rollout
+        workers) are read from it here, without a copy on this node (``data_bytes_read``). A group
+        whose tensors are gone (the node holding them died) is left out on every rank alike,
+        logged, and listed in ``lost_group_ids`` (``groups_lost`` counts them; the driver re-issues
+        them); when every group is lost there is no update and ``updated`` is 0.
+        """
+        groups, lost, read = fetch_bulk(groups)
+        if dist.is_initialized():  # every rank leaves out what any rank lost
+            everyone: list = [None] * dist.get_world_size()
+            dist.all_gather_object(everyone, lost)
+            lost = sorted(set().union(*everyone))
+        kept = [g for g in groups if g.task.group_id not in lost]
+        if lost:
+            logger.error("train_step: the tensors of %d groups are gone from the object store; left out: %s",
+                         len(lost), ", ".join(lost))
+        info = {"data_bytes_read": float(read), "groups_lost": float(len(lost)), "lost_group_ids": lost}
+        if not kept:
+            return {**info, "updated": 0.0}
+        return {**self.learner.train_step(kept), **info, "updated": 1.0}
 
     def publish(self) -> list | None:
         """``[ref, policy_version, checksum]``: the adapter weights packed into one
@@ -89,6 +111,24 @@ class LearnerService:
 
     def save_adapter(self, directory: str) -> str:
         return str(self.learner.save_adapter(directory))
+
+
+def fetch_bulk(groups: list[Group]) -> tuple[list[Group], list[str], int]:
+    """The groups with their tensors (those in the object store read from it), the ids of the
+    groups whose tensors are lost, and the bytes read."""
+    out, lost, read = [], [], 0
+    for group in groups:
+        if group.bulk is None:
+            out.append(group)
+            continue
+        try:
+            arrays = ray.get(group.bulk)
+        except ray.exceptions.ObjectLostError:  # the node holding it (or the driver, its owner) died
+            lost.append(group.task.group_id)
+            continue
+        out.append(join_bulk(group, arrays))
+        read += group.bulk_bytes
+    return out, lost, read
 
 
 def make_learner_actor(num_cpus: float = 1.0, num_gpus: float = 0.0, resources: dict[str, float] | None = None):

@@ -2,9 +2,12 @@
 Ray's object store, never over HTTP)."""
 from __future__ import annotations
 
+import dataclasses
 import math
+import warnings
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 SAMPLER_NAMES = ("flow_sde", "flow_sde_wan", "cps", "ode")
@@ -91,7 +94,7 @@ class GroupTask:
     worker's configured sampler on its stochastic steps. What was actually done is
     the group's :class:`SamplerSpec`."""
     keep_frames: bool = False
-    """Return the decoded edited frames (for evaluation samples)."""
+    """Return the source clip and the first edit as frames (for evaluation samples)."""
     record_means: bool = False
     """Also return each step's transition mean (GRPO-Guard's ratio normalisation needs
     the sampling policy's means)."""
@@ -99,16 +102,20 @@ class GroupTask:
 
 @dataclass
 class Group:
-    """A complete group: G trajectories with their rewards; tensors are fp32 CPU."""
+    """A complete group: G trajectories with their rewards; CPU tensors, fp32 unless said.
+
+    Between processes the tensors of :data:`BULK_FIELDS` travel apart from the rest
+    (:func:`split_bulk`): the driver holds a group without them, ``bulk`` naming where they are.
+    """
 
     task: GroupTask
     policy_version: int
     """Policy version (of the LoRA adapter) the trajectories were sampled with."""
     worker_id: int
-    latents: torch.Tensor
-    """``(G, K, C, f, h, w)``: the latents at the positions ``latent_steps`` (position t is the
-    latent before step t, 0 the initial noise at sigma_0 = 1, T the final one); all T + 1 when
-    ``latent_steps`` is None."""
+    latents: torch.Tensor | None
+    """``(G, K, C, f, h, w)`` in the trajectory dtype (``rollout.trajectory_dtype``): the latents at
+    the positions ``latent_steps`` (position t is the latent before step t, 0 the initial noise
+    at sigma_0 = 1, T the final one); all T + 1 when ``latent_steps`` is None."""
     log_probs: torch.Tensor
     """``(G, T)`` per-step log-prob at sampling time; NaN on deterministic steps."""
     sampler: SamplerSpec
@@ -127,13 +134,21 @@ class Group:
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds spent per phase: encode, sample, decode, reward."""
     frames: object | None = None
-    """``uint8 (G, F, H, W, 3)`` numpy edited frames when the task asked for them."""
+    """``uint8 (2, F, H, W, 3)`` numpy frames when the task asked for them (``keep_frames``): the
+    source clip and the first sample's edit (the driver never decodes clips)."""
     means: torch.Tensor | None = None
-    """``(G, T, C, f, h, w)`` transition means at sampling time when the task asked for
-    them (``record_means``); None otherwise."""
+    """``(G, S, C, f, h, w)`` transition means at sampling time at the S steps ``mean_steps``,
+    when the task asked for them (``record_means``); None otherwise."""
     latent_steps: tuple[int, ...] | None = None
     """The positions ``latents`` holds, increasing (rollout workers keep every trained step t
     and t + 1: :func:`trained_positions`); None: all T + 1."""
+    mean_steps: tuple[int, ...] | None = None
+    """The steps ``means`` holds, increasing (workers keep the trained ones); None: all T."""
+    bulk: object | None = None
+    """Where the tensors of :data:`BULK_FIELDS` are while they are elsewhere (a Ray object
+    reference to :func:`split_bulk`'s arrays); None when the group holds them."""
+    bulk_bytes: int = 0
+    """Bytes of those tensors (set by :func:`split_bulk`)."""
 
     def latent(self, position: int) -> torch.Tensor:
         """``(G, C, f, h, w)``: the latents at ``position`` (0..T).
@@ -141,13 +156,30 @@ class Group:
         Raises:
             KeyError: the group does not hold that position (naming the group and what it holds).
         """
+        if self.latents is None:
+            raise KeyError(f"group {self.task.group_id} does not hold its tensors (they are at {self.bulk!r})")
         if self.latent_steps is None:
-            return self.latents[:, position]
+            return self.latents[:, position].float()
         try:
-            return self.latents[:, self.latent_steps.index(position)]
+            return self.latents[:, self.latent_steps.index(position)].float()
         except ValueError:
             raise KeyError(f"group {self.task.group_id} holds the latents at positions {list(self.latent_steps)}, "
                            f"not {position}") from None
+
+    def mean(self, step: int) -> torch.Tensor:
+        """``(G, C, f, h, w)`` fp32: the recorded transition means of step ``step``.
+
+        Raises:
+            KeyError: the group has no recorded means, or not at that step (naming the group).
+        """
+        if self.means is None:
+            raise KeyError(f"group {self.task.group_id} has no recorded transition means")
+        if self.mean_steps is None:
+            return self.means[:, step]
+        try:
+            return self.means[:, self.mean_steps.index(step)]
+        except ValueError:
+            raise KeyError(f"group {self.task.group_id} holds the means of steps {list(self.mean_steps)}, not {step}") from None
 
     @property
     def sigmas(self) -> torch.Tensor:
@@ -158,6 +190,46 @@ class Group:
     def sde_mask(self) -> torch.Tensor:
         """``(T,)`` bool: the stochastic (trained) steps."""
         return torch.tensor(self.sampler.stochastic, dtype=torch.bool)
+
+
+BULK_FIELDS = ("latents", "source_latents", "text_embeds", "null_embeds", "means")
+"""A group's tensors that travel from the rollout worker to the learner without passing the driver
+(its ``(G, T)`` log-probs and ``(G,)`` rewards stay with the metadata: the rollout log records them)."""
+
+
+def tensor_bytes(group: Group) -> int:
+    """Bytes of the :data:`BULK_FIELDS` tensors ``group`` holds itself (0 for a group split by
+    :func:`split_bulk`): what a process receiving it holds of its trajectories."""
+    return sum(t.numel() * t.element_size() for name in BULK_FIELDS if isinstance(t := getattr(group, name), torch.Tensor))
+
+
+def _array(tensor: torch.Tensor) -> np.ndarray:
+    # numpy has no bfloat16: its bits travel as int16 and are viewed back on arrival
+    tensor = tensor.detach().cpu().contiguous()
+    return tensor.view(torch.int16).numpy() if tensor.dtype == torch.bfloat16 else tensor.numpy()
+
+
+def split_bulk(group: Group) -> tuple[Group, dict[str, tuple[str, np.ndarray]]]:
+    """The group without its :data:`BULK_FIELDS` tensors (``bulk_bytes`` set), and those tensors as
+    ``name -> (dtype name, numpy array)``: plain buffers, which Ray's object store holds and hands
+    to a reader without a copy or pickling."""
+    arrays = {name: (str(t.dtype).removeprefix("torch."), _array(t))
+              for name in BULK_FIELDS if (t := getattr(group, name)) is not None}
+    light = dataclasses.replace(group, **{name: None for name in BULK_FIELDS},
+                                bulk_bytes=sum(a.nbytes for _, a in arrays.values()))
+    return light, arrays
+
+
+def join_bulk(group: Group, arrays: dict[str, tuple[str, np.ndarray]]) -> Group:
+    """The group with its tensors back from :func:`split_bulk`'s arrays, sharing their memory
+    (read-only buffers of the object store are not copied; nothing writes to them)."""
+    tensors = {}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        for name, (dtype, array) in arrays.items():
+            tensor = torch.from_numpy(array)
+            tensors[name] = tensor.view(torch.bfloat16) if dtype == "bfloat16" else tensor
+    return dataclasses.replace(group, **tensors, bulk=None)
 
 
 def trained_positions(stochastic: list[bool] | tuple[bool, ...]) -> tuple[int, ...]:

@@ -5,13 +5,42 @@ staged adapter right before a group, so an adapter is only ever loaded between
 groups), ``adapter`` (verifying and staging a new adapter at once, even while a
 group samples and others wait in ``compute``) and ``io`` (collecting scored groups
 while the next one samples).
+
+A group leaves the actor without its tensors: ``collect`` and ``sample`` return the groups'
+metadata and rewards as their first value and each group's tensors (numpy buffers,
+:func:`editrl.protocol.rollout.split_bulk`) as one more return value each. The caller
+(the driver) owns those objects and receives references to them without fetching them;
+Ray keeps them in the object store of the worker's node (objects under 100 KiB inline
+with their owner), where they outlive the worker's process, and the learner reads them
+from there (:func:`editrl.learner.actor.fetch_bulk`).
 """
 from __future__ import annotations
 
 import ray
 
-from editrl.protocol.rollout import Group, GroupFailure, GroupTask
+from editrl.protocol.rollout import Group, GroupFailure, GroupTask, split_bulk
 from editrl.rollout_workers.worker import RolloutWorker
+
+
+def split_results(results: list[Group | GroupFailure], slots: int) -> tuple:
+    """``(results without tensors, tensors of result 0, ..., of result slots - 1)``: a group's
+    arrays at its index, None for a failure and for the slots beyond the results.
+
+    Raises:
+        ValueError: more results than ``slots`` (the caller asked for too few return values).
+    """
+    if len(results) > slots:
+        raise ValueError(f"{len(results)} results for {slots} return slots")
+    light, bulk = [], []
+    for result in results:
+        if isinstance(result, GroupFailure):
+            light.append(result)
+            bulk.append(None)
+        else:
+            group, arrays = split_bulk(result)
+            light.append(group)
+            bulk.append(arrays)
+    return (light, *bulk, *[None] * (slots - len(results)))
 
 
 class _RolloutActor(RolloutWorker):
@@ -28,16 +57,19 @@ class _RolloutActor(RolloutWorker):
         return super().load_staged_adapter()
 
     @ray.method(concurrency_group="compute")
-    def sample(self, tasks: list[GroupTask]) -> list[Group | GroupFailure]:
-        return super().sample(tasks)
+    def sample(self, tasks: list[GroupTask]) -> tuple:
+        """Call with ``.options(num_returns=1 + len(tasks))``: see :func:`split_results`."""
+        return split_results(super().sample(tasks), len(tasks))
 
     @ray.method(concurrency_group="compute")
     def submit(self, task: GroupTask) -> str:
         return super().submit(task)
 
     @ray.method(concurrency_group="io")
-    def collect(self, timeout_s: float = 0.0) -> list[Group | GroupFailure]:
-        return super().collect(timeout_s)
+    def collect(self, timeout_s: float = 0.0, slots: int = 1) -> tuple:
+        """At most ``slots`` scored groups; call with ``.options(num_returns=1 + slots)``: see
+        :func:`split_results` (the others stay for the next call)."""
+        return split_results(super().collect(timeout_s, max_results=slots), slots)
 
     @ray.method(concurrency_group="io")
     def pid(self) -> int:

@@ -27,6 +27,7 @@ from editrl.protocol.dataset import load_clip
 from editrl.protocol.reward import ScoreItem, ScoreRequest, VideoPayload
 from editrl.protocol.rollout import Group, GroupFailure, GroupTask, ScoreFailure, trained_positions
 from editrl.protocol.video import VideoDecodeError, encode_mp4
+from editrl.rollout_workers.engine import RolloutEngine
 from editrl.rollout_workers.reward_client import RewardClient, RewardServerError
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,10 @@ class RolloutWorker:
             (seconds). Under Ray, ``set_adapter`` runs beside ``submit`` in its own
             concurrency group, so the first group given to a new or restarted worker
             can start before the adapter sent ahead of it has been verified.
+        engine: the rollout engine's settings (:class:`RolloutEngine`).
+
+    Raises:
+        ValueError: a setting the device cannot use (:meth:`RolloutEngine.check`).
     """
 
     def __init__(
@@ -80,22 +85,28 @@ class RolloutWorker:
         seed: int = 0,
         video_format: str = "mp4",
         adapter_wait_s: float = 120.0,
+        engine: "RolloutEngine | None" = None,
     ):
         if video_format not in ("mp4", "raw"):
             raise ValueError(f"video_format must be 'mp4' or 'raw', got {video_format!r}")
+        self.engine = (engine or RolloutEngine()).resolved(device)
+        self.engine.check(device)
         torch.set_num_threads(torch_threads)
         self.video_format = video_format
         self.worker_id = worker_id
         self.config = policy_config
         self.policy = EditPolicy.from_config(policy_config, corpus, root=root, device=device, seed=seed)
+        self.engine.apply(self.policy)
         self.policy_version = -1
         self.fps = fps
         self.client = RewardClient(reward_url, timeout_s=reward_timeout_s, max_attempts=reward_max_attempts)
         # the VAE and the text encoder are frozen, so encodings never change: least-recently-used caches
         self._source = functools.lru_cache(maxsize=SOURCE_CACHE_SIZE)(self._encode_source)
         self._text = functools.lru_cache(maxsize=TEXT_CACHE_SIZE)(self._encode_text)
-        self._null_embeds = self.policy.encode_text([""])
+        self._null_embeds = self._encode_text("")
         self._scoring = ThreadPoolExecutor(max_workers=reward_concurrency, thread_name_prefix=f"score-{worker_id}")
+        self._encoding = (ThreadPoolExecutor(max_workers=self.engine.encode_threads, thread_name_prefix=f"mp4-{worker_id}")
+                          if self.engine.encode_threads else None)
         self._done: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self._staged: tuple[PackedAdapter | dict[str, torch.Tensor], int] | None = None
@@ -148,7 +159,8 @@ class RolloutWorker:
 
     def _encode_text(self, instruction: str) -> torch.Tensor:
         """The instruction's embeddings; cached as ``self._text``."""
-        return self.policy.encode_text([instruction])
+        with self.engine.text_encoder_on_device(self.policy):
+            return self.policy.encode_text([instruction])
 
     def _payload(self, frames: np.ndarray) -> VideoPayload:
         """``uint8 (F, H, W, 3)`` frames as sent to the reward server (``video_format``)."""
@@ -171,19 +183,21 @@ class RolloutWorker:
         self._scoring.submit(self._score_into_queue, task, sampled, error)
         return task.group_id
 
-    def collect(self, timeout_s: float = 0.0) -> list[Group | GroupFailure]:
-        """Groups whose scoring finished since the last call; waits up to ``timeout_s``
-        seconds for the first one when none is ready. Thread-safe."""
+    def collect(self, timeout_s: float = 0.0, max_results: int | None = None) -> list[Group | GroupFailure]:
+        """Groups whose scoring finished since the last call (at most ``max_results``; the
+        others stay for the next call); waits up to ``timeout_s`` seconds for the first one
+        when none is ready. Thread-safe."""
         results = []
         try:
             results.append(self._done.get(timeout=timeout_s) if timeout_s > 0 else self._done.get_nowait())
         except queue.Empty:
             return results
-        while True:
+        while max_results is None or len(results) < max_results:
             try:
                 results.append(self._done.get_nowait())
             except queue.Empty:
-                return results
+                break
+        return results
 
     def pid(self) -> int:
         """The worker's process id (for operators and fault-injection tests)."""
@@ -229,21 +243,46 @@ class RolloutWorker:
             shared_initial_noise=stochastic and window is not None and window.shared_initial_noise,
             antithetic=self.config.antithetic and stochastic,
             record_means=task.record_means,
+            trajectory_dtype=self.engine.torch_trajectory_dtype,
+            micro_batch=self.engine.forward_micro_batch,
         )
         timings["sample_s"] = time.perf_counter() - start
 
         start = time.perf_counter()
         edited = self.policy.decode(trajectories.latents[:, -1])
-        edited_payloads = [self._payload(edited[i]) for i in range(task.group_size)]
         timings["decode_s"] = time.perf_counter() - start
-        # only what the learner reads travels on: the latents around the trained steps (a group
-        # with none, an evaluation group, keeps its edit's latent)
+        # only what the learner reads travels on, in the trajectory dtype: the latents around the
+        # trained steps (a group with none, an evaluation group, keeps its edit's latent) and the
+        # means at the trained steps
         positions = trained_positions(trajectories.spec.stochastic) or (trajectories.spec.num_steps,)
-        trajectories = dataclasses.replace(trajectories, latents=trajectories.latents[:, list(positions)].clone())
-        return _Sampled(self.policy_version, source_payload, source_latents.cpu(), text_embeds.cpu(), trajectories,
-                        positions, edited if task.keep_frames else None, edited_payloads, timings)
+        dtype = self.engine.torch_trajectory_dtype if any(trajectories.spec.stochastic) else torch.float32
+        trained = tuple(t for t, s in enumerate(trajectories.spec.stochastic) if s)
+        means = trajectories.means[:, list(trained)].clone() if trajectories.means is not None else None
+        trajectories = dataclasses.replace(trajectories, latents=trajectories.latents[:, list(positions)].to(dtype).clone(),
+                                           means=means)
+        frames = None
+        if task.keep_frames:  # the source beside the edit (decoded again: the cache keeps no frames)
+            source = load_clip(task.video_path, self.config.num_frames, self.config.height, self.config.width)
+            frames = np.stack([source, edited[0]])
+        sampled = _Sampled(self.policy_version, source_payload, source_latents.cpu(), text_embeds.cpu(), trajectories,
+                           positions, trained, frames, edited, timings)
+        if self._encoding is None:  # encoded on the sampling slot
+            sampled.edited = self._encode_edits(sampled)
+        return sampled
+
+    def _encode_edits(self, sampled: "_Sampled") -> list[VideoPayload]:
+        """Each sample's edit as sent for scoring, encoded by the ``engine.encode_threads`` threads
+        (or here, one after the other); adds ``mp4_s`` (seconds) to the timings."""
+        if not isinstance(sampled.edited, np.ndarray):
+            return sampled.edited
+        start = time.perf_counter()
+        frames = list(sampled.edited)
+        payloads = list(self._encoding.map(self._payload, frames)) if self._encoding is not None else [self._payload(f) for f in frames]
+        sampled.timings["mp4_s"] = time.perf_counter() - start
+        return payloads
 
     def _scored_group(self, task: GroupTask, sampled: "_Sampled") -> Group:
+        sampled.edited = self._encode_edits(sampled)
         start = time.perf_counter()
         items = [
             ScoreItem(item_id=f"{task.group_id}/{i}", instruction=task.instruction, source=sampled.source, edited=edited)
@@ -275,6 +314,7 @@ class RolloutWorker:
             frames=sampled.frames,
             means=trajectories.means,
             latent_steps=sampled.latent_steps,
+            mean_steps=sampled.mean_steps if trajectories.means is not None else None,
         )
 
 
@@ -290,7 +330,10 @@ class _Sampled:
     trajectories: Trajectories
     """The group's trajectories, ``latents`` only at ``latent_steps``."""
     latent_steps: tuple[int, ...]
+    mean_steps: tuple[int, ...]
+    """The trained steps, whose means (when recorded) the group keeps."""
     frames: np.ndarray | None
-    edited: list[VideoPayload]
-    """Each sample's edited video as sent for scoring."""
+    edited: "list[VideoPayload] | np.ndarray"
+    """Each sample's edited video as sent for scoring, or its ``uint8 (G, F, H, W, 3)`` frames
+    until they are encoded (off the sampling slot)."""
     timings: dict[str, float]

@@ -1,7 +1,13 @@
 """Shared fixtures: a tiny policy configuration that builds in milliseconds, and a real Redis server."""
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+
+# the checkout's root, for the benchmarks' workloads (also when a test's helper script imports this file)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from editrl.policy.config import LoraSettings, PolicyConfig, TinyModelConfig
 
@@ -32,12 +38,9 @@ def _one_thread():
 
 def structured_clip(num_frames: int = 5, size: int = 32, seed: int = 0) -> np.ndarray:
     """A smooth colourful pattern panning one pixel per frame, ``uint8 (F, size, size, 3)``."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0 : size + num_frames].astype(np.float32)
-    phases = rng.uniform(0, 2 * np.pi, size=3)
-    canvas = np.stack([0.5 + 0.4 * np.sin(xx / 5.0 + yy / 7.0 + p) for p in phases], axis=-1)
-    frames = np.stack([canvas[:, t : t + size] for t in range(num_frames)])
-    return (frames * 255).round().astype(np.uint8)
+    from bench.workload import structured_frames
+
+    return structured_frames(num_frames, size, size, seed)
 
 
 def sample_group(policy, seed: int, rewards: torch.Tensor, record_means: bool = False, instruction: str | None = None):

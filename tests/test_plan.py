@@ -161,11 +161,19 @@ def test_plan_refuses_a_config_that_cannot_fit_and_names_the_numbers():
     assert fits.returncode == 0, fits.stderr
     plan = json.loads(fits.stdout)
     learner = next(p for p in plan["processes"] if p["kind"] == "learner rank")
-    # the groups reach the learner with 3 latents per trajectory (a window of two trained steps), not 21:
-    # 8 groups of 216 MiB instead of 1.34 GiB, which brings a sharded 14B learner rank under 80 GB
+    # the groups reach the learner with 3 latents per trajectory (a window of two trained steps), not 21,
+    # in bf16 (rollout.trajectory_dtype): 8 x 3 x 2 bytes x (16 x 21 x 60 x 104) latent cells = 96 MiB,
+    # + the fp32 source latent (8 MiB) and two 512 x 4096 fp32 embeddings (16 MiB) = 120 MiB a group
+    # instead of 1.34 GiB, which brings a sharded 14B learner rank under 80 GB
     assert learner["limit"] == 141 * GIB and learner["fits"] and 70 * GIB < learner["peak"] < 80 * GIB
-    assert learner["items"]["groups of one update"] == pytest.approx(8 * 216 * MIB, rel=0.01)
-    refused = _plan_cli("--config", "configs/wan21_14b_480p.yaml", "--set", "runtime.device_memory_gib=80")
+    assert learner["items"]["groups of one update"] == pytest.approx(8 * 120 * MIB, rel=0.01)
+    # with the rollout engine's memory bounds the 14B preset fits 80 GB; all 16 sequences of a
+    # group in one forward, the text encoder resident and the VAE decoding all 8 videos do not
+    fits_80 = _plan_cli("--config", "configs/wan21_14b_480p.yaml", "--set", "runtime.device_memory_gib=80")
+    assert fits_80.returncode == 0, fits_80.stderr
+    refused = _plan_cli("--config", "configs/wan21_14b_480p.yaml", "--set", "runtime.device_memory_gib=80",
+                        "--set", "rollout.forward_micro_batch=null", "--set", "rollout.text_encoder=resident",
+                        "--set", "rollout.vae_decode=batch")
     assert refused.returncode == 1
     lines = [line for line in refused.stderr.splitlines() if line.startswith("editrl: does not fit:")]
     assert len(lines) == 1 and lines[0].startswith("editrl: does not fit: rollout worker: estimated peak") and "> 80.0 GiB" in lines[0]

@@ -155,7 +155,11 @@ def test_worker_samples_the_configured_window_and_records_means(reward_url, clip
     assert group.latent_steps == (first, first + 1)  # only the trained step's two latents travel
     for t in group.latent_steps:
         assert all(torch.equal(group.latent(t)[0], group.latent(t)[i]) for i in (1, 2)) == (t <= first)
-    assert group.means.shape[:2] == (3, 4)
+    # the means only at the trained step; the step before it (deterministic) is not kept
+    assert group.means.shape[:2] == (3, 1) and group.mean_steps == (first,)
+    assert group.mean(first).shape == group.latent(first).shape
+    with pytest.raises(KeyError, match="s3-g0"):
+        group.mean(first - 1 if first else first + 1)
 
 
 def test_evaluation_groups_do_not_share_noise_under_a_shared_noise_window(reward_url, clip_path):
@@ -230,7 +234,13 @@ def test_a_group_queued_behind_the_sampling_one_starts_with_the_newest_adapter(r
     deadline = time.monotonic() + 120
     while len(groups) < 2:
         assert time.monotonic() < deadline, f"groups a and b did not both come back within 120 s (got {len(groups)})"
-        groups += ray.get(worker.collect.remote(5.0))
+        refs = worker.collect.options(num_returns=3).remote(5.0, 2)
+        light = ray.get(refs[0])
+        # the groups come without their tensors, each group's tensors the return value at its index
+        assert all(g.latents is None and g.bulk is None for g in light)
+        assert all(ray.get(ref)["latents"][1].shape[0] == 8 for ref in refs[1 : 1 + len(light)])
+        assert all(ray.get(ref) is None for ref in refs[1 + len(light) :])
+        groups += light
     assert {g.task.group_id: g.policy_version for g in groups} == {"a": 0, "b": 1}
     ray.kill(worker)
 
@@ -318,3 +328,31 @@ def test_pool_refuses_limits_below_their_minimum(ray_session):
         WorkerPool(lambda worker_id: None, initial=0, prefetch_per_worker=0)
     with pytest.raises(ValueError, match="scoring_per_worker"):
         WorkerPool(lambda worker_id: None, initial=0, scoring_per_worker=-1)
+
+
+def test_a_group_returned_by_a_worker_keeps_its_tensors_after_the_worker_dies(ray_session, reward_url, clip_path):
+    import os
+    import signal
+
+    from editrl.cluster.pool import with_bulk
+    from editrl.learner.actor import fetch_bulk
+    from editrl.policy.policy import EditPolicy
+    from editrl.rollout_workers.actor import make_rollout_actor
+
+    ray = ray_session
+    config = tiny_policy_config()
+    worker = make_rollout_actor(num_cpus=0).remote(0, config, CORPUS, str(ROOT), reward_url, reward_timeout_s=30)
+    adapter = EditPolicy.from_config(config, CORPUS, root=str(ROOT)).adapter_state()
+    ray.get(worker.set_adapter.remote(adapter, 0, adapter_checksum(adapter)))
+    worker.submit.remote(GroupTask("a", "p0", CORPUS[0], clip_path, seed=1, group_size=3))
+    light = []
+    while not light:
+        refs = worker.collect.options(num_returns=2).remote(5.0, 1)
+        light = with_bulk(ray.get(refs[0]), refs[1:])
+    os.kill(ray.get(worker.pid.remote()), signal.SIGKILL)
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(worker.pid.remote())  # the worker is gone (and not restarted: max_restarts 0)
+    # the driver owns the tensors the call returned: they are read from the store after the worker died
+    [group], lost, read = fetch_bulk(light)
+    assert not lost and read == group.bulk_bytes > 0
+    assert group.latent(0).shape == (3, *group.source_latents.shape[1:]) and torch.isfinite(group.latent(0)).all()
