@@ -7,6 +7,7 @@ log, and only a table with nothing usable left is an error.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ import pyarrow.parquet as pq
 from skimage.transform import resize
 
 from editrl.protocol.edits import CHECKABLE_EDIT_TYPES
-from editrl.protocol.video import VideoDecodeError, read_video
+from editrl.protocol.video import read_video
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +118,17 @@ def load_prompts(parquet_path: str | os.PathLike) -> list[PromptRow]:
     return rows
 
 
+def _file_problem(path: str) -> str | None:
+    """Why the clip file at ``path`` cannot be read (missing, not a file, empty), or None."""
+    try:
+        size = os.stat(path).st_size
+    except OSError as exc:
+        return f"{type(exc).__name__}: {exc.strerror}"
+    if not os.path.isfile(path):
+        return "not a file"
+    return "empty file" if size == 0 else None
+
+
 def resize_frames(frames: np.ndarray, height: int, width: int) -> np.ndarray:
     """Resize each frame with anti-aliasing.
 
@@ -168,20 +180,24 @@ def load_clip(path: str | os.PathLike, num_frames: int, height: int, width: int)
 
 
 class PromptDataset:
-    """Prompts of one table with their source clips decoded once, at construction.
+    """Prompts of one table; the clips stay on disk (the rollout workers decode them).
 
     Args:
         parquet_path: the prompt table.
         num_frames, height, width: clip format, see :func:`load_clip`.
 
-    Prompts whose clip cannot be loaded (missing, undecodable, too short) are
-    dropped with an error log naming the clip and the prompt ids, then a
-    summary warning.
+    Prompts whose clip file is missing or empty are dropped with an error log naming the
+    clip and the prompt ids, then a summary warning. Nothing is decoded here: a clip that
+    exists but cannot be decoded, or is too short, fails its groups on the worker (each
+    failure counted and named) and the reading of :meth:`clip`.
 
     Raises:
         ValueError: nothing usable is left (or from :func:`load_prompts`).
         FileNotFoundError: the table does not exist.
     """
+
+    CLIP_CACHE_SIZE = 8
+    """Decoded clips :meth:`clip` keeps (least recently used go first)."""
 
     def __init__(self, parquet_path: str | os.PathLike, num_frames: int, height: int, width: int) -> None:
         self.parquet_path = Path(parquet_path)
@@ -191,18 +207,13 @@ class PromptDataset:
         for row in all_rows:
             by_path.setdefault(row.video_path, []).append(row)
 
-        self._clips: dict[str, np.ndarray] = {}
         failed: set[str] = set()
         for video_path, path_rows in by_path.items():
-            try:
-                clip = load_clip(video_path, num_frames, height, width)
-            except (VideoDecodeError, ValueError, OSError) as exc:
+            problem = _file_problem(video_path)
+            if problem is not None:
                 logger.error("cannot load clip %s (%s); dropping prompts %s",
-                             video_path, exc, [r.prompt_id for r in path_rows])
+                             video_path, problem, [r.prompt_id for r in path_rows])
                 failed.add(video_path)
-                continue
-            clip.setflags(write=False)
-            self._clips[video_path] = clip
 
         self.rows: list[PromptRow] = [r for r in all_rows if r.video_path not in failed]
         dropped = len(all_rows) - len(self.rows)
@@ -212,6 +223,7 @@ class PromptDataset:
         if not self.rows:
             raise ValueError(f"{self.parquet_path}: no prompt has a loadable clip")
         self._by_id = {r.prompt_id: r for r in self.rows}
+        self._decoded = functools.lru_cache(maxsize=self.CLIP_CACHE_SIZE)(self._decode)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -220,11 +232,21 @@ class PromptDataset:
         return self.rows[index]
 
     def clip(self, row: PromptRow) -> np.ndarray:
-        """The cached source clip of a row: read-only ``uint8`` ``(num_frames, height, width, 3)``."""
-        try:
-            return self._clips[row.video_path]
-        except KeyError:
-            raise KeyError(f"no clip loaded for {row.video_path} (prompt {row.prompt_id!r})") from None
+        """The row's source clip, decoded on first use (the last :attr:`CLIP_CACHE_SIZE` kept):
+        read-only ``uint8`` ``(num_frames, height, width, 3)``.
+
+        Raises:
+            KeyError: the row is not one of this table's usable rows.
+            VideoDecodeError, ValueError: the clip cannot be decoded or is too short (see :func:`load_clip`).
+        """
+        if self._by_id.get(row.prompt_id) != row:
+            raise KeyError(f"no clip loaded for {row.video_path} (prompt {row.prompt_id!r})")
+        return self._decoded(row.video_path)
+
+    def _decode(self, video_path: str) -> np.ndarray:
+        clip = load_clip(video_path, self.num_frames, self.height, self.width)
+        clip.setflags(write=False)
+        return clip
 
     def by_id(self, prompt_id: str) -> PromptRow:
         """The row with this ``prompt_id``; ``KeyError`` naming it if absent."""

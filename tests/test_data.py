@@ -227,22 +227,27 @@ def test_load_prompts_errors(tables, tmp_path):
         load_prompts(_write_table(tmp_path, empty, "empty.parquet"))
 
 
-def test_dataset_skips_undecodable_clip(built, tables, tmp_path, caplog):
-    clip_ids = sorted({r["clip_id"] for r in tables["train"]})[:2]
+def test_dataset_drops_missing_and_empty_clips_and_never_decodes(built, tables, tmp_path, caplog):
+    from editrl.protocol.video import VideoDecodeError
+
+    clip_ids = sorted({r["clip_id"] for r in tables["train"]})[:3]
     rows = [r for r in tables["train"] if r["clip_id"] in clip_ids]
     _copy_clips(built, tmp_path, rows)
-    broken = tmp_path / f"clips/{clip_ids[1]}.mp4"
-    broken.write_bytes(b"this is not an mp4 file" * 10)
+    (tmp_path / f"clips/{clip_ids[1]}.mp4").write_bytes(b"")  # empty: dropped at once
+    garbage = tmp_path / f"clips/{clip_ids[2]}.mp4"
+    garbage.write_bytes(b"this is not an mp4 file" * 10)  # not decoded here: kept, fails when read
     path = _write_table(tmp_path, rows)
     with caplog.at_level(logging.WARNING, logger="editrl.protocol.dataset"):
         data = PromptDataset(path, num_frames=9, height=128, width=128)
-    assert {r.clip_id for r in data.rows} == {clip_ids[0]}
-    assert len(data) == 6
+    assert {r.clip_id for r in data.rows} == {clip_ids[0], clip_ids[2]}
+    assert len(data) == 12
     errors = [rec.getMessage() for rec in caplog.records if rec.levelno == logging.ERROR]
-    assert len(errors) == 1 and str(broken) in errors[0] and f"{clip_ids[1]}-00" in errors[0]
-    assert any("dropped 6 of 12" in rec.getMessage() for rec in caplog.records)
-    broken_first = tmp_path / f"clips/{clip_ids[0]}.mp4"
-    broken_first.write_bytes(b"")
+    assert len(errors) == 1 and "empty file" in errors[0] and f"{clip_ids[1]}-00" in errors[0]
+    assert any("dropped 6 of 18" in rec.getMessage() for rec in caplog.records)
+    with pytest.raises(VideoDecodeError, match=garbage.name):
+        data.clip(next(r for r in data.rows if r.clip_id == clip_ids[2]))
+    (tmp_path / f"clips/{clip_ids[0]}.mp4").unlink()
+    garbage.unlink()
     with pytest.raises(ValueError, match="no prompt"):
         PromptDataset(path, num_frames=9, height=128, width=128)
 
