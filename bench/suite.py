@@ -25,6 +25,8 @@ BENCHMARKS = (
     "learner_memory",
     "learner_ranks",
     "cluster_sim",
+    "data_plane",
+    "rollout_engine",
 )
 """Module names under ``bench``, in the order of the issue's items. Each module has
 ``NAME`` (its result file stem), ``ITEM``, ``TITLE`` and ``run(profile) -> BenchResult``."""

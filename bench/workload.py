@@ -125,3 +125,16 @@ def perturb_adapter(policy: EditPolicy, seed: int = 0, scale: float = 0.02) -> N
 def count_parameters(module: torch.nn.Module, lora: bool | None = None) -> int:
     """Parameters of ``module``: all (None), only LoRA ones (True), only the others (False)."""
     return sum(p.numel() for n, p in module.named_parameters() if lora is None or (("lora_" in n) == lora))
+
+
+def structured_frames(num_frames: int, height: int, width: int, seed: int = 0) -> "np.ndarray":
+    """A smooth colourful pattern panning one pixel per frame, ``uint8 (F, height, width, 3)``:
+    a source clip whose mp4 costs what a real one does to encode and decode."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0 : width + num_frames].astype(np.float32)
+    phases = rng.uniform(0, 2 * np.pi, size=3)
+    canvas = np.stack([0.5 + 0.4 * np.sin(xx / 5.0 + yy / 7.0 + p) for p in phases], axis=-1)
+    frames = np.stack([canvas[:, t : t + width] for t in range(num_frames)])
+    return (frames * 255).round().astype(np.uint8)

@@ -96,7 +96,7 @@ def test_every_benchmark_module_declares_its_result():
     from bench.suite import load
 
     items = [load(name).ITEM for name in BENCHMARKS]
-    assert items == list(range(1, 11))
+    assert items == list(range(1, 13))
     assert BenchResult.model_json_schema()["properties"]["status"]["enum"] == ["measured", "not_measured", "skipped", "failed"]
 
 
@@ -198,4 +198,33 @@ def test_the_gpu_learner_check_runs_its_steps_on_the_cpu_with_a_tiny_checkpoint(
     rows, targets = measure(run_config(str(tmp_path / "model"), height=32, width=32, num_frames=5, gpus=0), "cpu")
     update = next(r for r in rows if r.name == "sharded update")
     assert update.params["tokens"] == 48 and update.metrics["onpolicy_ratio_error"] == 0.0
+    # the rollout part: bf16 trajectories, all 2G rows per forward and one row per forward
+    engine = {r.params["rows_per_forward"]: r for r in rows if r.name.startswith("rollout, ")}
+    assert set(engine) == {4, 1} and all(r.metrics["samples_per_s"] > 0 for r in engine.values())
+    assert engine[1].metrics["max_latent_diff_vs_all_rows"] < 0.05
     assert update.metrics["plan_gib"] > 0 and [t.name for t in targets] == ["gpu.sharded_onpolicy_ratio"] and targets[0].met
+
+
+def test_data_plane_smoke_counts_the_bytes_of_each_storage_and_matches_the_plan():
+    from bench import data_plane
+
+    result = data_plane.run("smoke")
+    by = {(m.group, m.name): m.metrics for m in result.measurements}
+    big = "Wan2.1-14B 480p x 81, T = 20"
+    # 480p x 81 x T = 20, G = 8, B = 8: all 21 latents in fp32 are ~1.34 GiB a group; the two-step
+    # window in bf16 keeps 3 latents at 2 bytes, 1/14 of the latent bytes
+    assert 1300 < by[(big, "all latents, fp32")]["group_mib"] < 1400
+    assert by[(big, "window, bf16")]["group_mib"] < by[(big, "window, fp32")]["group_mib"] < by[(big, "all latents, fp32")]["group_mib"]
+    measured = [m for m in result.measurements if m.group.startswith("measured")]
+    assert len(measured) == 3 and all(m.metrics["plan_error"] == 0.0 for m in measured)  # the plan counts bytes exactly
+
+
+def test_rollout_engine_smoke_measures_encoding_and_micro_batches():
+    from bench import rollout_engine
+
+    result = rollout_engine.run("smoke")
+    names = {m.name for m in result.measurements}
+    assert {"on the slot", "off the slot", "full batch", "micro-batch 2"} <= names
+    micro = next(m for m in result.measurements if m.name == "micro-batch 2")
+    assert micro.params["rows_per_forward"] == 2 and micro.metrics["max_latent_diff_vs_full"] < 1e-4
+    assert all(r.stats.median > 0 for r in result.ratios)
