@@ -74,6 +74,7 @@ def run_summary(step: int, policy_version: int, mode: str, counters: dict, initi
         "groups_dropped_stale": int(counters["groups_dropped_stale"]),
         "groups_reissued": int(counters["groups_reissued"]),
         "groups_lost": int(counters["groups_lost"]),
+        "groups_return_failed": int(counters["groups_return_failed"]),
         "data_bytes_moved": int(counters["data_bytes_moved"]),
         "data_driver_tensor_bytes": int(counters["driver_tensor_bytes"]),
         "data_inflight_bytes_max": int(counters["inflight_bytes_max"]),

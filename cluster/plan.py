@@ -150,16 +150,24 @@ def trajectory_dtype(config: TrainConfig) -> str:
     return dtype
 
 
-def group_bytes(config: TrainConfig, sizes: ModelSizes, latent: tuple[int, int, int], positions: int | None = None) -> float:
-    """Bytes of one sampled group: ``positions`` latents of each of its G trajectories (in
-    ``rollout.trajectory_dtype``; None: all ``T + 1`` in fp32, as a worker holds them while it
-    samples), per-step log-probs, the recorded means at the trained steps with GRPO-Guard (all T
-    while sampling), the source latent and the two instruction embeddings (fp32)."""
+def sampled_positions(config: TrainConfig) -> int:
+    """Latents per trajectory a rollout worker keeps while it samples: the stored ones and the edit's."""
+    steps = _stochastic(config)
+    return len({*trained_positions([t in steps for t in range(config.policy.num_steps)]), config.policy.num_steps})
+
+
+def group_bytes(config: TrainConfig, sizes: ModelSizes, latent: tuple[int, int, int], positions: int | None = None,
+                sampling: bool = False) -> float:
+    """Bytes of one group: ``positions`` latents of each of its G trajectories (None: all ``T + 1``),
+    in ``rollout.trajectory_dtype`` as it travels to the learner or in fp32 while a worker samples
+    (``sampling``) or when all are kept; per-step log-probs; the recorded means with GRPO-Guard (at
+    the trained steps as it travels, all T while sampling); the source latent and the two
+    instruction embeddings (fp32)."""
     g, steps, cells = config.group_size, config.policy.num_steps, sizes.latent_channels * math.prod(latent)
-    sampling = positions is None
-    positions = steps + 1 if sampling else positions
-    latent_bytes = 4 if sampling else DTYPE_BYTES[trajectory_dtype(config)]
-    trained = steps if sampling else len(_stochastic(config))
+    full = sampling or positions is None
+    positions = steps + 1 if positions is None else positions
+    latent_bytes = 4 if full else DTYPE_BYTES[trajectory_dtype(config)]
+    trained = steps if full else len(_stochastic(config))
     means = g * trained * cells * 4 if config.learner.ratio_norm == "grpo_guard" else 0
     return g * positions * cells * latent_bytes + g * steps * 4 + means + cells * 4 + 2 * config.policy.max_text_tokens * sizes.text_dim * 4
 
@@ -226,7 +234,8 @@ def _rollout(config: TrainConfig, sizes: ModelSizes, arch: Architecture, tokens:
         Item("text encoder", 0.0 if offloaded else sizes.text_encoder * b,
              f"{count_text(sizes.text_encoder)} parameters{', in host memory between encodings' if offloaded else ''}"),
         Item("VAE", 4 * sizes.vae, f"{count_text(sizes.vae)} parameters, fp32"),
-        Item("group being sampled", group, f"{g} trajectories of {policy.num_steps + 1} latents"),
+        Item("group being sampled", group, f"{g} trajectories of {sampled_positions(config)} of {policy.num_steps + 1} latents, fp32"
+             f"{' (host memory)' if device == 'cuda' else ''}"),
         Item("denoising forward", rows * tokens * (2 * sizes.ffn_dim + 4 * sizes.width) * b,
              f"{rows} of {g * branches} sequences per forward (rollout.forward_micro_batch): one block's live tensors (estimate)",
              phase="sample"),
@@ -283,7 +292,8 @@ def plan_run(config: TrainConfig, root: str | Path = ".") -> Plan:
     sizes = model_sizes(arch, config.policy.lora, config.policy.kind)
     model = factors(arch, tuple(sizes.patch))
     latent, tokens = model.latent_size(config.policy), model.tokens(config.policy)
-    sampling, stored = group_bytes(config, sizes, latent), group_bytes(config, sizes, latent, stored_positions(config))
+    sampling = group_bytes(config, sizes, latent, sampled_positions(config), sampling=True)
+    stored = group_bytes(config, sizes, latent, stored_positions(config))
     processes = [_rollout(config, sizes, arch, tokens, sampling), _learner(config, sizes, arch, tokens, stored), _reward(config)]
     memory = config.runtime.device_memory_gib
     topology = config.topology

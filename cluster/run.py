@@ -61,6 +61,7 @@ class Run:
             ),
             workers.workers, prefetch_per_worker=rt.prefetch_per_worker, scoring_per_worker=rc.reward_concurrency,
         )
+        self._returns_seen = 0  # the pool's return failures already counted
         self.budget = InflightBudget.of(config)
         """The byte budget of groups in flight (``runtime.max_inflight_mib``)."""
         self.on_step_end: list[Callable[["Run"], None]] = []
@@ -249,6 +250,8 @@ class Run:
         self.counters["data_bytes_moved"] += sum(g.bulk_bytes for g in groups)
         self.counters["time_rollout_s"] += wall
         workers = self.pool.active_count()
+        self.counters["groups_return_failed"] += self.pool.return_failures - self._returns_seen
+        self._returns_seen = self.pool.return_failures
         metrics = step_metrics(
             groups, train_metrics, staleness, self.counters, self.pool.restarts, workers, self.config.runtime.max_staleness,
             self.config.policy.num_steps, wall=wall, wait_data=wait_data, time_sync=time_sync, worker_busy=worker_busy,

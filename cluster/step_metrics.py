@@ -49,6 +49,7 @@ def step_metrics(groups: list[Group], train_metrics: dict, staleness: list[int],
         "data_inflight_bytes_max": float(counters["inflight_bytes_max"]),
         "budget_stalls": float(counters.pop("budget_stalls_step", 0)),
         "budget_stalls_total": float(counters["budget_stalls"]),
+        "groups_return_failed_total": float(counters["groups_return_failed"]),
     }
 
 

@@ -18,7 +18,8 @@ class Trajectories:
     """G trajectories of one prompt; every tensor is fp32 on the CPU."""
 
     latents: torch.Tensor
-    """``(G, T + 1, C, f, h, w)``: x at sigma_0 = 1 (noise) ... sigma_T = 0 (the edit)."""
+    """``(G, K, C, f, h, w)``: x at the positions ``positions`` (position 0 at sigma_0 = 1, the
+    noise, ... T at sigma_T = 0, the edit); all K = T + 1 when ``positions`` is None."""
     log_probs: torch.Tensor
     """``(G, T)``: log p(x_{t+1} | x_t) (mean over elements); NaN on deterministic steps."""
     spec: SamplerSpec
@@ -26,6 +27,16 @@ class Trajectories:
     means: torch.Tensor | None = None
     """``(G, T, C, f, h, w)`` transition means at sampling time, when asked for
     (GRPO-Guard's ratio normalisation needs them); None otherwise."""
+    positions: tuple[int, ...] | None = None
+    """The positions ``latents`` holds, increasing; None: all T + 1."""
+
+    def latent(self, position: int) -> torch.Tensor:
+        """``(G, C, f, h, w)``: the latents at ``position``.
+
+        Raises:
+            ValueError: the trajectories do not hold that position.
+        """
+        return self.latents[:, position if self.positions is None else self.positions.index(position)]
 
 
 def policy_steps(
@@ -135,6 +146,7 @@ def sample_trajectories(
     record_means: bool = False,
     trajectory_dtype: torch.dtype = torch.float32,
     micro_batch: int | None = None,
+    keep: tuple[int, ...] | None = None,
 ) -> Trajectories:
     """Sample ``group_size`` trajectories for one (source, instruction) prompt.
 
@@ -159,6 +171,8 @@ def sample_trajectories(
             ``t + 1`` starts from it; so the learner, scoring the stored latents, finds the
             same log-probs (on-policy ratio exactly 1) in any storage dtype.
         micro_batch: most rows (samples x CFG branches) per transformer forward; None: all.
+        keep: the latent positions to return (a rollout worker keeps the trained positions and
+            the edit's, T: while it samples, host memory holds those, not all T + 1); None: all.
 
     The LoRA adapter acts only on the steps where ``policy.config.adapter_acts_at``
     says so (``lora.active_steps``); the other steps run the base model.
@@ -197,7 +211,8 @@ def sample_trajectories(
         x = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
         branch = 0
     x = rounded(0, x)
-    latents = [_expand(x, g).cpu()]
+    kept = set(range(len(stochastic) + 1) if keep is None else keep)
+    latents = [_expand(x, g).cpu()] if 0 in kept else []
     log_probs = torch.full((g, len(stochastic)), float("nan"))
     means = [] if record_means else None
     taken = []
@@ -216,7 +231,8 @@ def sample_trajectories(
             x = rounded(t + 1, out.x_next)
             if out.log_prob is not None and x is not out.x_next:  # the log-prob of what is stored
                 out = gaussian_transition(out.mean, out.std, x_next=x)
-            latents.append(_expand(x, g).cpu())
+            if t + 1 in kept:
+                latents.append(_expand(x, g).cpu())
             if means is not None:
                 means.append(_expand(out.mean, g).cpu())
             taken.append(out.log_prob is not None)
@@ -227,4 +243,5 @@ def sample_trajectories(
         log_probs=log_probs,
         spec=spec.with_stochastic(taken),
         means=torch.stack(means, dim=1) if means is not None else None,
+        positions=None if keep is None else tuple(sorted(kept)),
     )

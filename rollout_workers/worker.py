@@ -245,11 +245,14 @@ class RolloutWorker:
             record_means=task.record_means,
             trajectory_dtype=self.engine.torch_trajectory_dtype,
             micro_batch=self.engine.forward_micro_batch,
+            # while sampling, only what may travel on: the positions around the requested
+            # stochastic steps (a superset of those actually taken) and the edit's
+            keep=tuple(sorted({*trained_positions(spec.stochastic), spec.num_steps})),
         )
         timings["sample_s"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        edited = self.policy.decode(trajectories.latents[:, -1])
+        edited = self.policy.decode(trajectories.latent(spec.num_steps))
         timings["decode_s"] = time.perf_counter() - start
         # only what the learner reads travels on, in the trajectory dtype: the latents around the
         # trained steps (a group with none, an evaluation group, keeps its edit's latent) and the
@@ -258,8 +261,8 @@ class RolloutWorker:
         dtype = self.engine.torch_trajectory_dtype if any(trajectories.spec.stochastic) else torch.float32
         trained = tuple(t for t, s in enumerate(trajectories.spec.stochastic) if s)
         means = trajectories.means[:, list(trained)].clone() if trajectories.means is not None else None
-        trajectories = dataclasses.replace(trajectories, latents=trajectories.latents[:, list(positions)].to(dtype).clone(),
-                                           means=means)
+        latents = torch.stack([trajectories.latent(p) for p in positions], dim=1).to(dtype)
+        trajectories = dataclasses.replace(trajectories, latents=latents, means=means, positions=positions)
         frames = None
         if task.keep_frames:  # the source beside the edit (decoded again: the cache keeps no frames)
             source = load_clip(task.video_path, self.config.num_frames, self.config.height, self.config.width)

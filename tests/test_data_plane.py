@@ -156,3 +156,30 @@ def test_auto_trajectory_dtype_is_float32_on_a_cpu_worker_and_explicit_ones_stay
         RolloutEngine().torch_trajectory_dtype  # auto must be resolved first
     with pytest.raises(ValueError, match="rollout.forward_micro_batch=0"):
         RolloutEngine(trajectory_dtype="float32", forward_micro_batch=0).check("cpu")
+
+
+def test_a_worker_with_an_attention_backend_samples_what_the_default_does(tmp_path):
+    # diffusers' "native" backend is PyTorch's SDPA, the default: the same trajectories, set through the engine
+    from editrl.rollout_workers.engine import RolloutEngine
+
+    policy, default = _policy(), _policy()
+    RolloutEngine(attention_backend="native").apply(policy)
+    source, text, null = _conditioning(policy)
+    spec = policy.sampler_spec(seed=4)
+    a = sample_trajectories(policy, source, text, null, 2, spec, torch.Generator().manual_seed(4))
+    b = sample_trajectories(default, source, text, null, 2, spec, torch.Generator().manual_seed(4))
+    assert torch.equal(a.latents, b.latents)
+    with pytest.raises(ValueError):
+        RolloutEngine(attention_backend="no-such-backend").apply(_policy())
+
+
+def test_sampling_keeps_only_the_asked_positions_and_the_same_values():
+    policy = _policy()
+    source, text, null = _conditioning(policy)
+    spec = policy.sampler_spec(seed=5)
+    full = sample_trajectories(policy, source, text, null, 2, spec, torch.Generator().manual_seed(5))
+    kept = sample_trajectories(policy, source, text, null, 2, spec, torch.Generator().manual_seed(5), keep=(1, 2, 4))
+    assert kept.positions == (1, 2, 4) and kept.latents.shape[1] == 3
+    assert all(torch.equal(kept.latent(p), full.latent(p)) for p in (1, 2, 4))
+    with pytest.raises(ValueError):
+        kept.latent(0)
