@@ -204,9 +204,12 @@ def release_file_mappings(module: torch.nn.Module) -> int:
 
 
 def vae_spatial_factor(vae_config: Mapping[str, Any]) -> int:
-    """Pixels per latent cell along height and width (8 for Wan2.1's VAE), from the VAE's
-    config as diffusers' Wan pipelines compute it."""
-    return 2 ** len(vae_config["temperal_downsample"])
+    """Pixels per latent cell along height and width, from the VAE's config: its
+    ``scale_factor_spatial`` when the config has one (diffusers' Wan pipelines read it; 16
+    for Wan2.2 TI2V-5B's VAE, whose 2x2 patchify comes on top of its 3 downsamplings), else
+    ``2 ** len(temperal_downsample)`` (8 for Wan2.1's VAE, whose config predates the field)."""
+    factor = vae_config.get("scale_factor_spatial")
+    return int(factor) if factor is not None else 2 ** len(vae_config["temperal_downsample"])
 
 
 def check_kind(transformer: torch.nn.Module, vae_config: Mapping[str, Any], kind: str) -> None:

@@ -204,3 +204,24 @@ def test_a_bf16_load_reads_the_text_encoder_in_bf16(tmp_path):
     direct = EditPolicy(loaded, tiny_policy_config(kind="t2v", dtype="bfloat16"))
     assert {p.dtype for p in full.text_encoder.parameters()} == {torch.bfloat16}
     torch.testing.assert_close(direct.encode_text([CORPUS[0]]), full.encode_text([CORPUS[0]]), rtol=0, atol=0)
+
+
+def test_the_spatial_factor_of_a_patchifying_vae_counts_its_patch():
+    """Wan2.2 TI2V-5B's VAE patchifies 2x2 before its downsamplings (``patch_size: 2``,
+    ``scale_factor_spatial: 16`` in its config). Here a small one of that kind: 2 downsamplings
+    x patch 2 = 8 pixels per latent cell, where ``2 ** len(temperal_downsample)`` says 4."""
+    from diffusers import AutoencoderKLWan
+
+    from editrl.policy.model import vae_spatial_factor
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=16, decoder_base_dim=16, z_dim=8, dim_mult=[1, 2, 2], num_res_blocks=1,
+                           temperal_downsample=[False, True], is_residual=True, patch_size=2, in_channels=12,
+                           out_channels=12, scale_factor_spatial=8, scale_factor_temporal=2,
+                           latents_mean=[0.0] * 8, latents_std=[1.0] * 8)
+    with torch.no_grad():
+        latent = vae.encode(torch.randn(1, 3, 5, 32, 48)).latent_dist.mode()
+    factor = vae_spatial_factor(vae.config)
+    assert latent.shape[-2:] == (32 // factor, 48 // factor) == (4, 6)
+    # a Wan2.1 VAE config, which has no scale_factor_spatial, keeps the old rule: 2^3 = 8
+    assert vae_spatial_factor({"temperal_downsample": [False, True, True]}) == 8
