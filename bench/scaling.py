@@ -81,7 +81,7 @@ def measure_workers(settings: Settings) -> tuple[dict, dict[str, float], list[Me
     torch.set_num_threads(1)  # as the workers: 2 shared cores, more threads only spin against each other
     config = default_train_config(**dict(settings.step_overrides))
     pc = config.policy
-    dataset = PromptDataset(PROJECT_ROOT / config.data.train_prompts, pc.num_frames, pc.height, pc.width)
+    dataset = PromptDataset(PROJECT_ROOT / config.data.train_prompts, pc.num_frames, pc.height, pc.width, fps=config.fps)
     tasks = make_train_tasks(config, dataset, PromptSampler(len(dataset), config.seed).next_batch(config.prompts_per_step), step=1)
     groups_seen: dict[int, list] = {n: [] for n in settings.worker_counts}
     with tempfile.TemporaryDirectory(prefix="bench-scaling-") as tmp, \

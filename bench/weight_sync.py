@@ -233,7 +233,7 @@ def _time_steps(config, learner: Learner, workers: list, settings: Settings) -> 
     """Seconds per phase of ``step_warmup + step_repeats`` steps of the sequential loop
     (warm-up steps dropped)."""
     pc = config.policy
-    dataset = PromptDataset(PROJECT_ROOT / config.data.train_prompts, pc.num_frames, pc.height, pc.width)
+    dataset = PromptDataset(PROJECT_ROOT / config.data.train_prompts, pc.num_frames, pc.height, pc.width, fps=config.fps)
     sampler = PromptSampler(len(dataset), config.seed)
     phases: dict[str, list[float]] = {"rollout_s": [], "train_s": [], "sync_s": [], "step_s": []}
     for step in range(1, settings.step_warmup + settings.step_repeats + 1):

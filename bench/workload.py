@@ -16,6 +16,7 @@ import torch
 
 from editrl.cluster.config import TrainConfig, load_train_config
 from editrl.policy.config import LoraSettings, PolicyConfig, TinyModelConfig
+from editrl.policy.geometry import vae_scale_factors
 from editrl.policy.policy import EditPolicy
 from editrl.policy.sampling import sample_trajectories
 from editrl.protocol.dataset import load_prompts
@@ -86,7 +87,7 @@ def conditioning(policy: EditPolicy, index: int, seed: int = 0) -> tuple[torch.T
     values, and the VAE is not what is measured), the embeddings of the bundled
     instruction number ``index`` and of the empty instruction, on the policy's device."""
     vae, c = policy.vae_config, policy.config  # the loaded model's factors (a checkpoint's too)
-    temporal, spatial = 2 ** sum(vae["temperal_downsample"]), 2 ** len(vae["temperal_downsample"])
+    spatial, temporal = vae_scale_factors(vae)
     shape = (1, vae["z_dim"], 1 + (c.num_frames - 1) // temporal, c.height // spatial, c.width // spatial)
     source = torch.randn(shape, generator=torch.Generator().manual_seed(seed + index)).to(policy.device)
     texts = corpus()

@@ -23,9 +23,11 @@ class DataConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     train_prompts: str = "assets/clips/prompts_train.parquet"
-    """Parquet of training prompts (a relative path: the current directory, then the files bundled with editrl)."""
+    """Prompt table of training prompts: ``.parquet``, ``.jsonl`` or ``.csv`` with at least ``video_path`` and
+    ``instruction`` (schema: :mod:`editrl.protocol.prompt_table`, ``assets/clips/README.md``; check one with
+    ``editrl data check``). A relative path: the current directory, then the files bundled with editrl."""
     heldout_prompts: str = "assets/clips/prompts_heldout.parquet"
-    """Parquet of held-out prompts (unseen clips), used only for evaluation."""
+    """Prompt table of held-out prompts (unseen clips), used only for evaluation; same schema and lookup as ``train_prompts``."""
     balance: Literal["none", "edit_type"] = "none"
     """``edit_type``: every step draws its prompts round-robin over buckets (each checkable
     edit type, and one bucket for all other edits), so opposite edits (brighter / darker,
@@ -190,7 +192,8 @@ class TrainConfig(BaseModel):
     ray_address: str | None = None
     """Existing Ray cluster to join; None starts a local one."""
     fps: int = Field(8, ge=1)
-    """Frame rate of the mp4s the run writes and sends."""
+    """Frames per second: source clips are sampled at this rate (frame k at ``start_s + k / fps``,
+    see :func:`editrl.protocol.dataset.load_clip`), and the mp4s the run writes and sends play at it."""
     policy: PolicyConfig = PolicyConfig()
     """The policy (model, sampler, LoRA)."""
     learner: LearnerConfig = LearnerConfig()

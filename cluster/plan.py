@@ -19,6 +19,7 @@ from pathlib import Path
 
 from editrl.cluster.config import TrainConfig
 from editrl.cluster.preflight import ModelFactors
+from editrl.policy.geometry import vae_scale_factors
 from editrl.policy.memory import DTYPE_BYTES, Architecture, ModelSizes, activation_model, architecture, model_sizes
 from editrl.policy.schedule import stochastic_steps
 from editrl.protocol.rollout import trained_positions
@@ -120,8 +121,8 @@ def _largest(process: ProcessPlan) -> str:
 
 def factors(arch: Architecture, patch: tuple[int, int, int]) -> ModelFactors:
     """The VAE factors and patch size of ``arch`` (read from its configs, on disk or published)."""
-    down = arch.vae["temperal_downsample"]
-    return ModelFactors(2 ** len(down), 2 ** sum(down), patch, arch.source)
+    spatial, temporal = vae_scale_factors(arch.vae)
+    return ModelFactors(spatial, temporal, patch, arch.source)
 
 
 def _stochastic(config: TrainConfig) -> list[int]:
@@ -223,7 +224,7 @@ def _rollout(config: TrainConfig, sizes: ModelSizes, arch: Architecture, tokens:
     rows = engine.forward_micro_batch or g * branches
     pixels = policy.num_frames * policy.height * policy.width
     first_stage = arch.vae["base_dim"] * arch.vae["dim_mult"][0]
-    temporal = 2 ** sum(arch.vae["temperal_downsample"])
+    temporal = vae_scale_factors(arch.vae)[1]
     videos = g if engine.vae_decode == "batch" else 1
     # diffusers' VAE tiles are 256 x 256 pixels: a tiled decode holds one tile's maps at a time
     area = min(1.0, 256 * 256 / (policy.height * policy.width)) if engine.vae_decode == "tiles" else 1.0

@@ -24,7 +24,10 @@ from pathlib import Path
 
 from editrl.cluster.config import TrainConfig
 from editrl.protocol.answers import first_line
+from editrl.policy.architectures import published_architecture
 from editrl.policy.config import PolicyConfig
+from editrl.policy.geometry import check_geometry as check_clip_geometry
+from editrl.policy.geometry import vae_scale_factors
 from editrl.resources import resolve_path
 
 logger = logging.getLogger(__name__)
@@ -61,28 +64,38 @@ class ModelFactors:
 
 
 def model_factors(policy: PolicyConfig) -> ModelFactors:
-    """The factors of the model ``policy`` names, as :mod:`editrl.policy.model` computes them:
-    ``spatial = 2 ** len(temperal_downsample)``, ``temporal = 2 ** sum(temperal_downsample)``,
-    the patch from the transformer config (the tiny model built in code uses ``(1, 2, 2)``).
+    """The factors of the model ``policy`` names: ``spatial`` and ``temporal`` by
+    :func:`editrl.policy.geometry.vae_scale_factors` (the VAE config's ``scale_factor_spatial`` /
+    ``scale_factor_temporal``, else ``2 ** len(temperal_downsample)`` / ``2 ** sum(...)``), the
+    patch from the transformer config. The tiny model built in code (no checkpoint): spatial
+    ``2 ** (len(vae_dim_mult) - 1)``, temporal ``2 ** sum(vae_temporal_downsample)``, patch ``(1, 2, 2)``.
+    A ``policy.checkpoint`` that is not on disk but is named like a published checkpoint
+    (:func:`editrl.policy.architectures.published_architecture`) uses its published configs.
 
     Raises:
-        PreflightError: ``policy.checkpoint`` is missing, not a diffusers model directory,
-            or its ``vae/`` or ``transformer/`` config cannot be read.
+        PreflightError: ``policy.checkpoint`` is missing (and not a published name), not a
+            diffusers model directory, or its ``vae/`` or ``transformer/`` config cannot be read.
     """
     if policy.checkpoint is None:
         tiny = policy.tiny
         return ModelFactors(2 ** (len(tiny.vae_dim_mult) - 1), 2 ** sum(tiny.vae_temporal_downsample), (1, 2, 2),
                             "the tiny model (policy.tiny)")
-    path = checkpoint_dir(policy.checkpoint)
-    vae, transformer = _read_json(path / "vae" / "config.json"), _read_json(path / "transformer" / "config.json")
+    published = published_architecture(policy.checkpoint)
+    if published is not None and not resolve_path(policy.checkpoint).exists():
+        vae, transformer = published["vae"], published["transformer"]
+        source = f"the published config of {policy.checkpoint.rstrip('/').rsplit('/', 1)[-1]}"
+    else:
+        path = checkpoint_dir(policy.checkpoint)
+        vae, transformer = _read_json(path / "vae" / "config.json"), _read_json(path / "transformer" / "config.json")
+        source = f"checkpoint {path.name}"
     try:
-        downsample = [bool(d) for d in vae["temperal_downsample"]]
+        spatial, temporal = vae_scale_factors(vae)
         patch = tuple(int(p) for p in transformer.get("patch_size") or (1, 2, 2))
     except (KeyError, TypeError, ValueError) as exc:
-        raise PreflightError(f"policy.checkpoint={policy.checkpoint}: unexpected vae/transformer config ({exc!r})") from None
+        raise PreflightError(f"policy.checkpoint={policy.checkpoint}: unexpected vae/transformer config ({exc})") from None
     if len(patch) != 3:
         raise PreflightError(f"policy.checkpoint={policy.checkpoint}: transformer patch_size {list(patch)} is not (frames, height, width)")
-    return ModelFactors(2 ** len(downsample), 2 ** sum(downsample), patch, f"checkpoint {path.name}")  # type: ignore[arg-type]
+    return ModelFactors(spatial, temporal, patch, source)  # type: ignore[arg-type]
 
 
 def checkpoint_dir(checkpoint: str) -> Path:
@@ -109,32 +122,20 @@ def _read_json(path: Path) -> dict:
         raise PreflightError(f"{path}: cannot read the model config ({type(exc).__name__}: {exc})") from None
 
 
-def _nearest(value: int, step: int, offset: int = 0) -> str:
-    """The valid values ``offset + k * step`` (k >= 1 if that leaves 0) on both sides of ``value``."""
-    below = offset + ((value - offset) // step) * step
-    candidates = [v for v in (below, below + step) if v > 0]
-    return " or ".join(str(v) for v in candidates)
-
-
 def check_geometry(policy: PolicyConfig, factors: ModelFactors | None = None) -> None:
     """``policy.height`` and ``policy.width`` are multiples of ``spatial * patch``;
-    ``policy.num_frames`` is ``temporal * k + 1`` and its latent frames a multiple of the temporal patch.
+    ``policy.num_frames`` is ``temporal * pt * k + 1`` (:func:`editrl.policy.geometry.check_geometry`).
 
     Raises:
         PreflightError: naming the field, the rule and the nearest valid values.
     """
     f = factors or model_factors(policy)
     pt, ph, pw = f.patch
-    for name, value, patch in (("height", policy.height, ph), ("width", policy.width, pw)):
-        step = f.spatial * patch
-        if value % step:
-            raise PreflightError(f"policy.{name}={value}: must be a multiple of {step} (VAE factor {f.spatial} x patch {patch} "
-                                 f"of {f.source}); nearest {_nearest(value, step)}")
-    step = f.temporal * pt
-    if (policy.num_frames - 1) % step:
-        rule = f"{step}k+1" + (f" (VAE temporal factor {f.temporal} x patch {pt})" if pt > 1 else f" (VAE temporal factor {f.temporal})")
-        raise PreflightError(f"policy.num_frames={policy.num_frames}: must be {rule} for {f.source}; "
-                             f"nearest {_nearest(policy.num_frames, step, offset=1)}")
+    try:
+        check_clip_geometry(policy.height, policy.width, policy.num_frames, f.spatial, f.temporal, (ph, pw),
+                            temporal_patch=pt, source=f.source, field_prefix="policy.")
+    except ValueError as exc:
+        raise PreflightError(str(exc)) from None
 
 
 def check_sequence_parallel(config: TrainConfig, factors: ModelFactors | None = None) -> None:

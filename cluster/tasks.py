@@ -53,6 +53,8 @@ class TaskSource:
             seed=(self.config.seed * 1_000_003 + index * 7919) % 2**62,
             group_size=self.config.group_size,
             record_means=self.config.learner.ratio_norm == "grpo_guard",
+            start_s=row.start_s,
+            end_s=row.end_s,
         )
 
     def state_dict(self) -> dict:
@@ -73,7 +75,7 @@ def eval_tasks(config: TrainConfig, dataset: PromptDataset, step: int, keep_fram
         GroupTask(
             group_id=f"eval-{step:06d}-{row.prompt_id}", prompt_id=row.prompt_id, instruction=row.instruction,
             video_path=row.video_path, seed=config.seed * 7919 + i, group_size=config.eval.seeds_per_prompt,
-            deterministic=True, keep_frames=i < keep_frames,
+            deterministic=True, keep_frames=i < keep_frames, start_s=row.start_s, end_s=row.end_s,
         )
         for i, row in enumerate(dataset.rows[: config.eval.max_prompts])
     ]

@@ -36,8 +36,8 @@ LOCAL_SCALE_HEADROOM = 4
 def load_datasets(config: TrainConfig) -> tuple[PromptDataset, PromptDataset]:
     """The run's training and held-out prompt tables (paths already resolved)."""
     pc = config.policy
-    train_set = PromptDataset(config.data.train_prompts, pc.num_frames, pc.height, pc.width)
-    heldout_set = PromptDataset(config.data.heldout_prompts, pc.num_frames, pc.height, pc.width)
+    train_set = PromptDataset(config.data.train_prompts, pc.num_frames, pc.height, pc.width, fps=config.fps)
+    heldout_set = PromptDataset(config.data.heldout_prompts, pc.num_frames, pc.height, pc.width, fps=config.fps)
     return train_set, heldout_set
 
 

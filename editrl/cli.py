@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from editrl.cluster.controller import add_scale_parser
+from editrl.cluster.data_commands import add_data_parser
 from editrl.cluster.submit import add_submit_parser
 
 
@@ -241,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
 
     add_scale_parser(sub)
     add_submit_parser(sub)
+    add_data_parser(sub)
 
     args = parser.parse_args(argv)
     return args.func(args)

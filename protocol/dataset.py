@@ -1,124 +1,34 @@
 """Loading the prompt tables and source clips, with validation.
 
-A prompt table is a Parquet file with the columns in :data:`REQUIRED_COLUMNS`
-(see ``assets/clips/README.md``); ``video_path`` is relative to the Parquet
-file's directory. Bad rows are skipped with a warning, bad clips with an error
-log, and only a table with nothing usable left is an error.
+The table schema and reading are in :mod:`editrl.protocol.prompt_table` (Parquet, JSONL or
+CSV; ``video_path`` relative to the table's folder). Bad rows are skipped with a warning,
+bad clips with an error log, and only a table with nothing usable left is an error. Clips
+are sampled in time at a frame rate (:func:`sample_times`) and brought to the model's size
+by a centre crop to its aspect ratio and a resize (:func:`crop_resize`).
 """
 from __future__ import annotations
 
 import functools
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 from skimage.transform import resize
 
-from editrl.protocol.edits import CHECKABLE_EDIT_TYPES
-from editrl.protocol.video import read_video
+from editrl.protocol.prompt_table import (  # noqa: F401 - the loader's public names
+    OPTIONAL_COLUMNS, REQUIRED_COLUMNS, TABLE_SUFFIXES, PromptRow, RowProblem, TableContents, derived_prompt_id,
+    load_prompts, read_prompt_table,
+)
+from editrl.protocol.video import TimedFrames
 
 logger = logging.getLogger(__name__)
 
-REQUIRED_COLUMNS: tuple[str, ...] = (
-    "prompt_id", "clip_id", "video_path", "instruction", "edit_category", "edit_type", "checkable",
-    "source_caption", "target_caption", "picture", "motion", "split",
-)
-NON_EMPTY_FIELDS: tuple[str, ...] = ("prompt_id", "video_path", "instruction", "edit_type")
-"""Fields a row cannot do without; a row with any of them null or blank is skipped."""
+TIME_TOLERANCE_S = 1e-6
+"""Slack on frame times when comparing them with ``start_s`` / ``end_s`` (container timestamps are rounded)."""
 
 
-@dataclass(frozen=True)
-class PromptRow:
-    """One editing prompt.
-
-    ``video_path`` is absolute. ``checkable`` rows have an ``edit_type`` in
-    :data:`~editrl.protocol.edits.CHECKABLE_EDIT_TYPES`. Optional text fields that
-    are null in the file are empty strings here.
-    """
-
-    prompt_id: str
-    clip_id: str
-    video_path: str
-    instruction: str
-    edit_category: str
-    edit_type: str
-    checkable: bool
-    source_caption: str
-    target_caption: str
-    picture: str
-    motion: str
-    split: str
-
-
-def _blank(value: object) -> bool:
-    return value is None or (isinstance(value, str) and not value.strip())
-
-
-def load_prompts(parquet_path: str | os.PathLike) -> list[PromptRow]:
-    """Read and validate a prompt table.
-
-    Args:
-        parquet_path: the Parquet file.
-
-    Returns:
-        The valid rows in file order, ``video_path`` resolved against the
-        file's directory.
-
-    Raises:
-        FileNotFoundError: the file does not exist.
-        ValueError: a required column is missing, a ``prompt_id`` occurs twice,
-            or no valid row remains.
-
-    Rows with a null/blank field of :data:`NON_EMPTY_FIELDS`, or marked
-    ``checkable`` with an ``edit_type`` that is not checkable, are skipped with
-    one warning each, then one warning with the count.
-    """
-    path = Path(parquet_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt table not found: {path}")
-    table = pq.read_table(str(path))
-    for column in REQUIRED_COLUMNS:
-        if column not in table.column_names:
-            raise ValueError(f"prompt table {path} has no column {column!r} (columns: {table.column_names})")
-    records = table.select(list(REQUIRED_COLUMNS)).to_pylist()
-    base_dir = path.resolve().parent
-
-    rows: list[PromptRow] = []
-    seen: set[str] = set()
-    skipped = 0
-    for index, record in enumerate(records):
-        pid = record["prompt_id"]
-        name = f"prompt_id {pid!r}" if not _blank(pid) else f"row {index}"
-        if not _blank(pid):
-            if pid in seen:
-                raise ValueError(f"prompt table {path} has duplicate prompt_id {pid!r}")
-            seen.add(pid)
-        bad = next((f for f in NON_EMPTY_FIELDS if _blank(record[f])), None)
-        if bad is not None:
-            logger.warning("%s: skipping %s (row %d): field %r is null or empty", path, name, index, bad)
-            skipped += 1
-            continue
-        edit_type = str(record["edit_type"])
-        checkable = bool(record["checkable"]) if record["checkable"] is not None else edit_type in CHECKABLE_EDIT_TYPES
-        if checkable and edit_type not in CHECKABLE_EDIT_TYPES:
-            logger.warning("%s: skipping %s (row %d): checkable but edit_type %r is not one of %s",
-                           path, name, index, edit_type, CHECKABLE_EDIT_TYPES)
-            skipped += 1
-            continue
-        text = {k: "" if record[k] is None else str(record[k]) for k in REQUIRED_COLUMNS if k != "checkable"}
-        text["video_path"] = str(base_dir / text["video_path"])
-        rows.append(PromptRow(checkable=checkable, **text))
-    if skipped:
-        logger.warning("%s: skipped %d of %d rows", path, skipped, len(records))
-    if not rows:
-        raise ValueError(f"prompt table {path} has no valid rows ({skipped} of {len(records)} skipped)")
-    return rows
-
-
-def _file_problem(path: str) -> str | None:
+def file_problem(path: str) -> str | None:
     """Why the clip file at ``path`` cannot be read (missing, not a file, empty), or None."""
     try:
         size = os.stat(path).st_size
@@ -148,43 +58,139 @@ def resize_frames(frames: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 
-def load_clip(path: str | os.PathLike, num_frames: int, height: int, width: int) -> np.ndarray:
-    """Decode a source clip to a fixed number of frames and size.
+def crop_resize(frames: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bring frames to ``height x width`` without distorting them: the largest centred window
+    of the target's aspect ratio, then an anti-aliased resize (:func:`resize_frames`) - the
+    same as resizing to cover ``height x width`` and centre-cropping, up to rounding.
+
+    For a source of ``H x W``: if ``W * height > H * width`` (wider than the target) the window
+    is ``H`` rows by ``round(H * width / height)`` columns from column ``(W - w) // 2``,
+    otherwise all ``W`` columns by ``round(W * height / width)`` rows from row ``(H - h) // 2``.
+
+    Args:
+        frames: ``uint8`` array ``(F, H, W, 3)``.
+        height, width: output size in pixels.
+
+    Returns:
+        ``uint8`` array ``(F, height, width, 3)``; the input itself when the size already matches.
+    """
+    src_h, src_w = frames.shape[1:3]
+    if src_w * height > src_h * width:
+        crop_w = max(1, min(src_w, round(src_h * width / height)))
+        left = (src_w - crop_w) // 2
+        frames = frames[:, :, left:left + crop_w]
+    elif src_w * height < src_h * width:
+        crop_h = max(1, min(src_h, round(src_w * height / width)))
+        top = (src_h - crop_h) // 2
+        frames = frames[:, top:top + crop_h]
+    return resize_frames(frames, height, width)
+
+
+def sample_times(num_frames: int, fps: float, start_s: float = 0.0) -> np.ndarray:
+    """The times frames are taken at: ``start_s + k / fps`` for ``k = 0 .. num_frames - 1``.
+
+    Returns:
+        ``float64 (num_frames,)``, seconds from the clip's first frame.
+    """
+    return start_s + np.arange(num_frames, dtype=np.float64) / fps
+
+
+def load_clip(path: str | os.PathLike, num_frames: int, height: int, width: int, fps: float | None = None,
+              start_s: float | None = None, end_s: float | None = None) -> np.ndarray:
+    """Decode a part of a source clip at a frame rate and bring it to a fixed size.
+
+    Frame ``k`` is the decoded frame whose presentation time is nearest to
+    ``t_k = start_s + k / fps`` (:func:`sample_times`; ties go to the earlier frame), among the
+    frames in ``[start_s, end_s)``; a clip of lower rate than ``fps`` repeats frames. With
+    ``fps`` None the clip's own frames are taken: ``num_frames`` consecutive frames from the
+    first at or after ``start_s``. Times are seconds from the clip's first frame; only frames up
+    to the last one needed are decoded, and only the chosen ones converted to RGB.
 
     Args:
         path: the video file.
-        num_frames: frames wanted; a longer clip is subsampled at the evenly
-            spaced indices ``round(linspace(0, F - 1, num_frames))`` (first and
-            last frames kept).
-        height, width: output size in pixels (anti-aliased resize if different).
+        num_frames: frames wanted.
+        height, width: output size in pixels (:func:`crop_resize`: centre crop to the aspect
+            ratio, anti-aliased resize; nothing is squashed).
+        fps: frames per second to sample at, or None for the clip's own frames.
+        start_s, end_s: the part of the clip to use (None: from its start / to its end).
 
     Returns:
-        ``uint8`` array ``(num_frames, height, width, 3)``, RGB.
+        ``uint8`` array ``(num_frames, height, width, 3)``, RGB. A clip at ``fps`` frames a
+        second gives exactly its first ``num_frames`` decoded frames (from ``start_s``).
 
     Raises:
         VideoDecodeError: the file is not a decodable video (message names the path).
         FileNotFoundError: the file does not exist.
-        ValueError: the clip has fewer than ``num_frames`` frames, or a size is
-            not positive.
+        ValueError: the part is too short - the last time ``t_{n-1}`` is not before its end
+            (``end_s``, or the last frame's time plus one frame interval, whichever is first),
+            or (``fps`` None) it holds fewer than ``num_frames`` frames; the message gives the
+            clip's frames and duration, the fps and what is needed. Also a size, ``fps`` or
+            time that is not valid.
     """
     if num_frames < 1 or height < 1 or width < 1:
         raise ValueError(f"num_frames, height and width must be positive, got {num_frames}, {height}, {width}")
-    frames = read_video(str(path))
-    total = frames.shape[0]
-    if total < num_frames:
-        raise ValueError(f"{path}: clip has {total} frames, fewer than the {num_frames} asked for")
-    if total > num_frames:
-        indices = np.round(np.linspace(0, total - 1, num_frames)).astype(np.int64)
-        frames = frames[indices]
-    return resize_frames(frames, height, width)
+    if fps is not None and not fps > 0:
+        raise ValueError(f"fps must be positive, got {fps}")
+    start = 0.0 if start_s is None else float(start_s)
+    if start < 0 or (end_s is not None and end_s <= start):
+        raise ValueError(f"{path}: start_s={start_s} and end_s={end_s} must satisfy 0 <= start_s < end_s")
+    targets = sample_times(num_frames, fps, start) if fps is not None else None
+    chosen: list[object] = []  # per output frame: the av.VideoFrame taken
+    seen = 0  # candidate frames decoded
+    last_time, interval = None, None
+    with TimedFrames(str(path)) as video:
+        prev = None  # (time, frame) of the previous candidate
+        for time_s, frame in video:
+            if time_s < start - TIME_TOLERANCE_S:
+                continue
+            if end_s is not None and time_s >= end_s - TIME_TOLERANCE_S:
+                break
+            seen += 1
+            if last_time is not None:
+                interval = time_s - last_time
+            last_time = time_s
+            if targets is None:
+                chosen.append(frame)
+                if len(chosen) == num_frames:
+                    break
+                continue
+            while len(chosen) < num_frames and time_s >= targets[len(chosen)] - TIME_TOLERANCE_S:
+                target = targets[len(chosen)]
+                take_prev = prev is not None and target - prev[0] <= time_s - target
+                chosen.append(prev[1] if take_prev else frame)
+            if len(chosen) == num_frames:
+                break
+            prev = (time_s, frame)
+        rate = video.rate
+    step = (1.0 / rate) if rate else interval
+    if targets is not None and len(chosen) < num_frames and last_time is not None:
+        clip_end = last_time + (step if step else 0.0)
+        if end_s is not None:
+            clip_end = min(clip_end, end_s)
+        while len(chosen) < num_frames and targets[len(chosen)] < clip_end - TIME_TOLERANCE_S:
+            chosen.append(prev[1])
+    if len(chosen) < num_frames:
+        duration = 0.0 if last_time is None else last_time - start + (step or 0.0)
+        part = f"from start_s={start}" + (f" to end_s={end_s}" if end_s is not None else "")
+        own = f"{rate:g} fps" if rate else "unknown fps"
+        if targets is None:
+            need = f"{num_frames} consecutive frames (fps not set: the clip's own rate)"
+        else:
+            need = (f"{num_frames} frames at fps {fps:g} take the times {targets[0]:g} .. {targets[-1]:g} s, "
+                    f"so more than {(num_frames - 1) / fps:g} s from start_s")
+        raise ValueError(f"{path}: clip too short: {seen} frames ({duration:.3f} s at {own}) {part}; {need}")
+    rgb: dict[int, np.ndarray] = {}
+    frames = np.stack([rgb.setdefault(id(f), TimedFrames.rgb(f)) for f in chosen])
+    return crop_resize(frames, height, width)
 
 
 class PromptDataset:
     """Prompts of one table; the clips stay on disk (the rollout workers decode them).
 
     Args:
-        parquet_path: the prompt table.
+        parquet_path: the prompt table (``.parquet``, ``.jsonl`` or ``.csv``).
         num_frames, height, width: clip format, see :func:`load_clip`.
+        fps: the rate clips are sampled at (None: each clip's own frames), see :func:`load_clip`.
 
     Prompts whose clip file is missing or empty are dropped with an error log naming the
     clip and the prompt ids, then a summary warning. Nothing is decoded here: a clip that
@@ -199,9 +205,10 @@ class PromptDataset:
     CLIP_CACHE_SIZE = 8
     """Decoded clips :meth:`clip` keeps (least recently used go first)."""
 
-    def __init__(self, parquet_path: str | os.PathLike, num_frames: int, height: int, width: int) -> None:
+    def __init__(self, parquet_path: str | os.PathLike, num_frames: int, height: int, width: int,
+                 fps: float | None = None) -> None:
         self.parquet_path = Path(parquet_path)
-        self.num_frames, self.height, self.width = num_frames, height, width
+        self.num_frames, self.height, self.width, self.fps = num_frames, height, width, fps
         all_rows = load_prompts(self.parquet_path)
         by_path: dict[str, list[PromptRow]] = {}
         for row in all_rows:
@@ -209,7 +216,7 @@ class PromptDataset:
 
         failed: set[str] = set()
         for video_path, path_rows in by_path.items():
-            problem = _file_problem(video_path)
+            problem = file_problem(video_path)
             if problem is not None:
                 logger.error("cannot load clip %s (%s); dropping prompts %s",
                              video_path, problem, [r.prompt_id for r in path_rows])
@@ -241,10 +248,10 @@ class PromptDataset:
         """
         if self._by_id.get(row.prompt_id) != row:
             raise KeyError(f"no clip loaded for {row.video_path} (prompt {row.prompt_id!r})")
-        return self._decoded(row.video_path)
+        return self._decoded(row.video_path, row.start_s, row.end_s)
 
-    def _decode(self, video_path: str) -> np.ndarray:
-        clip = load_clip(video_path, self.num_frames, self.height, self.width)
+    def _decode(self, video_path: str, start_s: float | None, end_s: float | None) -> np.ndarray:
+        clip = load_clip(video_path, self.num_frames, self.height, self.width, self.fps, start_s, end_s)
         clip.setflags(write=False)
         return clip
 

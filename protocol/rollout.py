@@ -98,6 +98,10 @@ class GroupTask:
     record_means: bool = False
     """Also return each step's transition mean (GRPO-Guard's ratio normalisation needs
     the sampling policy's means)."""
+    start_s: float | None = None
+    """Start of the part of the source clip to use, seconds from its first frame (None: its start)."""
+    end_s: float | None = None
+    """End (exclusive) of the part of the source clip to use, seconds (None: its end)."""
 
 
 @dataclass

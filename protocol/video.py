@@ -278,6 +278,71 @@ def read_video(path: str) -> np.ndarray:
         return decode_video(handle.read(), what=str(path))
 
 
+class TimedFrames:
+    """The frames of a video file's first video stream with their presentation times, decoded lazily.
+
+    Use as a context manager; iterating yields ``(time_s, frame)`` in presentation order, where
+    ``time_s`` is the frame's presentation time (``pts * time_base``) in seconds minus that of the
+    first frame (so the first frame is at 0 s whatever the container's start offset), and ``frame``
+    is the decoded ``av.VideoFrame``; :meth:`rgb` turns one into ``uint8 (H, W, 3)`` exactly as
+    :func:`decode_video` does. A frame without a timestamp gets ``index / rate``.
+
+    Attributes:
+        rate: the stream's average frame rate in frames per second (``stream.average_rate``), or None
+            when the container does not say.
+
+    Raises:
+        FileNotFoundError: the file does not exist (on entering).
+        VideoDecodeError: not a decodable video, or no video stream (message names the path); also
+            raised while iterating when the data is corrupt or frames have neither time nor rate.
+    """
+
+    def __init__(self, path: str):
+        self.path = str(path)
+        self.rate: float | None = None
+        self._container = None
+
+    def __enter__(self) -> "TimedFrames":
+        with open(self.path, "rb"):  # FileNotFoundError / IsADirectoryError as the OS says
+            pass
+        try:
+            self._container = av.open(self.path, mode="r")
+        except (av.error.FFmpegError, ValueError, OSError) as exc:
+            raise VideoDecodeError(f"{self.path}: cannot decode video ({exc})") from exc
+        if not self._container.streams.video:
+            self._container.close()
+            raise VideoDecodeError(f"{self.path}: no video stream")
+        rate = self._container.streams.video[0].average_rate
+        self.rate = float(rate) if rate else None
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._container is not None:
+            self._container.close()
+
+    def __iter__(self):
+        first: float | None = None
+        try:
+            for index, frame in enumerate(self._container.decode(video=0)):
+                if frame.pts is not None and frame.time_base is not None:
+                    time_s = float(frame.pts * frame.time_base)
+                elif self.rate:
+                    time_s = index / self.rate
+                else:
+                    raise VideoDecodeError(f"{self.path}: frame {index} has no timestamp and the stream no frame rate")
+                first = time_s if first is None else first
+                yield time_s - first, frame
+        except (av.error.FFmpegError, OSError) as exc:
+            raise VideoDecodeError(f"{self.path}: cannot decode video ({exc})") from exc
+
+    @staticmethod
+    def rgb(frame: "av.VideoFrame") -> np.ndarray:
+        """One decoded frame as ``uint8 (H, W, 3)`` RGB (the conversion of :func:`decode_video`)."""
+        out = np.empty((frame.height, frame.width, 3), np.uint8)
+        _frame_to_rgb(frame, out)
+        return out
+
+
 def decode_image(data: bytes, what: str = "image") -> np.ndarray:
     """Decode a PNG or JPEG file into an RGB array.
 

@@ -151,10 +151,12 @@ class RolloutWorker:
             self.policy_version = staged[1]
         return self.policy_version
 
-    def _encode_source(self, path: str) -> tuple[VideoPayload, torch.Tensor]:
+    def _encode_source(self, path: str, start_s: float | None = None, end_s: float | None = None) -> tuple[VideoPayload, torch.Tensor]:
         """The clip's payload for the reward server and its VAE latents (the VAE
-        encodes with the posterior mode); cached as ``self._source``."""
-        frames = load_clip(path, self.config.num_frames, self.config.height, self.config.width)
+        encodes with the posterior mode); cached as ``self._source``. The clip is sampled
+        at ``self.fps`` over ``[start_s, end_s)`` (:func:`load_clip`)."""
+        frames = load_clip(path, self.config.num_frames, self.config.height, self.config.width, fps=self.fps,
+                           start_s=start_s, end_s=end_s)
         return self._payload(frames), self.policy.encode_video(frames[None])
 
     def _encode_text(self, instruction: str) -> torch.Tensor:
@@ -229,7 +231,7 @@ class RolloutWorker:
     def _sample(self, task: GroupTask) -> "_Sampled":
         timings: dict[str, float] = {}
         start = time.perf_counter()
-        source_payload, source_latents = self._source(task.video_path)
+        source_payload, source_latents = self._source(task.video_path, task.start_s, task.end_s)
         text_embeds = self._text(task.instruction)
         timings["encode_s"] = time.perf_counter() - start
 
@@ -265,7 +267,8 @@ class RolloutWorker:
         trajectories = dataclasses.replace(trajectories, latents=latents, means=means, positions=positions)
         frames = None
         if task.keep_frames:  # the source beside the edit (decoded again: the cache keeps no frames)
-            source = load_clip(task.video_path, self.config.num_frames, self.config.height, self.config.width)
+            source = load_clip(task.video_path, self.config.num_frames, self.config.height, self.config.width,
+                               fps=self.fps, start_s=task.start_s, end_s=task.end_s)
             frames = np.stack([source, edited[0]])
         sampled = _Sampled(self.policy_version, source_payload, source_latents.cpu(), text_embeds.cpu(), trajectories,
                            positions, trained, frames, edited, timings)

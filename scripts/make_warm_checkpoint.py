@@ -48,8 +48,10 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
-    policy_config = load_train_config(ROOT / args.config).policy
-    dataset = PromptDataset(str(Path(args.data) / "prompts_train.parquet"), policy_config.num_frames, policy_config.height, policy_config.width)
+    train_config = load_train_config(ROOT / args.config)
+    policy_config = train_config.policy
+    dataset = PromptDataset(str(Path(args.data) / "prompts_train.parquet"), policy_config.num_frames, policy_config.height,
+                            policy_config.width, fps=train_config.fps)
     examples = [WarmupExample(dataset.clip(row), row.instruction, row.edit_type) for row in dataset.rows if row.checkable]
     corpus = [row.instruction for row in dataset.rows]
     start = time.time()

@@ -214,15 +214,15 @@ def test_load_prompts_errors(tables, tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.parquet"):
         load_prompts(tmp_path / "nope.parquet")
     rows = tables["train"][:3]
-    table = pa.Table.from_pylist(rows, schema=SCHEMA).drop_columns(["target_caption"])
+    table = pa.Table.from_pylist(rows, schema=SCHEMA).drop_columns(["instruction"])
     pq.write_table(table, str(tmp_path / "nocol.parquet"))
-    with pytest.raises(ValueError, match="target_caption") as info:
+    with pytest.raises(ValueError, match="no column 'instruction'") as info:
         load_prompts(tmp_path / "nocol.parquet")
-    assert "nocol.parquet" in str(info.value)
+    assert "nocol.parquet" in str(info.value) and "'video_path'" in str(info.value)  # the columns present
     dup = [dict(rows[0]), dict(rows[1]), dict(rows[2], prompt_id=rows[0]["prompt_id"])]
-    with pytest.raises(ValueError, match=rows[0]["prompt_id"]):
+    with pytest.raises(ValueError, match=rf"duplicate prompt_id '{rows[0]['prompt_id']}' \(rows 0 and 2\)"):
         load_prompts(_write_table(tmp_path, dup, "dup.parquet"))
-    empty = [dict(r, edit_type="") for r in rows]
+    empty = [dict(r, video_path=" ") for r in rows]
     with pytest.raises(ValueError, match="no valid rows"):
         load_prompts(_write_table(tmp_path, empty, "empty.parquet"))
 
@@ -264,18 +264,17 @@ def test_dataset_access(built):
         data.by_id("missing-00")
 
 
-def test_load_clip_subsamples_and_resizes(built):
+def test_load_clip_takes_consecutive_frames_and_resizes(built):
     path = sorted((built / "clips").glob("*.mp4"))[0]
     full = read_video(str(path))
     assert full.shape[0] == 9
     np.testing.assert_array_equal(load_clip(path, 9, 128, 128), full)
-    out = load_clip(path, 5, 64, 96)
-    assert out.shape == (5, 64, 96, 3) and out.dtype == np.uint8
-    # round(linspace(0, 8, 5)) = 0, 2, 4, 6, 8
-    expected = resize_frames(full[[0, 2, 4, 6, 8]], 64, 96)
-    np.testing.assert_array_equal(out[0], expected[0])
-    np.testing.assert_array_equal(out[-1], expected[-1])
-    np.testing.assert_array_equal(out, expected)
+    np.testing.assert_array_equal(load_clip(path, 9, 128, 128, fps=8), full)  # the clips' own rate: every frame
+    out = load_clip(path, 5, 64, 64)
+    assert out.shape == (5, 64, 64, 3) and out.dtype == np.uint8
+    np.testing.assert_array_equal(out, resize_frames(full[:5], 64, 64))  # fps None: the first 5 frames
+    # at 4 fps the times 0, 0.25, .., 1.0 s are the 8 fps frames 0, 2, 4, 6, 8
+    np.testing.assert_array_equal(load_clip(path, 5, 64, 64, fps=4), resize_frames(full[[0, 2, 4, 6, 8]], 64, 64))
     # Anti-aliased downscaling stays close to block averages of the source frame.
     block_mean = full[0].reshape(64, 2, 64, 2, 3).astype(float).mean(axis=(1, 3))
     assert np.abs(load_clip(path, 1, 64, 64)[0].astype(float) - block_mean).mean() < 6.0

@@ -24,6 +24,24 @@ _COLUMNS_DOC = """\
 | `split` | string | `train` or `heldout` |
 """
 
+_SCHEMA_DOC = """\
+These tables are one instance of editrl's prompt-table schema (`editrl.protocol.prompt_table`); a table of your own videos needs only the two required columns. Tables may be Parquet (`.parquet`), JSON Lines (`.jsonl`, one object a line) or CSV (`.csv`, header line), chosen by suffix; point `data.train_prompts` / `data.heldout_prompts` at them and check one with `editrl data check TABLE --config PRESET`.
+
+| column | required | meaning |
+|---|---|---|
+| `video_path` | yes | source clip; a relative path is relative to the table's folder |
+| `instruction` | yes | the editing instruction |
+| `prompt_id` | no | unique id; when absent or blank: `<clip file stem>-<first 10 hex digits of SHA-1 of "video_path\\ninstruction\\nstart_s\\nend_s">`, so it depends only on the row's content |
+| `source_caption`, `target_caption`, `split`, `clip_id`, `picture`, `motion` | no | text, empty when absent |
+| `edit_category` | no | text |
+| `edit_type` | no | defaults to `edit_category` (or empty) |
+| `checkable` | no | defaults to `edit_type` being a checkable type; true with another `edit_type` is a bad row |
+| `reference_image` | no | an image file, relative like `video_path` |
+| `start_s`, `end_s` | no | the part of the clip to use, seconds from its first frame (default: all of it) |
+
+Other columns are kept, per row, in `PromptRow.extra` (one info log names them). A row with a blank required field, a time that is negative or not a number, or `start_s >= end_s` is skipped with a warning naming the file, the row index, the prompt id and the rule; a missing required column, an unsupported suffix or a duplicate `prompt_id` is an error. Clips are sampled at the run's `fps` (frame `k` is the decoded frame nearest to `start_s + k / fps`) and brought to `policy.height x policy.width` by a centre crop to that aspect ratio and a resize. The bundled presets set `fps: 4`, so their 5 frames are frames 0, 2, 4, 6 and 8 of these 8 fps clips.
+"""
+
 _MOTIONS_DOC = """\
 | motion | camera |
 |---|---|
@@ -70,6 +88,8 @@ def render_readme(pictures: Sequence[Picture], rows: Sequence[dict], frame_size:
         f"{fps} fps, crf {crf}.\n"
         "- `prompts_train.parquet`, `prompts_heldout.parquet`: one row per instruction.\n"
         "- `README.md`: this file.\n",
+        "## The prompt-table schema\n",
+        _SCHEMA_DOC,
         "## Columns\n",
         _COLUMNS_DOC,
         "## Splits\n",
