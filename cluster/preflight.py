@@ -27,6 +27,7 @@ from editrl.protocol.answers import first_line
 from editrl.policy.architectures import published_architecture
 from editrl.policy.config import PolicyConfig
 from editrl.policy.geometry import check_geometry as check_clip_geometry
+from editrl.cluster.checkpoint_kind import CheckpointKindError, checkpoint_widened
 from editrl.policy.geometry import vae_scale_factors
 from editrl.resources import resolve_path
 
@@ -342,7 +343,10 @@ def preflight(config: TrainConfig, run_dir: Path, resume: bool = False, overwrit
         PreflightError: the first problem found (one line).
     """
     if config.policy.checkpoint is not None:
-        checkpoint_dir(config.policy.checkpoint)
+        try:
+            checkpoint_widened(config.policy, checkpoint_dir(config.policy.checkpoint))
+        except CheckpointKindError as exc:
+            raise PreflightError(str(exc)) from None
     check_geometry(config.policy)
     check_sequence_parallel(config)
     check_paths(config)

@@ -28,17 +28,25 @@ def full_value(param: torch.Tensor) -> torch.Tensor:
     return param.full_tensor() if isinstance(param, DTensor) else param
 
 
-def lora_target_regex(names: list[str], attention: tuple[str, ...] = ("self", "cross")) -> str:
+PATCH_EMBEDDING = "patch_embedding"
+"""Module name of the DiT's input Conv3d (Wan), adapted when ``LoraSettings.patch_embedding`` resolves true."""
+
+
+def lora_target_regex(names: list[str], attention: tuple[str, ...] = ("self", "cross"), patch_embedding: bool = False) -> str:
     """Regex that peft matches (fully) against module names: the given projections in
-    every self-attention (attn1) and/or cross-attention (attn2) block."""
+    every self-attention (attn1) and/or cross-attention (attn2) block, and with
+    ``patch_embedding`` the DiT's top-level ``patch_embedding`` too."""
     alternatives = "|".join(n.replace(".", r"\.") for n in names)
     blocks = "".join(sorted({"self": "1", "cross": "2"}[a] for a in attention))
-    return rf".*blocks\.\d+\.attn[{blocks}]\.({alternatives})"
+    attention_regex = rf".*blocks\.\d+\.attn[{blocks}]\.({alternatives})"
+    return rf"(?:{attention_regex}|{PATCH_EMBEDDING})" if patch_embedding else attention_regex
 
 
-def attach_lora(transformer: torch.nn.Module, lora: LoraSettings, seed: int = 0) -> int:
+def attach_lora(transformer: torch.nn.Module, lora: LoraSettings, seed: int = 0, patch_embedding: bool = False) -> int:
     """Add the trained LoRA adapter (named ``ADAPTER_NAME``) to the DiT's attention
-    projections that ``lora`` names; its A and B matrices are fp32 whatever the
+    projections that ``lora`` names, and with ``patch_embedding`` to its input Conv3d (peft's
+    Conv3d LoRA: ``A`` a Conv3d of the patch kernel to ``rank`` channels, ``B`` a 1x1x1 Conv3d,
+    zero at the start); its A and B matrices are fp32 whatever the
     weights' dtype (they and their AdamW state stay full precision under bf16).
     Their initial values come from ``seed`` alone (the CPU generator is forked and
     seeded), whatever was drawn before: loading the DiT whole or as slices, or building
@@ -57,7 +65,7 @@ def attach_lora(transformer: torch.nn.Module, lora: LoraSettings, seed: int = 0)
                 r=lora.rank,
                 lora_alpha=lora.alpha,
                 init_lora_weights=lora.init if lora.init == "gaussian" else True,
-                target_modules=lora_target_regex(lora.target_modules, tuple(lora.attention)),
+                target_modules=lora_target_regex(lora.target_modules, tuple(lora.attention), patch_embedding),
             ),
             adapter_name=ADAPTER_NAME,
         )

@@ -6,7 +6,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from editrl.policy.geometry import checkpoint_text_tokens
 from editrl.policy.sampler_names import DEFAULT_ETA, SamplerName, num_fraction_steps
+from editrl.resources import resolve_path
 
 
 class TinyModelConfig(BaseModel):
@@ -52,6 +54,16 @@ class LoraSettings(BaseModel):
     attention: list[Literal["self", "cross"]] = Field(["self", "cross"], min_length=1)
     """Which attentions get the adapter: self (attn1) and cross (attn2) as in VIVA; cross
     alone keeps a small run's updates to instruction-dependent directions."""
+    patch_embedding: bool | None = None
+    """Also adapt the DiT's patch embedding (the Conv3d that reads the noisy and the source
+    latents of a ``concat`` policy) with a LoRA of the same rank. None: on exactly when the
+    policy is ``concat`` from a text-to-video checkpoint, whose input was widened with
+    zero-initialised source channels (:func:`editrl.policy.model.widen_for_source_conditioning`):
+    attention LoRA alone never reads those channels, so the source would be ignored and RL
+    would train an instruction-only text-to-video model. False with such a checkpoint is refused
+    for that reason. A LoRA (not the new channels trained in full) because it travels, is
+    published, checkpointed and exported with the rest of the adapter, and starts as the
+    identity (B = 0), so the widened model's first samples are the text-to-video model's."""
     active_steps: int | None = Field(None, ge=1)
     """The adapter acts on the first ``active_steps`` denoising steps only (the
     high-noise steps, where an edit's global colour and layout are decided); the later
@@ -138,13 +150,19 @@ class PolicyConfig(BaseModel):
     negatives of each other (antithetic variates, as in evolution strategies): each
     sample is still drawn from the policy, and a pair's reward difference isolates
     the part of the reward that changes sign with the noise. Needs an even group size."""
-    max_text_tokens: int = Field(32, ge=4)
-    """Instruction tokens kept (padded/truncated) for the text encoder."""
+    max_text_tokens: int | None = Field(None, ge=4)
+    """Instruction tokens kept (padded/truncated) for the text encoder. None follows the model
+    (:func:`editrl.policy.geometry.checkpoint_text_tokens`): the checkpoint tokenizer's
+    ``model_max_length`` when it sets one, else 512 as Wan's pipelines use; 32 for the tiny
+    model built in code. Resolved when the config is read, so a saved config records the number."""
     lora: LoraSettings = LoraSettings()
     """The trained adapter."""
 
     @model_validator(mode="after")
     def _resolve_and_check(self) -> "PolicyConfig":
+        if self.max_text_tokens is None:
+            self.max_text_tokens = checkpoint_text_tokens(
+                None if self.checkpoint is None else resolve_path(self.checkpoint))
         if self.eta is None:
             self.eta = DEFAULT_ETA[self.sampler]
         if self.sampler == "cps" and self.eta > 1.0:
@@ -180,6 +198,23 @@ class PolicyConfig(BaseModel):
         if window is not None and window.position == "fixed":
             return window.start + window.size - 1
         return num_fraction_steps(self.num_steps, self.sde_fraction) - 1
+
+    def adapts_patch_embedding(self, widened: bool) -> bool:
+        """Whether the LoRA adapter includes the patch embedding (``lora.patch_embedding``
+        resolved for a model whose input was ``widened`` from a text-to-video checkpoint).
+
+        Raises:
+            ValueError: ``lora.patch_embedding`` is False for a widened ``concat`` model: the
+                adapter would never read the source video.
+        """
+        choice = self.lora.patch_embedding
+        if widened and choice is False:
+            raise ValueError(
+                "policy.lora.patch_embedding=false with kind 'concat' and a text-to-video checkpoint: its new source "
+                "channels are zero and only the patch embedding reads them, so the source video would be ignored and RL "
+                "would train an instruction-only text-to-video model; set policy.lora.patch_embedding to true (or null), "
+                "use a checkpoint fine-tuned for editing (in_channels twice the VAE's z_dim), or kind 't2v'")
+        return widened if choice is None else choice
 
     def adapter_acts_at(self, step: int) -> bool:
         """Whether the LoRA adapter is applied at denoising step ``step`` (0-based)."""

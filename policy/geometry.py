@@ -9,8 +9,40 @@ into patches of ``(pt, ph, pw)`` cells, so ``H`` must be a multiple of ``spatial
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
+
+WAN_TEXT_TOKENS = 512
+"""Instruction tokens Wan's pipelines encode (diffusers ``WanPipeline(max_sequence_length=512)``)."""
+TINY_TEXT_TOKENS = 32
+"""Instruction tokens of the tiny model built in code (its word tokenizer's instructions are short)."""
+LENGTH_LIMIT = 8192
+"""A tokenizer's ``model_max_length`` above this is the "no limit" placeholder (1e30), not a length."""
+
+
+def checkpoint_text_tokens(checkpoint_dir: str | Path | None) -> int:
+    """The instruction length (tokens, padded and truncated to) a checkpoint is used with.
+
+    The tiny model built in code (``checkpoint_dir`` None): :data:`TINY_TEXT_TOKENS`. A
+    checkpoint: its ``tokenizer/tokenizer_config.json``'s ``model_max_length`` when that is a
+    real limit (at most :data:`LENGTH_LIMIT`), else :data:`WAN_TEXT_TOKENS` - Wan2.1 / 2.2's
+    UMT5 tokenizer stores the placeholder, and their pipelines use 512. A checkpoint that is
+    not on disk (a published name being planned) gets :data:`WAN_TEXT_TOKENS` too.
+
+    Returns:
+        A positive int.
+    """
+    if checkpoint_dir is None:
+        return TINY_TEXT_TOKENS
+    try:
+        length = json.loads((Path(checkpoint_dir) / "tokenizer" / "tokenizer_config.json").read_text()).get("model_max_length")
+    except (OSError, ValueError):
+        return WAN_TEXT_TOKENS
+    if isinstance(length, (int, float)) and not isinstance(length, bool) and 1 <= length <= LENGTH_LIMIT:
+        return int(length)
+    return WAN_TEXT_TOKENS
 
 
 def vae_scale_factors(vae_config: Mapping[str, Any]) -> tuple[int, int]:

@@ -50,6 +50,9 @@ class PolicyComponents:
     weight_files: WeightFiles | None = None
     """Set when the transformer's parameters are placeholders still to be read, a slice per
     rank, once it is sharded (``load_components(sliced=True)``, :mod:`editrl.policy.weight_slices`)."""
+    widened: bool = False
+    """The transformer is a text-to-video one whose patch embedding :func:`widen_for_source_conditioning`
+    widened with zero source channels (``concat`` from a text-to-video checkpoint)."""
 
     def __post_init__(self) -> None:
         if self.vae_config is None:
@@ -60,7 +63,7 @@ class PolicyComponents:
     def without_encoders(self, kind: str) -> "PolicyComponents":
         """The same components without the text encoder, the tokenizer and (but for ``vace``) the VAE."""
         return PolicyComponents(self.transformer, self.vae if kind == "vace" else None, None, None, self.scheduler,
-                                self.vae_config, self.weight_files)
+                                self.vae_config, self.weight_files, self.widened)
 
 
 def build_word_tokenizer(corpus: list[str]) -> PreTrainedTokenizerFast:
@@ -304,6 +307,7 @@ def load_components(path: str | Path, kind: str = "concat", dtype: torch.dtype =
         transformer = transformer_cls.from_pretrained(path / "transformer", local_files_only=True, torch_dtype=dtype)
     if dtype != torch.float32 and not sliced:
         release_file_mappings(transformer)
+    widened = kind == "concat" and transformer.config.in_channels == vae_config["z_dim"]
     if kind == "concat":
         transformer = widen_for_source_conditioning(transformer, vae_config["z_dim"])
     check_kind(transformer, vae_config, kind)
@@ -315,7 +319,7 @@ def load_components(path: str | Path, kind: str = "concat", dtype: torch.dtype =
     logger.info("loaded checkpoint %s (%s, kind %s, %s%s%s)", path, type(transformer).__name__, kind,
                 str(dtype).removeprefix("torch."), "" if encoders else ", DiT only",
                 ", DiT weights to be read a slice per rank" if sliced else "")
-    return PolicyComponents(transformer, vae, text_encoder, tokenizer, scheduler, vae_config, weight_files)
+    return PolicyComponents(transformer, vae, text_encoder, tokenizer, scheduler, vae_config, weight_files, widened)
 
 
 def save_components(components: PolicyComponents, path: str | Path) -> None:

@@ -64,8 +64,12 @@ class EditPolicy:
             if module is not None:
                 module.requires_grad_(False)
                 module.eval()
-        self.num_lora_modules = attach_lora(self.transformer, config.lora, seed=seed)
-        logger.info("LoRA rank %d attached to %d modules", config.lora.rank, self.num_lora_modules)
+        self.adapts_patch_embedding = config.adapts_patch_embedding(components.widened)
+        """The adapter includes the patch embedding (the source channels of a widened text-to-video DiT)."""
+        self.num_lora_modules = attach_lora(self.transformer, config.lora, seed=seed, patch_embedding=self.adapts_patch_embedding)
+        logger.info("LoRA rank %d attached to %d modules%s", config.lora.rank, self.num_lora_modules,
+                    " (the patch embedding among them: the source channels were widened from a text-to-video DiT)"
+                    if self.adapts_patch_embedding else "")
         self.adapter = AdapterIndex(self.transformer, ADAPTER_NAME, self.num_lora_modules)
         vae_config = self.vae_config
         self._latents_mean = torch.tensor(vae_config.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1)

@@ -65,6 +65,8 @@ def main() -> int:
         set_latent_statistics(components, examples)
         previous = None
     dit_losses = train_dit(components, examples, args.dit_steps, args.batch_size, lr=1e-3, seed=args.seed, max_text_tokens=policy_config.max_text_tokens)
+    # the instruction length the checkpoint is used with (PolicyConfig.max_text_tokens None reads it)
+    components.tokenizer.model_max_length = policy_config.max_text_tokens
     save_components(components, args.out)
     report = {
         "examples": len(examples),
