@@ -38,7 +38,7 @@ def add_data_parser(sub) -> argparse._SubParsersAction:
     Returns:
         The group's subparsers object, to add more ``editrl data ...`` commands to.
     """
-    data = sub.add_parser("data", help="check prompt tables (editrl data check TABLE)")
+    data = sub.add_parser("data", help="prepare and check prompt tables (editrl data prepare VIDEOS, editrl data check TABLE)")
     commands = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
     check = commands.add_parser("check", help="validate every row of a prompt table against a training config")
     check.add_argument("table", metavar="TABLE", help="prompt table: .parquet, .jsonl or .csv")
@@ -46,6 +46,9 @@ def add_data_parser(sub) -> argparse._SubParsersAction:
     check.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field, e.g. fps=24")
     check.add_argument("--jobs", type=int, default=DEFAULT_JOBS, help=f"clips decoded at a time (default {DEFAULT_JOBS})")
     check.set_defaults(func=cmd_data_check)
+    from editrl.cluster.data_prepare import add_prepare_parser
+
+    add_prepare_parser(commands)
     return commands
 
 
