@@ -14,6 +14,7 @@ from pathlib import Path
 
 from editrl.cluster.controller import add_scale_parser
 from editrl.cluster.data_commands import add_data_parser
+from editrl.cluster.eval_run import add_eval_parser
 from editrl.cluster.submit import add_submit_parser
 
 
@@ -243,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     add_scale_parser(sub)
     add_submit_parser(sub)
     add_data_parser(sub)
+    add_eval_parser(sub)
 
     args = parser.parse_args(argv)
     return args.func(args)
