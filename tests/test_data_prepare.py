@@ -98,3 +98,38 @@ def test_a_geometry_the_model_cannot_take_is_refused_before_anything_is_written(
     err = capsys.readouterr().err
     assert code == 1 and not out.exists()
     assert err.startswith("editrl: error: policy.num_frames=6: must be 2k+1")
+
+
+def test_prepare_with_the_vlm_writer_names_the_clips_it_could_not_write(tmp_path, capsys, monkeypatch):
+    import re
+
+    import yaml
+    from standins import GEMINI_PROMPT_BLOCK, GeminiStandIn, gemini_text_answer
+
+    def answer(body):
+        text = "\n".join(p.get("text", "") for c in body["contents"] for p in c.get("parts", []))
+        category = re.search(r"Edit category: (\w+)", text).group(1)
+        if category == "add":  # the second clip's request is blocked
+            return GEMINI_PROMPT_BLOCK
+        return 200, gemini_text_answer(json.dumps({"source_caption": "a grey clip", "instruction": f"do a {category} edit",
+                                                   "target_caption": "an edited grey clip", "edit_category": category}))
+
+    videos = tmp_path / "videos"
+    for name in ("a", "b", "c"):
+        write_clip(videos / f"{name}.mp4", level_clip(6, 32, 32), fps=4)
+    monkeypatch.setenv("GEMINI_API_KEY", "test-key")
+    with GeminiStandIn({}, default=[answer]) as standin:
+        writer = tmp_path / "writer.yaml"
+        writer.write_text(yaml.safe_dump({"client": "gemini", "model": "writer", "base_url": standin.url,
+                                          "api_version": "v1beta", "attempts": 1}))
+        out = tmp_path / "out"
+        code = main(["data", "prepare", str(videos), "--config", DEFAULT, "--out", str(out), "--writer", str(writer),
+                     "--heldout-fraction", "0"])
+    lines = capsys.readouterr().out.splitlines()
+    assert code == 1
+    assert lines[0].startswith("b: instruction writer: blocked")
+    rows = load_prompts(out / "prompts_train.jsonl")
+    # clips in sorted order ask the categories in turn: a colour, b add (blocked), c remove
+    assert [(Path(r.video_path).name, r.edit_category, r.instruction) for r in rows] == [
+        ("a.mp4", "colour", "do a colour edit"), ("c.mp4", "remove", "do a remove edit")]
+    assert rows[0].source_caption == "a grey clip" and rows[0].target_caption == "an edited grey clip"
