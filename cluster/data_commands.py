@@ -17,6 +17,9 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from editrl.cluster.command_errors import error, one_line
+from editrl.cluster.data_prepare import add_prepare_parser
+
 DEFAULT_JOBS = min(4, os.cpu_count() or 1)
 """Clips ``editrl data check`` decodes at a time, unless ``--jobs`` says."""
 
@@ -46,8 +49,6 @@ def add_data_parser(sub) -> argparse._SubParsersAction:
     check.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field, e.g. fps=24")
     check.add_argument("--jobs", type=int, default=DEFAULT_JOBS, help=f"clips decoded at a time (default {DEFAULT_JOBS})")
     check.set_defaults(func=cmd_data_check)
-    from editrl.cluster.data_prepare import add_prepare_parser
-
     add_prepare_parser(commands)
     return commands
 
@@ -86,22 +87,6 @@ def row_problem(row, clip: ClipFormat) -> str | None:
     return None
 
 
-def _error(message: str) -> int:
-    """``editrl: error: <message>`` on stderr (the style of :mod:`editrl.cli`); returns 1."""
-    sys.stderr.write(f"editrl: error: {message}\n")
-    return 1
-
-
-def _one_line(exc: BaseException) -> str:
-    """An error as one line; a config's pydantic ValidationError as ``field: message`` pairs."""
-    import pydantic
-
-    if isinstance(exc, pydantic.ValidationError):
-        parts = [f"{'.'.join(str(p) for p in e['loc']) or exc.title}: {e['msg']}" for e in exc.errors()]
-        return f"invalid config: {'; '.join(parts)}"
-    return " ".join(str(exc).split()) or type(exc).__name__
-
-
 def cmd_data_check(args: argparse.Namespace) -> int:
     """``editrl data check TABLE``: one line per row on stdout (``<prompt_id>: ok`` or
     ``<prompt_id>: <problem>``; ``row <i>`` for a row whose id cannot be told), in file order,
@@ -118,12 +103,12 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     from editrl.resources import resolve_path
 
     if args.jobs < 1:
-        return _error(f"--jobs {args.jobs}: must be at least 1")
+        return error(f"--jobs {args.jobs}: must be at least 1")
     try:
         config = load_train_config(args.config, parse_overrides(args.set))
         contents = read_prompt_table(resolve_path(args.table))
     except (ValueError, OSError) as exc:
-        return _error(_one_line(exc))
+        return error(one_line(exc))
     policy = config.policy
     clip = ClipFormat(policy.num_frames, policy.height, policy.width, config.fps)
     out = sys.stdout

@@ -33,6 +33,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from editrl.cluster.command_errors import error, one_line
+
 logger = logging.getLogger(__name__)
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v")
@@ -87,11 +89,6 @@ def add_prepare_parser(commands) -> None:
     prepare.set_defaults(func=cmd_data_prepare)
 
 
-def _error(message: str) -> int:
-    sys.stderr.write(f"editrl: error: {message}\n")
-    return 1
-
-
 def _sources(args: argparse.Namespace, folder: Path) -> tuple[list[Source], list[dict], list[dict]]:
     """The clips to cut, the output rows without their clip (``--instructions``; empty for
     ``--writer``) and the rows of the table that were refused."""
@@ -120,11 +117,10 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
         its geometry, the folder or the instruction table cannot be used (nothing written).
     """
     from editrl.cluster.config import load_train_config, parse_overrides
-    from editrl.cluster.data_commands import _one_line
     from editrl.cluster.preflight import PreflightError, check_geometry
 
     if not 0.0 <= args.heldout_fraction < 1.0:
-        return _error(f"--heldout-fraction {args.heldout_fraction}: must be in [0, 1)")
+        return error(f"--heldout-fraction {args.heldout_fraction}: must be in [0, 1)")
     folder = Path(args.videos)
     try:
         config = load_train_config(args.config, parse_overrides(args.set))
@@ -132,9 +128,9 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
         writer = _writer_config(args.writer) if args.writer else None
         sources, rows, refused = _sources(args, folder)
     except (ValueError, OSError, PreflightError) as exc:
-        return _error(_one_line(exc))
+        return error(one_line(exc))
     if not sources:
-        return _error(f"no videos ({', '.join(VIDEO_SUFFIXES)}) under {folder}" if args.writer
+        return error(f"no videos ({', '.join(VIDEO_SUFFIXES)}) under {folder}" if args.writer
                       else f"prompt table {args.instructions} has no usable rows")
     out = Path(args.out)
     (out / "clips").mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,8 @@ import logging
 import sys
 from pathlib import Path
 
+from editrl.cluster.command_errors import error, one_line
+
 logger = logging.getLogger(__name__)
 
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -44,11 +46,6 @@ def add_eval_parser(sub) -> None:
     ev.set_defaults(func=cmd_eval)
 
 
-def _error(message: str) -> int:
-    sys.stderr.write(f"editrl: error: {message}\n")
-    return 1
-
-
 def _arm_names(adapters: list[Path]) -> list[str]:
     """``<folder name>``, or ``<parent>/<folder>`` when two adapters share a folder name."""
     names = [a.name for a in adapters]
@@ -64,7 +61,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
         0 when every arm scored every prompt; 1 with one ``editrl: error:`` line otherwise.
     """
     from editrl.cluster.config import load_train_config, parse_overrides, with_resolved_paths
-    from editrl.cluster.data_commands import _one_line
     from editrl.cluster.preflight import PreflightError, check_geometry, checkpoint_dir
     from editrl.cluster.checkpoint_kind import checkpoint_widened
     from editrl.protocol.prompt_table import read_prompt_table
@@ -95,7 +91,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.max_prompts is not None and args.max_prompts < 1:
             raise ValueError(f"--max-prompts {args.max_prompts}: must be at least 1")
     except (ValueError, OSError, PreflightError) as exc:
-        return _error(_one_line(exc))
+        return error(one_line(exc))
     arms = ([] if args.no_base else [("base", None)]) + list(zip(_arm_names(adapters), adapters))
     out = Path(args.out)
     report = run_eval(config, prompts, arms, rewards, out, max_prompts=args.max_prompts, videos=args.videos)

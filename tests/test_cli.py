@@ -96,8 +96,9 @@ def test_geometry_factors_are_read_from_a_checkpoints_config_files(tmp_path):
     ckpt = tmp_path / "wan"
     for sub in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"):
         (ckpt / sub).mkdir(parents=True)
-    (ckpt / "vae" / "config.json").write_text(json.dumps({"temperal_downsample": [False, True, True]}))
-    (ckpt / "transformer" / "config.json").write_text(json.dumps({"patch_size": [1, 2, 2]}))
+    (ckpt / "vae" / "config.json").write_text(json.dumps({"temperal_downsample": [False, True, True], "z_dim": 16}))
+    (ckpt / "transformer" / "config.json").write_text(json.dumps(
+        {"_class_name": "WanTransformer3DModel", "in_channels": 16, "patch_size": [1, 2, 2]}))
     result = editrl("train", "--run-dir", str(tmp_path / "run"), "--set", f"policy.checkpoint={ckpt}", "--set", "policy.height=64",
                     "--set", "policy.num_frames=4", cwd=ROOT)
     assert_fails_before_heavy_imports(result, "policy.num_frames=4: must be 4k+1 (VAE temporal factor 4) for checkpoint wan; nearest 1 or 5")
