@@ -121,8 +121,10 @@ def test_a_sliced_load_gives_each_rank_the_whole_load_s_shards_at_a_fraction_of_
         results[mode] = [torch.load(tmp_path / mode / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
     whole, sliced = results["load_whole"], results["load_sliced"]
     params = whole[0]["params"]
-    assert params["patch_embedding.weight"].shape[1] == 8  # widened from 4 latent channels to 4 + 4
-    assert float(params["patch_embedding.weight"][:, 4:].abs().max()) == 0.0
+    # widened from 4 latent channels to 4 + 4, and adapted (its LoRA reads the source channels)
+    patch = params["patch_embedding.base_layer.weight"]
+    assert patch.shape[1] == 8 and float(patch[:, 4:].abs().max()) == 0.0
+    assert "patch_embedding.lora_B.default.weight" in params
     bf16 = sum(p.numel() * p.element_size() for p in params.values())
     for rank in range(2):
         assert set(sliced[rank]["params"]) == set(params)
