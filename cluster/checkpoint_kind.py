@@ -13,8 +13,10 @@ The kinds (``policy.kind``, :class:`editrl.policy.config.PolicyConfig`):
 * ``vace`` needs a ``WanVACETransformer3DModel``.
 
 A two-expert checkpoint (Wan2.2 A14B: ``transformer_2/`` and a ``boundary_ratio`` in
-``model_index.json``) is refused: only ``transformer/`` would be loaded, and the low-noise
-expert silently replaced by the high-noise one.
+``model_index.json``) loads both experts (:mod:`editrl.policy.experts`): the second must be
+of the same class and width as the first, and the kind is not ``vace``. Its learner is not
+sharded (no FSDP2 plan or sequence parallelism for two experts yet,
+:func:`check_learner_layout`).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import json
 from pathlib import Path
 
 from editrl.policy.config import PolicyConfig
+from editrl.policy.geometry import two_expert_boundary
 
 CLASS_OF_KIND = {"concat": "WanTransformer3DModel", "t2v": "WanTransformer3DModel", "vace": "WanVACETransformer3DModel"}
 """The diffusers transformer class each policy kind loads."""
@@ -50,16 +53,15 @@ def checkpoint_widened(policy: PolicyConfig, path: Path) -> bool:
         True when the policy is ``concat`` and the transformer is text-to-video.
 
     Raises:
-        CheckpointKindError: a two-expert checkpoint; a transformer class the kind cannot load;
+        CheckpointKindError: a two-expert checkpoint of kind ``vace``, without a valid ``boundary_ratio``,
+            or whose experts differ in class, channels or patch; a transformer class the kind cannot load;
             ``in_channels`` that is neither ``z_dim`` nor ``2 z_dim`` (``concat``) or not
             ``z_dim`` (``t2v``); ``lora.patch_embedding`` false for a widened ``concat`` model.
     """
     name = f"policy.checkpoint={policy.checkpoint}"
-    index = _config(path / "model_index.json") if (path / "model_index.json").is_file() else {}
-    if (path / "transformer_2").is_dir() or index.get("transformer_2") or index.get("boundary_ratio") is not None:
-        raise CheckpointKindError(
-            f"{name}: a two-expert checkpoint (transformer_2/, boundary_ratio {index.get('boundary_ratio')}, Wan2.2 A14B); "
-            "editrl loads one DiT and would ignore the low-noise expert - use a single-expert checkpoint (Wan2.1, Wan2.2 TI2V-5B)")
+    boundary = two_expert_ratio(path)
+    if boundary is not None and policy.kind == "vace":
+        raise CheckpointKindError(f"{name}: a two-expert checkpoint (transformer_2/, boundary_ratio {boundary}) cannot be kind 'vace'")
     transformer = _config(path / "transformer" / "config.json")
     z_dim = _config(path / "vae" / "config.json").get("z_dim")
     saved_class, wanted_class = transformer.get("_class_name"), CLASS_OF_KIND[policy.kind]
@@ -67,6 +69,12 @@ def checkpoint_widened(policy: PolicyConfig, path: Path) -> bool:
         raise CheckpointKindError(f"{name}: policy.kind={policy.kind!r} loads a {wanted_class}, the checkpoint's transformer is "
                                   f"a {saved_class} (use kind 'vace' for a VACE checkpoint, 'concat' or 't2v' otherwise)")
     channels = transformer.get("in_channels")
+    if boundary is not None:
+        second = _config(path / "transformer_2" / "config.json")
+        for key in ("_class_name", "in_channels", "patch_size"):
+            if second.get(key) != transformer.get(key):
+                raise CheckpointKindError(f"{name}: the experts differ in {key}: transformer/ has {transformer.get(key)}, "
+                                          f"transformer_2/ has {second.get(key)}")
     if policy.kind == "vace":
         return False
     if policy.kind == "t2v" and channels != z_dim:
@@ -82,3 +90,32 @@ def checkpoint_widened(policy: PolicyConfig, path: Path) -> bool:
     except ValueError as exc:
         raise CheckpointKindError(f"{name}: {exc}") from None
     return widened
+
+
+def two_expert_ratio(path: Path) -> float | None:
+    """``boundary_ratio`` of a two-expert checkpoint directory, None for a single-expert one
+    (:func:`editrl.policy.geometry.two_expert_boundary`).
+
+    Raises:
+        CheckpointKindError: ``transformer_2/`` without a ``boundary_ratio`` in (0, 1), or the reverse.
+    """
+    try:
+        return two_expert_boundary(path)
+    except (ValueError, OSError) as exc:
+        raise CheckpointKindError(str(exc)) from None
+
+
+def check_learner_layout(path: Path, sharding: str, sequence_parallel: int) -> None:
+    """A two-expert checkpoint's learner must be replicated, without sequence parallelism.
+
+    Raises:
+        CheckpointKindError: naming ``topology.learner.sharding`` or ``topology.learner.sequence_parallel``.
+    """
+    if two_expert_ratio(path) is None:
+        return
+    if sharding != "replicate":
+        raise CheckpointKindError(f"{path}: topology.learner.sharding={sharding} is not supported for a two-expert checkpoint "
+                                  "(transformer_2/); use replicate")
+    if sequence_parallel != 1:
+        raise CheckpointKindError(f"{path}: topology.learner.sequence_parallel={sequence_parallel} is not supported for a "
+                                  "two-expert checkpoint (transformer_2/); use 1")

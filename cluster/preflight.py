@@ -27,7 +27,7 @@ from editrl.protocol.answers import first_line
 from editrl.policy.architectures import published_architecture
 from editrl.policy.config import PolicyConfig
 from editrl.policy.geometry import check_geometry as check_clip_geometry
-from editrl.cluster.checkpoint_kind import CheckpointKindError, checkpoint_widened
+from editrl.cluster.checkpoint_kind import CheckpointKindError, check_learner_layout, checkpoint_widened
 from editrl.policy.geometry import vae_scale_factors
 from editrl.resources import resolve_path
 
@@ -344,7 +344,10 @@ def preflight(config: TrainConfig, run_dir: Path, resume: bool = False, overwrit
     """
     if config.policy.checkpoint is not None:
         try:
-            checkpoint_widened(config.policy, checkpoint_dir(config.policy.checkpoint))
+            path = checkpoint_dir(config.policy.checkpoint)
+            checkpoint_widened(config.policy, path)
+            learner = config.topology.learner
+            check_learner_layout(path, learner.sharding, learner.sequence_parallel)
         except CheckpointKindError as exc:
             raise PreflightError(str(exc)) from None
     check_geometry(config.policy)

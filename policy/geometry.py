@@ -125,3 +125,22 @@ def check_geometry(height: int, width: int, num_frames: int, spatial: int, tempo
         factors = f"VAE temporal factor {temporal}" + (f" x patch {temporal_patch}" if temporal_patch > 1 else "")
         raise ValueError(f"{field_prefix}num_frames={num_frames}: must be {step}k+1 ({factors}) for {source}; "
                          f"nearest {_nearest(num_frames, step, offset=1)}")
+
+
+def two_expert_boundary(path: str | Path) -> float | None:
+    """``boundary_ratio`` of a two-expert checkpoint (Wan2.2 A14B: ``transformer_2/`` and the
+    ratio in ``model_index.json``), or None for a single-expert one.
+
+    Raises:
+        ValueError: ``transformer_2/`` without a ``boundary_ratio`` in (0, 1), or the reverse.
+    """
+    path = Path(path)
+    index_file = path / "model_index.json"
+    ratio = json.loads(index_file.read_text()).get("boundary_ratio") if index_file.is_file() else None
+    has_second = (path / "transformer_2").is_dir()
+    if not has_second and ratio is None:
+        return None
+    if not has_second or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
+        raise ValueError(f"checkpoint {path}: a two-expert model needs transformer_2/ and a boundary_ratio in (0, 1) in "
+                         f"model_index.json; found transformer_2/: {has_second}, boundary_ratio: {ratio!r}")
+    return float(ratio)

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from diffusers import WanPipeline
 
+from editrl.policy.experts import TwoExperts
 from editrl.policy.policy import EditPolicy
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,11 @@ def diffusers_lora_state(state: dict[str, torch.Tensor], rank: int, alpha: float
     return out
 
 
+SECOND_EXPERT_WEIGHT_NAME = "pytorch_lora_weights_transformer_2.safetensors"
+"""The low-noise expert's LoRA file of a two-expert policy (Wan2.2 A14B); diffusers loads it into
+``transformer_2`` with ``pipe.load_lora_weights(directory, weight_name=..., load_into_transformer_2=True)``."""
+
+
 def export_diffusers_lora(policy: EditPolicy, directory: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the policy's adapter (or ``state``, its weights in peft's key format, already
     gathered) as ``<directory>/pytorch_lora_weights.safetensors``.
@@ -64,6 +70,13 @@ def export_diffusers_lora(policy: EditPolicy, directory: str | Path, state: dict
     directory.mkdir(parents=True, exist_ok=True)
     lora = policy.config.lora
     state = diffusers_lora_state(policy.adapter_state() if state is None else state, lora.rank, lora.alpha)
+    if isinstance(policy.transformer, TwoExperts):  # Wan2.2 A14B: one file per expert
+        second = {k.removeprefix("transformer_2."): v for k, v in state.items() if k.startswith("transformer_2.")}
+        first = {k.removeprefix("transformer."): v for k, v in state.items() if k.startswith("transformer.")}
+        WanPipeline.save_lora_weights(directory, transformer_lora_layers=second, weight_name=SECOND_EXPERT_WEIGHT_NAME)
+        logger.info("exported %d LoRA modules of transformer_2 to %s (load_lora_weights(..., load_into_transformer_2=True))",
+                    len(second) // 2, directory / SECOND_EXPERT_WEIGHT_NAME)
+        state = first
     WanPipeline.save_lora_weights(directory, transformer_lora_layers=state, weight_name=LORA_WEIGHT_NAME)
     logger.info("exported %d LoRA modules to %s", len(state) // 2, directory / LORA_WEIGHT_NAME)
     return directory / LORA_WEIGHT_NAME

@@ -25,6 +25,8 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
 from editrl.policy.config import TinyModelConfig
+from editrl.policy.experts import EXPERT_NAMES, TwoExperts
+from editrl.policy.geometry import two_expert_boundary
 from editrl.policy.weight_slices import WeightFiles, load_dtype, placeholder_transformer
 
 logger = logging.getLogger(__name__)
@@ -280,10 +282,15 @@ def load_components(path: str | Path, kind: str = "concat", dtype: torch.dtype =
     ``weight_files`` says where each one is, for
     :func:`editrl.policy.weight_slices.load_weight_slices` after sharding.
 
+    A two-expert checkpoint (Wan2.2 A14B: ``transformer_2/`` and ``boundary_ratio`` in
+    ``model_index.json``) loads both experts as one :class:`editrl.policy.experts.TwoExperts`
+    (each widened for ``concat``), switched at ``boundary_ratio * num_train_timesteps``.
+
     Raises:
         FileNotFoundError: the directory or one of its five subfolders is missing.
-        ValueError: the transformer does not fit the kind (:func:`check_kind`) or
-            the scheduler is not a flow-matching one.
+        ValueError: the transformer does not fit the kind (:func:`check_kind`), the
+            scheduler is not a flow-matching one, or a two-expert checkpoint is loaded
+            ``sliced`` or as ``vace`` or lacks a valid ``boundary_ratio``.
     """
     path = Path(path)
     for sub in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"):
@@ -300,17 +307,26 @@ def load_components(path: str | Path, kind: str = "concat", dtype: torch.dtype =
     if saved_cls != transformer_cls.__name__:
         raise ValueError(f"kind {kind!r} needs a {transformer_cls.__name__} checkpoint, {path} has {saved_cls}")
     weight_files = None
+    boundary_ratio = two_expert_boundary(path)
+    if boundary_ratio is not None and (sliced or kind == "vace"):
+        raise ValueError(f"checkpoint {path} has two experts (transformer_2/, boundary_ratio {boundary_ratio}): "
+                         f"{'a sliced load for a sharded learner' if sliced else 'kind vace'} is not supported with two experts")
     if sliced:
         weight_files = WeightFiles.of(path / "transformer")
         transformer = placeholder_transformer(path / "transformer", transformer_cls, dtype)
     else:
-        transformer = transformer_cls.from_pretrained(path / "transformer", local_files_only=True, torch_dtype=dtype)
-    if dtype != torch.float32 and not sliced:
-        release_file_mappings(transformer)
+        transformer = _load_expert(path / "transformer", transformer_cls, dtype)
     widened = kind == "concat" and transformer.config.in_channels == vae_config["z_dim"]
     if kind == "concat":
         transformer = widen_for_source_conditioning(transformer, vae_config["z_dim"])
     check_kind(transformer, vae_config, kind)
+    if boundary_ratio is not None:
+        low = _load_expert(path / "transformer_2", transformer_cls, dtype)
+        if kind == "concat":
+            low = widen_for_source_conditioning(low, vae_config["z_dim"])
+        check_kind(low, vae_config, kind)
+        num_train_timesteps = json.loads(next((path / "scheduler").glob("*.json")).read_text()).get("num_train_timesteps", 1000)
+        transformer = TwoExperts(transformer, low, boundary_ratio * num_train_timesteps)
     # the text encoder too loads in the model dtype (a UMT5-XXL is 23 GB in fp32, 11 GB in bf16)
     text_encoder = (UMT5EncoderModel.from_pretrained(path / "text_encoder", local_files_only=True, torch_dtype=dtype)
                     if encoders else None)
@@ -322,11 +338,20 @@ def load_components(path: str | Path, kind: str = "concat", dtype: torch.dtype =
     return PolicyComponents(transformer, vae, text_encoder, tokenizer, scheduler, vae_config, weight_files, widened)
 
 
+def _load_expert(path: Path, transformer_cls, dtype: torch.dtype):
+    transformer = transformer_cls.from_pretrained(path, local_files_only=True, torch_dtype=dtype)
+    if dtype != torch.float32:
+        release_file_mappings(transformer)
+    return transformer
+
+
 def save_components(components: PolicyComponents, path: str | Path) -> None:
     """Save all components in the diffusers layout that :func:`load_components` reads."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    components.transformer.save_pretrained(path / "transformer")
+    experts = components.transformer.experts if isinstance(components.transformer, TwoExperts) else (components.transformer,)
+    for name, expert in zip(EXPERT_NAMES, experts):
+        expert.save_pretrained(path / name)
     components.vae.save_pretrained(path / "vae")
     components.text_encoder.save_pretrained(path / "text_encoder")
     components.tokenizer.save_pretrained(path / "tokenizer")
@@ -334,10 +359,13 @@ def save_components(components: PolicyComponents, path: str | Path) -> None:
     is_vace = isinstance(components.transformer, WanVACETransformer3DModel)
     index = {
         "_class_name": "WanVACEPipeline" if is_vace else "WanPipeline",
-        "transformer": ["diffusers", type(components.transformer).__name__],
+        "transformer": ["diffusers", type(experts[0]).__name__],
         "vae": ["diffusers", "AutoencoderKLWan"],
         "text_encoder": ["transformers", "UMT5EncoderModel"],
         "tokenizer": ["transformers", type(components.tokenizer).__name__],
         "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
     }
+    if len(experts) == 2:  # Wan2.2 A14B's layout
+        index.update(transformer_2=["diffusers", type(experts[1]).__name__],
+                     boundary_ratio=components.transformer.boundary_timestep / components.scheduler.config.num_train_timesteps)
     (path / "model_index.json").write_text(json.dumps(index, indent=2))

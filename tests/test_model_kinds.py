@@ -1,10 +1,8 @@
 """The model kinds a checkpoint can be: a text-to-video DiT used for editing (``concat``, the
 source read through a LoRA on the widened patch embedding), a source-conditioned one that
-loads as it is, and checkpoints editrl refuses before loading (a two-expert Wan2.2 A14B, a
-transformer class the kind cannot load, a widened model whose adapter would never see the
-source). Each on a tiny model saved in the diffusers layout."""
+loads as it is, and checkpoints editrl refuses before loading (a transformer class the kind cannot load, a widened model whose adapter would never see the
+source). Each on a tiny model saved in the diffusers layout; two experts: test_two_experts.py."""
 import json
-import shutil
 
 import pytest
 import torch
@@ -91,16 +89,6 @@ def test_a_source_conditioned_checkpoint_loads_as_it_is(tmp_path):
     policy = EditPolicy(components, config)
     assert not policy.adapts_patch_embedding and policy.num_lora_modules == 16
     torch.testing.assert_close(policy.transformer.patch_embedding.weight, saved)  # no zeroed or added channels
-
-
-def test_a_two_expert_checkpoint_is_refused_before_loading(tmp_path):
-    path = _save(tmp_path, "t2v")
-    shutil.copytree(path / "transformer", path / "transformer_2")
-    index = json.loads((path / "model_index.json").read_text())
-    index.update(transformer_2=["diffusers", "WanTransformer3DModel"], boundary_ratio=0.875)
-    (path / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(CheckpointKindError, match=r"two-expert checkpoint \(transformer_2/, boundary_ratio 0.875"):
-        checkpoint_widened(tiny_policy_config(kind="t2v", checkpoint=str(path)), path)
 
 
 def test_a_transformer_class_or_width_the_kind_cannot_load_is_refused(tmp_path):
