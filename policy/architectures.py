@@ -41,10 +41,15 @@ PUBLISHED: dict[str, dict[str, dict[str, Any]]] = {
         "transformer": {"_class_name": "WanVACETransformer3DModel", **_WAN_COMMON, **dims,
                         "vace_layers": _VACE_LAYERS[size], "vace_in_channels": 96},
         "vae": WAN21_VAE, "text_encoder": UMT5_XXL} for size, dims in _SIZES.items()},
+    "wan2.2-t2v-a14b-diffusers": {
+        "transformer": {"_class_name": "WanTransformer3DModel", **_WAN_COMMON, **_SIZES["14B"]},
+        "vae": WAN21_VAE, "text_encoder": UMT5_XXL, "model_index": {"boundary_ratio": 0.875}},
 }
 """Directory name (lower case) -> the ``config.json`` of its ``transformer/``, ``vae/`` and
 ``text_encoder/`` folders. VACE: 15 VACE blocks every second layer (1.3B) or 8 every
-fifth (14B), context channels ``2 x 16 + 8^2 = 96``."""
+fifth (14B), context channels ``2 x 16 + 8^2 = 96``. Wan2.2 T2V-A14B: two 14B experts of the
+same config (``transformer/``, ``transformer_2/``) with Wan2.1's VAE, switched at
+``boundary_ratio`` 0.875 of ``model_index.json``."""
 
 
 def published_architecture(checkpoint: str) -> dict[str, dict[str, Any]] | None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from transformers import UMT5Config, UMT5EncoderModel
 from editrl.policy.adapter import attach_lora, lora_target_regex
 from editrl.policy.architectures import published_architecture
 from editrl.policy.config import LoraSettings, PolicyConfig
+from editrl.policy.geometry import two_expert_boundary
 from editrl.policy.model import build_tiny_components, cast_weights
 from editrl.resources import resolve_path
 
@@ -41,6 +43,8 @@ class Architecture:
     vae: dict[str, Any]
     text_encoder: dict[str, Any] | None
     source: str
+    experts: int = 1
+    """DiTs of this architecture: 2 for Wan2.2 A14B (``transformer/`` and ``transformer_2/``, same config)."""
 
 
 def _read_config(path: Path) -> dict[str, Any]:
@@ -63,14 +67,16 @@ def architecture(policy: PolicyConfig, root: str | Path = ".") -> Architecture:
     path = resolve_path(policy.checkpoint, root)
     if path.is_dir():
         text = path / "text_encoder" / "config.json"
+        experts = 1 if two_expert_boundary(path) is None else 2
         return Architecture(_read_config(path / "transformer" / "config.json"), _read_config(path / "vae" / "config.json"),
-                            _read_config(text) if text.is_file() else None, f"the config files in {path}")
+                            _read_config(text) if text.is_file() else None, f"the config files in {path}", experts)
     published = published_architecture(policy.checkpoint)
     if published is None:
         raise FileNotFoundError(f"policy.checkpoint: {path} does not exist and is not a published architecture "
                                 "(editrl.policy.architectures.PUBLISHED)")
     return Architecture(published["transformer"], published["vae"], published["text_encoder"],
-                        f"the published configs of {path.name} (not on this machine)")
+                        f"the published configs of {path.name} (not on this machine)",
+                        2 if "boundary_ratio" in published.get("model_index", {}) else 1)
 
 
 def _config_kwargs(config: dict[str, Any]) -> dict[str, Any]:
@@ -121,7 +127,9 @@ class ModelSizes:
 
 def model_sizes(arch: Architecture, lora: LoraSettings, kind: str) -> ModelSizes:
     """Parameter counts of the networks of ``arch`` built on the meta device, and the
-    LoRA adapter's size: ``rank x (in + out)`` for every adapted linear layer."""
+    LoRA adapter's size: ``rank x (in + out)`` for every adapted linear layer, plus
+    ``rank x (in x kernel + out)`` for an adapted patch embedding (a widened ``concat`` DiT);
+    the DiT's weights and the adapter count once per expert (:attr:`Architecture.experts`)."""
     c = arch.vae["z_dim"]
     with torch.device("meta"):
         dit = build_transformer(arch.transformer, kind, c)
@@ -130,12 +138,18 @@ def model_sizes(arch: Architecture, lora: LoraSettings, kind: str) -> ModelSizes
     keep = set(getattr(dit, "_keep_in_fp32_modules", None) or [])
     pattern = re.compile(lora_target_regex(lora.target_modules, tuple(lora.attention)))
     adapted = [m for name, m in dit.named_modules() if isinstance(m, torch.nn.Linear) and pattern.fullmatch(name)]
+    adapter = sum(lora.rank * (m.in_features + m.out_features) for m in adapted)
+    widened = kind == "concat" and arch.transformer.get("in_channels") == c
+    if (widened if lora.patch_embedding is None else lora.patch_embedding):  # Conv3d LoRA: A (in x kernel -> r), B (r -> out)
+        conv = dit.patch_embedding
+        adapter += lora.rank * (conv.in_channels * math.prod(conv.kernel_size) + conv.out_channels)
     block = dit.blocks[0]
     cfg = dit.config
+    n = arch.experts  # every expert has the DiT's weights and its own adapter
     return ModelSizes(
-        dit=sum(p.numel() for p in dit.parameters()),
-        dit_fp32=sum(p.numel() for n, p in dit.named_parameters() if keep & set(n.split("."))),
-        lora=sum(lora.rank * (m.in_features + m.out_features) for m in adapted),
+        dit=n * sum(p.numel() for p in dit.parameters()),
+        dit_fp32=n * sum(p.numel() for n_, p in dit.named_parameters() if keep & set(n_.split("."))),
+        lora=n * adapter,
         text_encoder=sum(p.numel() for p in text.parameters()) if text is not None else 0,
         vae=sum(p.numel() for p in vae.parameters()),
         width=cfg.num_attention_heads * cfg.attention_head_dim, ffn_dim=cfg.ffn_dim, layers=cfg.num_layers,

@@ -135,3 +135,18 @@ def test_a_learner_step_trains_both_experts_and_checkpoints(checkpoints, tmp_pat
     fresh = Learner(_policy(checkpoints[0], kind="t2v"), LearnerConfig(learning_rate=1e-2))
     load_checkpoint(latest_checkpoint(tmp_path), fresh)
     assert all(torch.equal(fresh.policy.adapter_state()[k], v) for k, v in after.items())
+
+
+def test_the_plan_counts_both_experts_and_the_patch_embedding_adapter():
+    from editrl.cluster.config import load_train_config
+    from editrl.policy.memory import architecture, model_sizes
+
+    def sizes(checkpoint, patch_embedding=None):
+        policy = load_train_config("configs/wan21_14b_480p.yaml", {"policy.checkpoint": checkpoint}).policy
+        lora = policy.lora.model_copy(update={"patch_embedding": patch_embedding})
+        return model_sizes(architecture(policy), lora, policy.kind)
+
+    one, two = sizes("/nowhere/Wan2.1-T2V-14B-Diffusers"), sizes("/nowhere/Wan2.2-T2V-A14B-Diffusers")
+    assert two.dit == 2 * one.dit and two.lora == 2 * one.lora and two.dit_fp32 == 2 * one.dit_fp32
+    # the widened 14B patch embedding: Conv3d(32 -> 5120, kernel 1x2x2), rank 64: 64 x (32 x 4 + 5120) = 335,872
+    assert one.lora - sizes("/nowhere/Wan2.1-T2V-14B-Diffusers", patch_embedding=False).lora == 335_872
