@@ -26,7 +26,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast, UMT5Config, UMT
 
 from editrl.policy.config import TinyModelConfig
 from editrl.policy.experts import EXPERT_NAMES, TwoExperts
-from editrl.policy.geometry import two_expert_boundary
+from editrl.policy.geometry import two_expert_boundary, vae_scale_factors
 from editrl.policy.weight_slices import WeightFiles, load_dtype, placeholder_transformer
 
 logger = logging.getLogger(__name__)
@@ -209,12 +209,10 @@ def release_file_mappings(module: torch.nn.Module) -> int:
 
 
 def vae_spatial_factor(vae_config: Mapping[str, Any]) -> int:
-    """Pixels per latent cell along height and width, from the VAE's config: its
-    ``scale_factor_spatial`` when the config has one (diffusers' Wan pipelines read it; 16
-    for Wan2.2 TI2V-5B's VAE, whose 2x2 patchify comes on top of its 3 downsamplings), else
-    ``2 ** len(temperal_downsample)`` (8 for Wan2.1's VAE, whose config predates the field)."""
-    factor = vae_config.get("scale_factor_spatial")
-    return int(factor) if factor is not None else 2 ** len(vae_config["temperal_downsample"])
+    """Pixels per latent cell along height and width (:func:`editrl.policy.geometry.vae_scale_factors`:
+    the config's ``scale_factor_spatial``, 16 for Wan2.2 TI2V-5B's patchifying VAE, else
+    ``2 ** len(temperal_downsample)``, 8 for Wan2.1's)."""
+    return vae_scale_factors(vae_config)[0]
 
 
 def check_kind(transformer: torch.nn.Module, vae_config: Mapping[str, Any], kind: str) -> None:

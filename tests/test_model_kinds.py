@@ -118,3 +118,37 @@ def test_max_text_tokens_follows_the_checkpoint(tmp_path):
     assert PolicyConfig(checkpoint="assets/warm_checkpoint").max_text_tokens == 32  # the bundled model's tokenizer says 32
     # the resolved number is what a saved config records
     assert PolicyConfig.model_validate(PolicyConfig(checkpoint=str(path)).model_dump()).max_text_tokens == 77
+
+
+def test_a_wan22_ti2v_style_checkpoint_with_a_patchifying_vae_runs_at_its_geometry(tmp_path):
+    """Wan2.2 TI2V-5B's layout in small: a VAE that patchifies 2x2 before its downsamplings
+    (``scale_factor_spatial`` 8 here: 2 downsamplings x patch 2) and a text-to-video DiT of its
+    latent width, saved and loaded as ``concat``."""
+    from diffusers import AutoencoderKLWan
+
+    from editrl.cluster.preflight import PreflightError, check_geometry, model_factors
+
+    config = tiny_policy_config()
+    components = build_tiny_components(config.tiny, CORPUS, shift=config.shift, seed=1, kind="t2v")
+    torch.manual_seed(0)
+    components.vae = AutoencoderKLWan(base_dim=16, decoder_base_dim=16, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1,
+                                      temperal_downsample=[False, True], is_residual=True, patch_size=2, in_channels=12,
+                                      out_channels=12, scale_factor_spatial=8, scale_factor_temporal=2,
+                                      latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    components.vae_config = components.vae.config
+    save_components(components, tmp_path / "ti2v")
+    policy_config = tiny_policy_config(kind="concat", checkpoint=str(tmp_path / "ti2v"), height=32, width=48)
+    factors = model_factors(policy_config)
+    assert (factors.spatial, factors.temporal) == (8, 2)  # 2 ** len(temperal_downsample) alone would say 4
+    check_geometry(policy_config)
+    with pytest.raises(PreflightError, match="policy.height=40: must be a multiple of 16 .VAE factor 8 x patch 2"):
+        check_geometry(policy_config.model_copy(update={"height": 40}))
+    policy = EditPolicy.from_config(policy_config, CORPUS)
+    frames = (torch.rand(1, 5, 32, 48, 3) * 255).to(torch.uint8).numpy()
+    latents = policy.encode_video(frames)
+    assert tuple(latents.shape) == (1, 4, 3, 4, 6)  # f = 1 + 4 / 2, h = 32 / 8, w = 48 / 8
+    text, null = policy.encode_text(CORPUS[:1]), policy.encode_text([""])
+    with torch.no_grad():
+        velocity = policy.velocity(torch.randn_like(latents), 0.7, latents, text, null, 2.0)
+    assert velocity.shape == latents.shape and torch.isfinite(velocity).all()
+    assert policy.decode(latents).shape == (1, 5, 32, 48, 3)
