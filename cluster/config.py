@@ -32,6 +32,15 @@ class DataConfig(BaseModel):
     """``edit_type``: every step draws its prompts round-robin over buckets (each checkable
     edit type, and one bucket for all other edits), so opposite edits (brighter / darker,
     warm / cool) share each update instead of pulling the adapter one way per step."""
+    encode_cache: str | None = None
+    """Directory of precomputed source latents and instruction embeddings that the rollout workers
+    read instead of running the VAE encoder and the text encoder (``editrl data cache TABLE --config
+    X --out DIR``, once per table: :mod:`editrl.rollout_workers.encode_cache`). Its manifest's
+    fingerprint (checkpoint and its encoder configs, kind, dtype, height, width, num_frames, fps,
+    max_text_tokens; for a model built in code its sizes, seed and vocabulary) must match this run's
+    policy, else every worker refuses to start naming the differing fields. A clip or instruction
+    the cache lacks is encoded by the worker (one warning each), so a partial cache gives the same
+    results. Same lookup as ``train_prompts``; None: the workers encode everything."""
 
 
 class RolloutConfig(BaseModel):
@@ -283,13 +292,14 @@ def _set_nested(data: dict, keys: list[str], value) -> None:
 
 
 def with_resolved_paths(config: TrainConfig) -> TrainConfig:
-    """A copy of ``config`` whose file paths (prompt tables, checkpoint, reward-server
-    config) are absolute, resolved by :func:`editrl.resources.resolve_path`, so that
+    """A copy of ``config`` whose file paths (prompt tables, encode cache, checkpoint,
+    reward-server config) are absolute, resolved by :func:`editrl.resources.resolve_path`, so that
     every process of the run reads the same files whatever its working directory."""
     data, policy = config.data, config.policy
     return config.model_copy(update={
         "data": data.model_copy(update={"train_prompts": str(resolve_path(data.train_prompts)),
-                                        "heldout_prompts": str(resolve_path(data.heldout_prompts))}),
+                                        "heldout_prompts": str(resolve_path(data.heldout_prompts)),
+                                        "encode_cache": str(resolve_path(data.encode_cache)) if data.encode_cache else None}),
         "policy": policy.model_copy(update={"checkpoint": str(resolve_path(policy.checkpoint)) if policy.checkpoint else None}),
         "reward_server": config.reward_server.model_copy(update={"config": str(resolve_path(config.reward_server.config))}),
     })

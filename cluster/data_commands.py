@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from editrl.cluster.command_errors import error, one_line
 from editrl.cluster.data_prepare import add_prepare_parser
+from editrl.cluster.encode_cache import add_cache_parser
 
 DEFAULT_JOBS = min(4, os.cpu_count() or 1)
 """Clips ``editrl data check`` decodes at a time, unless ``--jobs`` says."""
@@ -36,12 +37,13 @@ class ClipFormat:
 
 
 def add_data_parser(sub) -> argparse._SubParsersAction:
-    """Add ``editrl data`` (a group of subcommands) and its ``check`` to ``sub``.
+    """Add ``editrl data`` (a group of subcommands) and its ``check``, ``prepare`` and ``cache`` to ``sub``.
 
     Returns:
         The group's subparsers object, to add more ``editrl data ...`` commands to.
     """
-    data = sub.add_parser("data", help="prepare and check prompt tables (editrl data prepare VIDEOS, editrl data check TABLE)")
+    data = sub.add_parser("data", help="prepare, check and cache prompt tables (editrl data prepare VIDEOS, editrl data check TABLE, "
+                                       "editrl data cache TABLE)")
     commands = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
     check = commands.add_parser("check", help="validate every row of a prompt table against a training config")
     check.add_argument("table", metavar="TABLE", help="prompt table: .parquet, .jsonl or .csv")
@@ -50,6 +52,7 @@ def add_data_parser(sub) -> argparse._SubParsersAction:
     check.add_argument("--jobs", type=int, default=DEFAULT_JOBS, help=f"clips decoded at a time (default {DEFAULT_JOBS})")
     check.set_defaults(func=cmd_data_check)
     add_prepare_parser(commands)
+    add_cache_parser(commands)
     return commands
 
 

@@ -57,7 +57,7 @@ class Run:
                 worker_id, config.policy, corpus, root, reward_url, reward_timeout_s=rc.reward_timeout_s,
                 reward_max_attempts=rc.reward_max_attempts, torch_threads=rc.torch_threads, fps=config.fps,
                 reward_concurrency=rc.reward_concurrency, device=device, seed=config.seed,
-                video_format=rc.reward_video_format, engine=engine,
+                video_format=rc.reward_video_format, engine=engine, encode_cache=config.data.encode_cache,
             ),
             workers.workers, prefetch_per_worker=rt.prefetch_per_worker, scoring_per_worker=rc.reward_concurrency,
         )

@@ -27,6 +27,7 @@ from editrl.protocol.dataset import load_clip
 from editrl.protocol.reward import ScoreItem, ScoreRequest, VideoPayload
 from editrl.protocol.rollout import Group, GroupFailure, GroupTask, ScoreFailure, trained_positions
 from editrl.protocol.video import VideoDecodeError, encode_mp4
+from editrl.rollout_workers.encode_cache import EncodeCache, policy_fingerprint
 from editrl.rollout_workers.engine import RolloutEngine
 from editrl.rollout_workers.reward_client import RewardClient, RewardServerError
 
@@ -64,9 +65,16 @@ class RolloutWorker:
             concurrency group, so the first group given to a new or restarted worker
             can start before the adapter sent ahead of it has been verified.
         engine: the rollout engine's settings (:class:`RolloutEngine`).
+        encode_cache: directory of a precomputed cache of source latents and instruction
+            embeddings (``editrl data cache``, :mod:`editrl.rollout_workers.encode_cache`), read
+            before encoding; a key it lacks is encoded here (one warning per key, counted in
+            :meth:`cache_stats`). None: everything is encoded here.
 
     Raises:
-        ValueError: a setting the device cannot use (:meth:`RolloutEngine.check`).
+        ValueError: a setting the device cannot use (:meth:`RolloutEngine.check`); an
+            ``encode_cache`` built for another policy (the message names the differing fields)
+            or with an unreadable manifest.
+        FileNotFoundError: ``encode_cache`` has no manifest.
     """
 
     def __init__(
@@ -86,6 +94,7 @@ class RolloutWorker:
         video_format: str = "mp4",
         adapter_wait_s: float = 120.0,
         engine: "RolloutEngine | None" = None,
+        encode_cache: str | None = None,
     ):
         if video_format not in ("mp4", "raw"):
             raise ValueError(f"video_format must be 'mp4' or 'raw', got {video_format!r}")
@@ -100,6 +109,8 @@ class RolloutWorker:
         self.policy_version = -1
         self.fps = fps
         self.client = RewardClient(reward_url, timeout_s=reward_timeout_s, max_attempts=reward_max_attempts)
+        self.encode_cache = None if encode_cache is None else EncodeCache(encode_cache, policy_fingerprint(
+            policy_config, fps, seed, root, None if policy_config.checkpoint else self.policy.tokenizer.get_vocab()))
         # the VAE and the text encoder are frozen, so encodings never change: least-recently-used caches
         self._source = functools.lru_cache(maxsize=SOURCE_CACHE_SIZE)(self._encode_source)
         self._text = functools.lru_cache(maxsize=TEXT_CACHE_SIZE)(self._encode_text)
@@ -152,17 +163,30 @@ class RolloutWorker:
         return self.policy_version
 
     def _encode_source(self, path: str, start_s: float | None = None, end_s: float | None = None) -> tuple[VideoPayload, torch.Tensor]:
-        """The clip's payload for the reward server and its VAE latents (the VAE
-        encodes with the posterior mode); cached as ``self._source``. The clip is sampled
-        at ``self.fps`` over ``[start_s, end_s)`` (:func:`load_clip`)."""
+        """The clip's payload for the reward server and its VAE latents ``float32 (1, C, f, h, w)``
+        on the policy's device (the VAE encodes with the posterior mode), from the encode cache
+        when it holds them (a ``raw`` payload is still decoded from the clip); cached as
+        ``self._source``. The clip is sampled at ``self.fps`` over ``[start_s, end_s)`` (:func:`load_clip`)."""
+        cached = self.encode_cache.source(path, start_s, end_s) if self.encode_cache is not None else None
+        if cached is not None and self.video_format == "mp4":
+            return VideoPayload.from_bytes(cached[1]), cached[0].to(self.policy.device)
         frames = load_clip(path, self.config.num_frames, self.config.height, self.config.width, fps=self.fps,
                            start_s=start_s, end_s=end_s)
-        return self._payload(frames), self.policy.encode_video(frames[None])
+        latents = cached[0].to(self.policy.device) if cached is not None else self.policy.encode_video(frames[None])
+        return self._payload(frames), latents
 
     def _encode_text(self, instruction: str) -> torch.Tensor:
-        """The instruction's embeddings; cached as ``self._text``."""
+        """The instruction's embeddings ``float32 (1, L, D)`` on the policy's device, from the
+        encode cache when it holds them; cached as ``self._text``."""
+        cached = self.encode_cache.text(instruction) if self.encode_cache is not None else None
+        if cached is not None:
+            return cached.to(self.policy.device)
         with self.engine.text_encoder_on_device(self.policy):
             return self.policy.encode_text([instruction])
+
+    def cache_stats(self) -> dict[str, int]:
+        """Lookups in the encode cache: ``{"hits": ..., "misses": ...}`` (both 0 without one)."""
+        return self.encode_cache.stats() if self.encode_cache is not None else {"hits": 0, "misses": 0}
 
     def _payload(self, frames: np.ndarray) -> VideoPayload:
         """``uint8 (F, H, W, 3)`` frames as sent to the reward server (``video_format``)."""
