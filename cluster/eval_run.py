@@ -7,12 +7,11 @@ held-out evaluation's tasks (:func:`editrl.cluster.tasks.eval_tasks`: ODE sampli
 ``--seeds`` samples per prompt whose seeds depend only on the config's ``seed`` and the
 prompt's place in the table), so arms are compared prompt by prompt and seed by seed. Each
 reward config (a reward-server YAML, ``--reward-config``, repeatable; default the config's
-``reward_server.config``) runs as its own reward server, started and stopped here; with two,
-the same edits are sampled again (deterministic: the same outputs) and scored by each, which
-gives their agreement. Statistics: :mod:`editrl.cluster.eval_stats`; report:
+``reward_server.config``) runs as its own reward server, started and stopped here; every one
+scores the same edits (each group is sampled once), which gives their agreement. Statistics: :mod:`editrl.cluster.eval_stats`; report:
 :mod:`editrl.cluster.eval_report`.
 
-Runs in this process (no Ray): one rollout worker per arm and reward config.
+Runs in this process (no Ray): one rollout worker per arm, reading ``data.encode_cache`` when set.
 """
 from __future__ import annotations
 
@@ -118,12 +117,14 @@ def run_eval(config, prompts: Path, arms: list[tuple[str, Path | None]], reward_
     Raises:
         RuntimeError: a reward server did not start, or a group failed (naming the prompt).
     """
+    import contextlib
     import dataclasses
 
     from editrl.cluster.eval_report import write_report
     from editrl.cluster.eval_stats import build_results, write_results
     from editrl.cluster.reward_process import RewardServerProcess
     from editrl.protocol.dataset import PromptDataset
+    from editrl.rollout_workers.reward_client import RewardClient
 
     policy = config.policy
     dataset = PromptDataset(prompts, policy.num_frames, policy.height, policy.width, fps=config.fps)
@@ -131,26 +132,29 @@ def run_eval(config, prompts: Path, arms: list[tuple[str, Path | None]], reward_
     config = config.model_copy(update={"eval": config.eval.model_copy(update={"max_prompts": count})})
     (out / "logs").mkdir(parents=True, exist_ok=True)
     samples, media = [], {}
-    for index, reward_config in enumerate(reward_configs):
-        with RewardServerProcess(reward_config, out / "logs" / f"reward_server_{reward_config.stem}.log",
-                                 config.reward_server.startup_timeout_s) as url:
-            for arm, adapter in arms:
-                groups = _score_arm(config, dataset, arm, adapter, url, keep_frames=videos if index == 0 else 0)
+    rc = config.rollout
+    with contextlib.ExitStack() as stack:
+        clients = []
+        for reward_config in reward_configs:
+            url = stack.enter_context(RewardServerProcess(reward_config, out / "logs" / f"reward_server_{reward_config.stem}.log",
+                                                          config.reward_server.startup_timeout_s))
+            clients.append(stack.enter_context(RewardClient(url, timeout_s=rc.reward_timeout_s, max_attempts=rc.reward_max_attempts)))
+        for arm, adapter in arms:
+            per_config = _score_arm(config, dataset, arm, adapter, clients, keep_frames=videos)
+            for reward_config, groups in zip(reward_configs, per_config):
                 samples += _samples(groups, dataset, arm, reward_config.stem)
-                if index == 0:
-                    _save_media(out, groups, dataset, arm, media, config.fps)
+            _save_media(out, per_config[0], dataset, arm, media, config.fps)
     write_results(out, samples, [a for a, _ in arms])
     results = build_results(samples, [a for a, _ in arms])
     ordered = [media[row.prompt_id] for row in dataset.rows if row.prompt_id in media]
-    seeds = {m.prompt_id: dataclasses.replace(m, seed=0) for m in ordered}
-    return write_report(out, results, [seeds[m.prompt_id] for m in ordered])
+    return write_report(out, results, [dataclasses.replace(m, seed=0) for m in ordered])
 
 
-def _score_arm(config, dataset, arm: str, adapter: Path | None, url: str, keep_frames: int) -> list:
-    """The groups of one arm: a rollout worker in this process, the adapter loaded, the eval tasks sampled and scored."""
-    from safetensors.torch import load_file
-
+def _score_arm(config, dataset, arm: str, adapter: Path | None, clients: list, keep_frames: int) -> list[list]:
+    """One arm's groups, per reward server of ``clients``: a rollout worker in this process with
+    the adapter loaded samples the eval tasks once, and every server scores the same edits."""
     import torch
+    from safetensors.torch import load_file
 
     from editrl.cluster.inflight import rollout_engine
     from editrl.cluster.tasks import eval_tasks
@@ -163,18 +167,19 @@ def _score_arm(config, dataset, arm: str, adapter: Path | None, url: str, keep_f
     rc = config.rollout
     # the training run's corpus (a model built in code tokenizes with a vocabulary made from it)
     corpus = [row.instruction for table in (config.data.train_prompts, config.data.heldout_prompts) for row in load_prompts(table)]
-    worker = RolloutWorker(0, config.policy, corpus, str(bundled_root()), url, reward_timeout_s=rc.reward_timeout_s,
+    worker = RolloutWorker(0, config.policy, corpus, str(bundled_root()), clients[0].base_url, reward_timeout_s=rc.reward_timeout_s,
                            reward_max_attempts=rc.reward_max_attempts, torch_threads=rc.torch_threads, fps=config.fps,
                            seed=config.seed, video_format=rc.reward_video_format, engine=rollout_engine(rc),
-                           device="cuda" if torch.cuda.is_available() else "cpu")
+                           device="cuda" if torch.cuda.is_available() else "cpu", encode_cache=config.data.encode_cache)
     state = load_file(str(adapter / ADAPTER_FILE)) if adapter is not None else worker.policy.adapter_state()
     worker.set_adapter(state, 0, adapter_checksum(state))
-    results = worker.sample(eval_tasks(config, dataset, 0, keep_frames))
-    failed = [r for r in results if isinstance(r, GroupFailure)]
-    if failed:
-        raise RuntimeError(f"arm {arm}: {len(failed)} prompts failed, first {failed[0].task.prompt_id}: {failed[0].reason}")
-    logger.info("arm %s: %d prompts scored", arm, len(results))
-    return results
+    per_config = worker.sample_scored_by(eval_tasks(config, dataset, 0, keep_frames), clients)
+    for results in per_config:
+        failed = [r for r in results if isinstance(r, GroupFailure)]
+        if failed:
+            raise RuntimeError(f"arm {arm}: {len(failed)} prompts failed, first {failed[0].task.prompt_id}: {failed[0].reason}")
+    logger.info("arm %s: %d prompts scored by %d reward configs", arm, len(per_config[0]), len(clients))
+    return per_config
 
 
 def _samples(groups, dataset, arm: str, reward_config: str) -> list:

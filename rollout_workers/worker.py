@@ -241,10 +241,25 @@ class RolloutWorker:
         except (VideoDecodeError, ValueError, FileNotFoundError) as exc:
             return None, str(exc)
 
-    def _score(self, task: GroupTask, sampled: "_Sampled | None", error: str | None) -> Group | GroupFailure:
+    def sample_scored_by(self, tasks: list[GroupTask], clients: list[RewardClient]) -> list[list[Group | GroupFailure]]:
+        """Sample each task's group once and have every reward server of ``clients`` score the
+        same edits (evaluation: the agreement of two reward configs on the same outputs).
+
+        Returns:
+            Per client, in order, the tasks' groups (or failures) as :meth:`sample` returns them.
+        """
+        results: list[list[Group | GroupFailure]] = [[] for _ in clients]
+        for task in tasks:
+            sampled, error = self._sample_or_fail(task)
+            for i, client in enumerate(clients):
+                results[i].append(self._score(task, sampled, error, client))
+        return results
+
+    def _score(self, task: GroupTask, sampled: "_Sampled | None", error: str | None,
+               client: RewardClient | None = None) -> Group | GroupFailure:
         if sampled is not None:
             try:
-                return self._scored_group(task, sampled)
+                return self._scored_group(task, sampled, client or self.client)
             except (ValueError, RewardServerError) as exc:
                 logger.error("worker %d: group %s (prompt %s) could not be scored: %s", self.worker_id, task.group_id,
                              task.prompt_id, exc)
@@ -311,14 +326,14 @@ class RolloutWorker:
         sampled.timings["mp4_s"] = time.perf_counter() - start
         return payloads
 
-    def _scored_group(self, task: GroupTask, sampled: "_Sampled") -> Group:
+    def _scored_group(self, task: GroupTask, sampled: "_Sampled", client: RewardClient) -> Group:
         sampled.edited = self._encode_edits(sampled)
         start = time.perf_counter()
         items = [
             ScoreItem(item_id=f"{task.group_id}/{i}", instruction=task.instruction, source=sampled.source, edited=edited)
             for i, edited in enumerate(sampled.edited)
         ]
-        response = self.client.score(ScoreRequest(request_id=task.group_id, items=items))
+        response = client.score(ScoreRequest(request_id=task.group_id, items=items))
         timings = {**sampled.timings, "reward_s": time.perf_counter() - start}
 
         failed = [r for r in response.results if not r.ok or r.reward is None or not math.isfinite(r.reward)]

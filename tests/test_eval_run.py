@@ -56,3 +56,21 @@ def test_eval_refuses_a_missing_adapter_before_starting_anything(tmp_path, capsy
     err = capsys.readouterr().err
     assert code == 1 and f"--adapter {tmp_path / 'nothing'}: no adapter_model.safetensors" in err
     assert not (tmp_path / "e").exists()
+
+
+def test_two_reward_configs_score_the_same_edits(tmp_path, capsys):
+    first, second = tmp_path / "pixel_a.yaml", tmp_path / "pixel_b.yaml"
+    for path in (first, second):
+        shutil.copy(ROOT / "configs" / "reward_server.yaml", path)
+    out = tmp_path / "eval"
+    code = main(["eval", "--config", DEFAULT, "--reward-config", str(first), "--reward-config", str(second),
+                 "--max-prompts", "4", "--seeds", "2", "--videos", "1", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    scores = {}
+    for s in results["samples"]:
+        scores.setdefault((s["arm"], s["prompt_id"], s["seed"]), {})[s["reward_config"]] = s["reward"]
+    assert len(scores) == 8 and all(v["pixel_a"] == v["pixel_b"] for v in scores.values())  # one edit, two servers
+    agreement = next(a for a in results["agreement"] if a["metric"] == "reward")
+    assert (agreement["config_a"], agreement["config_b"], agreement["n"]) == ("pixel_a", "pixel_b", 8)
+    assert agreement["rho"] == pytest.approx(1.0) and agreement["low"] == pytest.approx(1.0)
