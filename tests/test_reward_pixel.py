@@ -280,7 +280,7 @@ def test_score_batch_order_and_explicit_failures():
     results = score_batch(items)
     assert [r.item_id for r in results] == ["a", "frames", "size", "b"]
     assert results[0].ok and set(results[0].dimensions) == {
-        "instruction_following", "preservation", "temporal_consistency"
+        "instruction_following", "preservation", "temporal_consistency", "detail_preservation"
     }
     # dY = 38/255 = 0.149 -> u = 0.99346 -> 10 sigmoid(4 (u - 0.5)) / sigmoid(2) = 9.969
     u = (38 / 255) / 0.15
@@ -336,3 +336,73 @@ def test_latency_option_sleeps_once_per_batch_and_keeps_scores_and_cache_keys(mo
     assert config.backends["pixel"].latency_s == 0.5
     with pytest.raises(ValueError):
         PixelSpec(latency_s=-1.0)
+
+
+# ---------------------------------------------------------------- detail_preservation
+
+
+def _bundled_clip(name: str = "coffee_pan_lr") -> np.ndarray:
+    from pathlib import Path
+
+    from editrl.protocol.dataset import load_clip
+
+    root = Path(__file__).resolve().parents[1]
+    return load_clip(root / "assets" / "clips" / "clips" / f"{name}.mp4", 5, 64, 64, fps=4)
+
+
+def _score(function, source_u8: np.ndarray, edited_u8: np.ndarray) -> float:
+    return function(source_u8.astype(np.float32) / 255, edited_u8.astype(np.float32) / 255)
+
+
+def test_detail_preservation_matches_scikit_image_ssim_of_standardised_luma():
+    from skimage.metrics import structural_similarity
+
+    from editrl.reward_server.backends.pixel import detail_preservation
+
+    source = _bundled_clip()
+    rng = np.random.default_rng(0)
+    edited = np.clip(source.astype(np.int16) + rng.integers(-40, 41, source.shape), 0, 255).astype(np.uint8)
+
+    def z(frames):  # luma, standardised per frame
+        f = frames.astype(np.float64) / 255
+        y = 0.299 * f[..., 0] + 0.587 * f[..., 1] + 0.114 * f[..., 2]
+        return (y - y.mean(axis=(1, 2), keepdims=True)) / (y.std(axis=(1, 2), keepdims=True) + 1e-6)
+
+    # the textbook SSIM map (Gaussian window sigma 1.5, K1 0.01, K2 0.03, dynamic range 1), per frame, all pixels
+    maps = [structural_similarity(a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1.0,
+                                  full=True)[1] for a, b in zip(z(source), z(edited))]
+    expected = 10 * max(0.0, float(np.mean(maps)))
+    assert 1.0 < expected < 9.0
+    # the backend's frames are float32 in [0, 1] (the server's conversion), the reference's float64
+    assert _score(detail_preservation, source, edited) == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_blurred_copy_loses_detail_that_preservation_does_not_see():
+    from editrl.protocol.dataset import resize_frames
+    from editrl.reward_server.backends.pixel import detail_preservation
+
+    source = _bundled_clip()
+    blurred = resize_frames(resize_frames(source, 16, 16), 64, 64)  # 4 x 4 block average, upsampled
+    assert _score(detail_preservation, source, source) == pytest.approx(10.0)
+    assert _score(detail_preservation, source, blurred) < 5.0
+    assert _score(preservation, source, blurred) > 8.0  # the older dimension barely notices the blur
+
+
+@pytest.mark.parametrize("edit_type", ["brighten", "darken", "grayscale", "saturate", "warm", "cool"])
+def test_an_exact_colour_edit_keeps_its_detail(edit_type):
+    from editrl.protocol.edits import apply_edit
+    from editrl.reward_server.backends.pixel import detail_preservation
+
+    source = _bundled_clip()
+    edited = np.round(apply_edit(source / 255.0, edit_type, 1.0) * 255).astype(np.uint8)
+    # affine luma changes are standardised away; only clipping (brighten, saturate) costs a little
+    assert _score(detail_preservation, source, edited) > 9.0
+
+
+def test_detail_preservation_of_a_flat_source_does_not_apply():
+    from editrl.reward_server.backends.pixel import detail_preservation
+
+    flat = np.full((3, 16, 16, 3), 0.5, np.float32)
+    assert detail_preservation(flat, flat) is None
+    structured = np.random.default_rng(1).random((3, 16, 16, 3)).astype(np.float32)
+    assert detail_preservation(structured, flat) == 0.0

@@ -124,7 +124,7 @@ def test_score_batch_end_to_end(server):
     local = score_batch(decoded)
     for result, expected in zip(response.results[:3], local[:3]):
         assert result.ok and result.error is None
-        assert result.backends == {"pixel": "pixel-v2"}
+        assert result.backends == {"pixel": "pixel-v3"}
         assert result.dimensions == expected.dimensions
         used = {k: v for k, v in result.dimensions.items() if v is not None}
         assert all(0.0 <= v <= 10.0 for v in used.values())
@@ -298,7 +298,7 @@ def test_oversized_body_is_413(server):
 def test_config_endpoint(server):
     url = server
     body = httpx.get(f"{url}/v1/config").json()
-    assert body["version"] == TEST_REWARD_VERSION and body["backend_version"] == "pixel-v2"
+    assert body["version"] == TEST_REWARD_VERSION and body["backend_version"] == "pixel-v3"
     assert body["weights"] == WEIGHTS
 
 

@@ -65,7 +65,7 @@ def test_swap_without_restart_lets_running_batches_finish_on_the_old_config(env)
             assert httpx.get(f"{url}/v1/config").json()["version"] == "pixel-v2"
             with RewardClient(url, max_attempts=1) as client:
                 new = client.score(ScoreRequest(request_id="new", items=[item("b", "make it brighter", SOURCE, SOURCE)]))
-            assert new.reward_config_version == "pixel-v2" and new.backends == {"pixel": "pixel-v2"}
+            assert new.reward_config_version == "pixel-v2" and new.backends == {"pixel": "pixel-v3"}
             assert new.results[0].ok and new.results[0].reward == new.results[0].dimensions["preservation"] > 9.0
             assert thread.is_alive()  # the old request is still waiting for its judge
             gate.set()
@@ -84,7 +84,7 @@ def test_admin_routes_and_config_errors(env, monkeypatch):
         assert httpx.put(f"{url}/v1/config", json=PIXEL_V2).status_code == 401
         assert httpx.put(f"{url}/v1/config", json=PIXEL_V2, headers=admin("wrong")).status_code == 401
         active = httpx.get(f"{url}/v1/config").json()
-        assert active["version"] == "pixel-default-1" and active["revision"] == 1 and active["backend_version"] == "pixel-v2"
+        assert active["version"] == "pixel-default-1" and active["revision"] == 1 and active["backend_version"] == "pixel-v3"
         same = httpx.put(f"{url}/v1/config", json=active["config"], headers=admin())
         assert same.status_code == 200 and same.json()["changed"] is False and same.json()["revision"] == 1
         clash = {**PIXEL_V2, "version": "pixel-default-1"}

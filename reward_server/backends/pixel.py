@@ -1,4 +1,4 @@
-"""Pixel-metric reward backend (``pixel``, version ``pixel-v2``): pure numpy, CPU only.
+"""Pixel-metric reward backend (``pixel``, version ``pixel-v3``): numpy and scipy, CPU only.
 
 Every number is computed from the pixels of the source and edited videos; nothing
 is random and no dimension is ever a placeholder constant. Frames are ``uint8``
@@ -19,6 +19,9 @@ Dimensions, each on a 0-10 scale (``None`` means "does not apply to this item"):
 ``temporal_consistency``
     See :func:`temporal_consistency`: correlation of frame-to-frame luma changes
     times a flicker penalty.
+``detail_preservation``
+    See :func:`detail_preservation`: SSIM of per-frame standardised luma, which a
+    blurred copy of the source loses and a global colour edit keeps.
 """
 from __future__ import annotations
 
@@ -34,8 +37,8 @@ from editrl.reward_server.backends.base import BackendResult, ScoreInput
 logger = logging.getLogger(__name__)
 
 BACKEND_NAME = "pixel"
-BACKEND_VERSION = "pixel-v2"
-DIMENSIONS: tuple[str, ...] = ("instruction_following", "preservation", "temporal_consistency")
+BACKEND_VERSION = "pixel-v3"
+DIMENSIONS: tuple[str, ...] = ("instruction_following", "preservation", "temporal_consistency", "detail_preservation")
 
 # Below this standard deviation (in [0, 1] units) a signal counts as constant.
 _FLAT_STD = 1e-6
@@ -43,6 +46,10 @@ _FLAT_STD = 1e-6
 _MIN_SOURCE_CHROMA = 0.02
 # Flicker scale of temporal_consistency: std of the per-frame luma offset (in [0, 1]).
 _FLICKER_SCALE = 0.05
+# detail_preservation: SSIM's Gaussian window (sigma 1.5 px, 11 x 11) and constants for signals in
+# units of the frame's luma standard deviation (Wang et al. 2004: C1 = (0.01 L)^2, C2 = (0.03 L)^2 with L = 1).
+_SSIM_SIGMA, _SSIM_TRUNCATE = 1.5, 3.5
+_SSIM_C1, _SSIM_C2 = 1e-4, 9e-4
 
 # Edit type -> target value of its measurement; one entry per checkable edit type of the
 # dataset (editrl.protocol.edits.CHECKABLE_EDIT_TYPES, tested equal).
@@ -222,6 +229,53 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> float | None:
     return float(np.clip(np.dot(a, b) / a.size / (norm_a * norm_b), -1.0, 1.0))
 
 
+def _standardised(y: np.ndarray) -> np.ndarray:
+    """Each frame of luma ``(F, H, W)`` as ``(Y - mean(Y)) / (std(Y) + 1e-6)`` (per frame, float64)."""
+    mean = y.mean(axis=(1, 2), keepdims=True, dtype=np.float64)
+    std = y.std(axis=(1, 2), keepdims=True, dtype=np.float64)
+    z = y - mean
+    z /= std + 1e-6
+    return z
+
+
+def detail_preservation(source: np.ndarray, edited: np.ndarray) -> float | None:
+    """0-10 score of how much of the source's fine detail the edit kept.
+
+    The structural similarity index (SSIM, Wang, Bovik, Sheikh and Simoncelli 2004, eq. 13)
+    of per-frame standardised luma ``x = z(Y_s)``, ``y = z(Y_e)`` (:func:`preservation`'s
+    standardisation): with local means ``mu``, variances ``sigma^2`` and covariance
+    ``sigma_xy`` under an 11 x 11 Gaussian window of sigma 1.5 pixels,
+    ``SSIM = (2 mu_x mu_y + C1)(2 sigma_xy + C2) / ((mu_x^2 + mu_y^2 + C1)(sigma_x^2 + sigma_y^2 + C2))``
+    with ``C1 = 1e-4``, ``C2 = 9e-4`` (the paper's constants for a dynamic range of one
+    standard deviation), averaged over all pixels of all frames; the score is
+    ``10 * max(0, mean SSIM)``. Standardising first makes a global brightness, contrast or
+    tint change cost nothing (up to clipping), while blur lowers the local contrast and
+    correlation terms: on the bundled clips at 64 x 64, a 4 x 4 block-average blur scores
+    3.5-4.6 and the exact colour edits 8.6-10.
+
+    None when the source has no luma structure (every frame flat). A structured source
+    with a flat edited video scores 0.
+    """
+    from scipy.ndimage import gaussian_filter
+
+    y_s = _luma(source)
+    if float(y_s.std(axis=(1, 2), dtype=np.float64).max()) < _FLAT_STD:
+        return None
+    y_e = _luma(edited)
+    if float(y_e.std(axis=(1, 2), dtype=np.float64).max()) < _FLAT_STD:
+        return 0.0  # no detail left at all (SSIM's constants alone would give a small positive value)
+    x, y = _standardised(y_s), _standardised(y_e)
+
+    def local_mean(a: np.ndarray) -> np.ndarray:
+        return gaussian_filter(a, sigma=(0.0, _SSIM_SIGMA, _SSIM_SIGMA), truncate=_SSIM_TRUNCATE, mode="reflect")
+
+    mu_x, mu_y = local_mean(x), local_mean(y)
+    var_x, var_y = local_mean(x * x) - mu_x**2, local_mean(y * y) - mu_y**2
+    cov = local_mean(x * y) - mu_x * mu_y
+    ssim = ((2 * mu_x * mu_y + _SSIM_C1) * (2 * cov + _SSIM_C2)) / ((mu_x**2 + mu_y**2 + _SSIM_C1) * (var_x + var_y + _SSIM_C2))
+    return 10.0 * max(0.0, float(ssim.mean(dtype=np.float64)))
+
+
 def preservation(source: np.ndarray, edited: np.ndarray) -> float | None:
     """0-10 score of how much of the source's structure the edit kept.
 
@@ -234,17 +288,9 @@ def preservation(source: np.ndarray, edited: np.ndarray) -> float | None:
     is nothing to preserve. A structured source with a flat edited video scores 0.
     """
     y_s, y_e = _luma(source), _luma(edited)
-
-    def standardise(y: np.ndarray) -> np.ndarray:
-        mean = y.mean(axis=(1, 2), keepdims=True, dtype=np.float64)
-        std = y.std(axis=(1, 2), keepdims=True, dtype=np.float64)
-        z = y - mean
-        z /= std + 1e-6
-        return z
-
     if float(y_s.std(axis=(1, 2), dtype=np.float64).max()) < _FLAT_STD:
         return None
-    corr = _pearson(standardise(y_s), standardise(y_e))
+    corr = _pearson(_standardised(y_s), _standardised(y_e))
     return 0.0 if corr is None else 10.0 * max(0.0, corr)
 
 
@@ -298,6 +344,7 @@ def score_item(item: PixelInput) -> PixelResult:
         "instruction_following": instruction_following(item.instruction, source, edited),
         "preservation": preservation(source, edited),
         "temporal_consistency": temporal_consistency(source, edited),
+        "detail_preservation": detail_preservation(source, edited),
     }
     return PixelResult(item_id=item.item_id, dimensions=dimensions)
 
