@@ -33,7 +33,7 @@ from editrl.resources import resolve_path
 
 logger = logging.getLogger(__name__)
 
-RUN_OUTPUTS = ("config.yaml", "train.log", "reward_server.log", "metrics.jsonl", "summary.json", "reward_curves.png",
+RUN_OUTPUTS = ("config.yaml", "train.log", "reward_server.log", "metrics.jsonl", "summary.json", "reward_curves.png", "contact_sheet.png",
                "rollouts", "samples", "tensorboard", "checkpoints", "adapter")
 """What a run writes into its directory; ``--overwrite`` removes exactly these."""
 STARTING_STATUSES = (502, 503, 504)

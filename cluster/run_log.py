@@ -197,3 +197,50 @@ def plot_rewards(metrics_path: Path, out_path: Path) -> None:
     fig.tight_layout()
     fig.savefig(out_path)
     plt.close(fig)
+
+
+def write_contact_sheet(samples_dir: Path, out_path: Path, instructions: dict[str, str], frame_scale: int = 2) -> Path | None:
+    """A PNG of the held-out edits before and after training: one row per prompt that has both
+    ``heldout_initial_<prompt>.mp4`` and ``heldout_final_<prompt>.mp4`` in ``samples_dir`` (the
+    ``source | edit`` clips :func:`save_side_by_side` writes), showing the source's frames, the
+    initial edit's and the final edit's, each a strip of all frames left to right, upscaled
+    ``frame_scale`` times (nearest neighbour), under the prompt's id and instruction.
+
+    Returns:
+        ``out_path``, or None (nothing written) when no prompt has both clips.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from editrl.protocol.video import read_video
+
+    prompts = sorted(p.name[len("heldout_initial_"):-len(".mp4")] for p in samples_dir.glob("heldout_initial_*.mp4"))
+    prompts = [p for p in prompts if (samples_dir / f"heldout_final_{p}.mp4").is_file()]
+    if not prompts:
+        return None
+
+    def strips(path: Path) -> tuple[np.ndarray, np.ndarray]:
+        clip = read_video(str(path))  # (F, H, 2W, 3): source | edit
+        width = clip.shape[2] // 2
+        strip = lambda frames: np.concatenate(list(frames), axis=1).repeat(frame_scale, 0).repeat(frame_scale, 1)  # noqa: E731
+        return strip(clip[:, :, :width]), strip(clip[:, :, width:])
+
+    columns = ("source", "initial edit", "final edit")
+    fig, axes = plt.subplots(len(prompts), 3, figsize=(15, 1.9 * len(prompts) + 0.4), dpi=100, squeeze=False)
+    for row, prompt in zip(axes, prompts):
+        source, initial = strips(samples_dir / f"heldout_initial_{prompt}.mp4")
+        _, final = strips(samples_dir / f"heldout_final_{prompt}.mp4")
+        for ax, image, title in zip(row, (source, initial, final), columns):
+            ax.imshow(image, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(title, fontsize=9)
+        row[0].set_ylabel(prompt, fontsize=8)
+        row[1].set_xlabel(instructions.get(prompt, ""), fontsize=8)
+    fig.tight_layout()
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path)
+    plt.close(fig)
+    return out_path

@@ -21,7 +21,7 @@ from editrl.cluster.preflight import latest_checkpoint_name
 from editrl.cluster.ray_cluster import init_ray
 from editrl.cluster.reward_process import RewardServerProcess
 from editrl.cluster.run import Run
-from editrl.cluster.run_log import plot_rewards
+from editrl.cluster.run_log import plot_rewards, write_contact_sheet
 from editrl.cluster.schedules import SCHEDULES
 from editrl.protocol.dataset import PromptDataset
 from editrl.resources import checkout_root
@@ -117,6 +117,7 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False) -> dict:
 
     summary["wall_time_s"] = time.perf_counter() - started
     plot_rewards(run_dir / "metrics.jsonl", run_dir / "reward_curves.png")
+    write_contact_sheet(run_dir / "samples", run_dir / "contact_sheet.png", {r.prompt_id: r.instruction for r in heldout_set.rows})
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     logger.info("held-out reward %.3f +- %.3f -> %.3f +- %.3f (%.1f combined SEMs); run dir %s",
                 summary["reward_heldout_initial"], summary["reward_heldout_initial_sem"],
