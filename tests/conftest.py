@@ -147,3 +147,17 @@ def redis_prefix(redis_url):
             client.delete(*keys)
     finally:
         client.close()
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """A private local Ray instance (2 CPUs, never the default port Redis holds) for one test module, shut down after it."""
+    import ray
+
+    root = Path(__file__).resolve().parent.parent
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(root)}})
+    try:
+        yield ray
+    finally:
+        ray.shutdown()

@@ -33,18 +33,6 @@ GOOD = ("p0", "p1", "p2")
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def reward_url(tmp_path_factory):
     with RewardServerProcess(ROOT / "configs/reward_server.yaml", tmp_path_factory.mktemp("rs") / "server.log", 60) as url:
         yield url

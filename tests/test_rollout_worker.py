@@ -202,18 +202,6 @@ def test_a_new_adapter_is_staged_and_loaded_before_the_next_group(reward_url, cl
     assert worker.load_staged_adapter() == 2  # nothing staged any more: stays at version 2
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
-
-
 def test_a_group_queued_behind_the_sampling_one_starts_with_the_newest_adapter(ray_session, reward_url, clip_path):
     from editrl.policy.policy import EditPolicy
     from editrl.rollout_workers.actor import make_rollout_actor
