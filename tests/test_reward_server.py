@@ -128,7 +128,10 @@ def test_score_batch_end_to_end(server):
         assert result.dimensions == expected.dimensions
         used = {k: v for k, v in result.dimensions.items() if v is not None}
         assert all(0.0 <= v <= 10.0 for v in used.values())
-        expected_reward = sum(WEIGHTS[k] * v for k, v in used.items()) / sum(WEIGHTS[k] for k in used)
+        # the reward is the weighted mean of the weighted dimensions that apply; the others are only reported
+        weighted = {k: v for k, v in used.items() if k in WEIGHTS}
+        assert "detail_preservation" in used and "detail_preservation" not in weighted
+        expected_reward = sum(WEIGHTS[k] * v for k, v in weighted.items()) / sum(WEIGHTS[k] for k in weighted)
         assert result.reward == pytest.approx(expected_reward)
     brighter, gray, unchanged, mismatched = response.results
     assert brighter.dimensions["instruction_following"] > 7.0
