@@ -189,10 +189,9 @@ def _corpus(config) -> list[str]:
     """The instructions ``editrl train`` gives a model built in code for its vocabulary (both tables); [] for a checkpoint."""
     if config.policy.checkpoint is not None:
         return []
-    from editrl.cluster.train import load_datasets
+    from editrl.cluster.train import load_datasets, run_corpus
 
-    train_set, heldout_set = load_datasets(config)
-    return [row.instruction for row in train_set.rows + heldout_set.rows]
+    return run_corpus(*load_datasets(config))
 
 
 def _encode_all(items: list[dict], config, corpus: list[str], args: argparse.Namespace, out: Path) -> tuple[dict, dict]:

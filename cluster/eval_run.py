@@ -159,14 +159,14 @@ def _score_arm(config, dataset, arm: str, adapter: Path | None, clients: list, k
     from editrl.cluster.inflight import rollout_engine
     from editrl.cluster.tasks import eval_tasks
     from editrl.policy.adapter import adapter_checksum
-    from editrl.protocol.prompt_table import load_prompts
+    from editrl.cluster.train import load_datasets, run_corpus
     from editrl.protocol.rollout import GroupFailure
     from editrl.resources import bundled_root
     from editrl.rollout_workers.worker import RolloutWorker
 
     rc = config.rollout
     # the training run's corpus (a model built in code tokenizes with a vocabulary made from it)
-    corpus = [row.instruction for table in (config.data.train_prompts, config.data.heldout_prompts) for row in load_prompts(table)]
+    corpus = run_corpus(*load_datasets(config)) if config.policy.checkpoint is None else []
     worker = RolloutWorker(0, config.policy, corpus, str(bundled_root()), clients[0].base_url, reward_timeout_s=rc.reward_timeout_s,
                            reward_max_attempts=rc.reward_max_attempts, torch_threads=rc.torch_threads, fps=config.fps,
                            seed=config.seed, video_format=rc.reward_video_format, engine=rollout_engine(rc),

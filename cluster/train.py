@@ -41,6 +41,14 @@ def load_datasets(config: TrainConfig) -> tuple[PromptDataset, PromptDataset]:
     return train_set, heldout_set
 
 
+def run_corpus(train_set: PromptDataset, heldout_set: PromptDataset) -> list[str]:
+    """The instructions a model built in code makes its word vocabulary from: every prompt of
+    both tables that survived loading (rows whose clip is missing are not in it). The rollout
+    workers, the learner, ``editrl eval`` and ``editrl data cache`` must all use this list,
+    or their tokenizers differ."""
+    return [row.instruction for row in train_set.rows + heldout_set.rows]
+
+
 def checkpoint_on_interrupt(run: Run, run_dir: Path, timeout_s: float = 300.0) -> Path | None:
     """After an interrupt: checkpoint the last finished step unless it already is.
 
@@ -85,7 +93,7 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False) -> dict:
     save_config(config, run_dir / "config.yaml")
     config = with_resolved_paths(config)
     train_set, heldout_set = load_datasets(config)
-    corpus = [row.instruction for row in train_set.rows + heldout_set.rows]
+    corpus = run_corpus(train_set, heldout_set)
     logger.info("%d train prompts, %d held-out prompts; %s mode", len(train_set), len(heldout_set), config.runtime.mode)
 
     with contextlib.ExitStack() as stack:
