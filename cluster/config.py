@@ -243,6 +243,24 @@ class TrainConfig(BaseModel):
                              "itself; more replicas are a Ray Serve deployment at reward_server.url (cluster/reward_serve.yaml)")
         return self
 
+    @model_validator(mode="after")
+    def _check_algorithm(self) -> "TrainConfig":
+        learner, policy, ranks = self.learner, self.policy, self.topology.learner
+        if not learner.forward_process:
+            if policy.sampler == "ode" or policy.eta == 0:
+                raise ValueError(f"learner.algorithm=edit_grpo trains the log-probs of stochastic steps, and policy.sampler="
+                                 f"{policy.sampler} with eta {policy.eta} has none; use flow_sde, flow_sde_wan or cps "
+                                 "with eta > 0, or a forward-process algorithm (diffusion_nft, awm)")
+            return self
+        acting = policy.lora.active_steps or policy.num_steps
+        if learner.forward_steps is not None and learner.forward_steps > acting:
+            raise ValueError(f"learner.forward_steps={learner.forward_steps} exceeds the {acting} denoising steps the adapter "
+                             f"acts on (policy.lora.active_steps={policy.lora.active_steps}, num_steps={policy.num_steps})")
+        if ranks.sharding == "fsdp" or ranks.sequence_parallel > 1:
+            raise ValueError(f"learner.algorithm={learner.algorithm} runs on one learner rank or replicated ranks; "
+                             "topology.learner.sharding=fsdp and sequence_parallel > 1 are Edit-GRPO's only")
+        return self
+
 
 def parse_overrides(pairs: list[str]) -> dict:
     """``--set KEY=VALUE`` strings as ``{dotted key: YAML-parsed value}``.
@@ -306,5 +324,7 @@ def with_resolved_paths(config: TrainConfig) -> TrainConfig:
 
 
 def save_config(config: TrainConfig, path: Path) -> None:
-    """Write the resolved config as YAML."""
-    path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    """Write the resolved config as YAML (the learner's options of other algorithms left out, so
+    that it reads back: :meth:`editrl.learner.config.LearnerConfig.foreign_fields`)."""
+    data = config.model_dump(mode="json", exclude={"learner": config.learner.foreign_fields()})
+    path.write_text(yaml.safe_dump(data, sort_keys=False))

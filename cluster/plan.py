@@ -137,9 +137,13 @@ def _stochastic(config: TrainConfig) -> list[int]:
 
 def stored_positions(config: TrainConfig) -> int:
     """Latents per trajectory a group carries to the learner: each trained step t and t + 1
-    (:func:`editrl.protocol.rollout.trained_positions`; a window of w steps is w + 1)."""
+    (:func:`editrl.protocol.rollout.trained_positions`; a window of w steps is w + 1), and the
+    edit's for a forward-process learner (or when no step is stochastic)."""
     steps = _stochastic(config)
-    return len(trained_positions([t in steps for t in range(config.policy.num_steps)]))
+    positions = set(trained_positions([t in steps for t in range(config.policy.num_steps)]))
+    if config.learner.forward_process or not positions:
+        positions.add(config.policy.num_steps)
+    return len(positions)
 
 
 def trajectory_dtype(config: TrainConfig) -> str:

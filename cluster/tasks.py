@@ -53,6 +53,7 @@ class TaskSource:
             seed=(self.config.seed * 1_000_003 + index * 7919) % 2**62,
             group_size=self.config.group_size,
             record_means=self.config.learner.ratio_norm == "grpo_guard",
+            final_latent=self.config.learner.forward_process,
             start_s=row.start_s,
             end_s=row.end_s,
         )

@@ -3,13 +3,34 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+ALGORITHMS = ("edit_grpo", "diffusion_nft", "awm")
+
+ALGORITHM_FIELDS = {
+    "edit_grpo": ("clip_range", "ratio_norm", "grpo_guard_reweight", "timesteps_per_forward"),
+    "diffusion_nft": ("forward_steps", "nft_beta", "nft_reward_scale", "nft_adaptive_weighting"),
+    "awm": ("forward_steps", "awm_weighting", "awm_ghuber_power", "awm_advantage_scale"),
+}
+"""The options that belong to one algorithm family (the rest are shared): setting one for
+another algorithm is refused, and a saved config records only its own algorithm's."""
+
+KL_COEF_DEFAULTS = {"edit_grpo": 0.004, "diffusion_nft": 1e-4, "awm": 1e-3}
+"""``kl_coef`` when it is left out: Flow-GRPO's 0.004 on the Gaussian KL; the public DiffusionNFT
+(``train.beta``) and AWM (``train.beta``) implementations' 1e-4 and 1e-3 on the velocity MSE."""
 
 
 class LearnerConfig(BaseModel):
-    """Optimisation settings of Edit-GRPO."""
+    """Optimisation settings: the algorithm, its loss's options, and the optimizer."""
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    algorithm: Literal["edit_grpo", "diffusion_nft", "awm"] = "edit_grpo"
+    """The RL algorithm (``docs/algorithms.md``). ``edit_grpo``: the reverse process, a clipped
+    surrogate on the per-step log-probs of the stochastic steps (VIVA, Flow-GRPO). ``diffusion_nft``
+    (DiffusionNFT) and ``awm`` (Advantage Weighted Matching): the forward process, reward-weighted
+    flow matching on freshly noised copies of each sample's final latent; any sampler, ``ode``
+    included, and no log-probs."""
 
     learning_rate: float = Field(1e-4, gt=0)
     """AdamW learning rate (Flow-GRPO: 1e-4)."""
@@ -21,10 +42,32 @@ class LearnerConfig(BaseModel):
     """Global gradient-norm clip (Flow-GRPO: 1.0)."""
     clip_range: float = Field(1e-3, gt=0)
     """Ratio clip range eps (Flow-GRPO Wan: 1e-3), for log-probs averaged over elements."""
-    kl_coef: float = Field(0.004, ge=0)
-    """KL coefficient beta on the exact per-step Gaussian KL to the reference policy
-    (averaged over latent elements, like the log-prob; Flow-GRPO: 0.004); 0 skips the
-    reference forward."""
+    kl_coef: float | None = Field(None, ge=0)
+    """Coefficient of the regulariser to the reference policy (the adapter off): for ``edit_grpo``
+    the exact per-step Gaussian KL (averaged over latent elements, like the log-prob); for the
+    forward-process algorithms the velocity MSE ``mean((v_theta - v_ref)^2)``. None: the
+    algorithm's default (:data:`KL_COEF_DEFAULTS`); 0 skips the reference forward."""
+    forward_steps: int | None = Field(None, ge=1)
+    """Forward-process algorithms: schedule steps drawn per sample and update (without
+    replacement, with fresh noise each) among those the adapter acts on (``policy.lora.active_steps``);
+    the sample is noised to each step's sigma. None: all of them."""
+    nft_beta: float = Field(1.0, gt=0)
+    """``diffusion_nft``: the guidance strength beta of the implicit policies
+    ``v+- = v_old +- beta (v_theta - v_old)`` (paper: 1; 0.1 for its OCR runs)."""
+    nft_reward_scale: float = Field(5.0, gt=0)
+    """``diffusion_nft``: Z, in units of the advantage's std: the optimality probability is
+    ``r = 1/2 + 1/2 clip(A / Z, -1, 1)`` (the public implementation: 5, its advantage clip)."""
+    nft_adaptive_weighting: bool = True
+    """``diffusion_nft``: the self-normalised clean-latent error ``mean(d^2) / sg(mean|d|)``,
+    ``d = x0_hat - x0``, instead of the plain velocity error (the public implementation's)."""
+    awm_weighting: Literal["uniform", "ghuber"] = "ghuber"
+    """``awm``: weighting ``w(l)`` of each sample's flow-matching error ``l``: ``uniform`` is ``l``
+    (the paper's loss); ``ghuber`` is ``(sigma / p) ((l + e)^p - e^p)`` (the public implementation's)."""
+    awm_ghuber_power: float = Field(0.25, gt=0, le=1)
+    """``awm`` with ``ghuber``: the power p (public implementation: 0.25)."""
+    awm_advantage_scale: float = Field(5.0, gt=0)
+    """``awm``: advantages are divided by this after ``adv_clip`` (public implementation: 5, so
+    they lie in [-1, 1])."""
     adv_eps: float = Field(1e-4, gt=0)
     """Added to the reward std in the advantage denominator."""
     adv_std_scope: Literal["group", "global"] = "group"
@@ -80,3 +123,24 @@ class LearnerConfig(BaseModel):
     """With ``topology.learner.ranks > 1``: seconds a rank waits in a collective (a peer died or hangs) before it fails."""
     torch_threads: int = Field(2, ge=1)
     """CPU threads of the learner process."""
+
+    @model_validator(mode="after")
+    def _algorithm_options(self) -> "LearnerConfig":
+        foreign = [name for name in sorted(self.model_fields_set) if name in self.foreign_fields()]
+        if foreign:
+            owners = {name: [a for a, names in ALGORITHM_FIELDS.items() if name in names] for name in foreign}
+            raise ValueError("; ".join(f"learner.{name} belongs to {' and '.join(owners[name])}, not to "
+                                       f"learner.algorithm={self.algorithm}" for name in foreign))
+        if self.kl_coef is None:
+            self.kl_coef = KL_COEF_DEFAULTS[self.algorithm]
+        return self
+
+    @property
+    def forward_process(self) -> bool:
+        """True for the forward-process algorithms (they train on the final latent, not the trajectory)."""
+        return self.algorithm != "edit_grpo"
+
+    def foreign_fields(self) -> set[str]:
+        """The options of the other algorithms, which this config neither uses nor records."""
+        own = set(ALGORITHM_FIELDS[self.algorithm])
+        return {name for names in ALGORITHM_FIELDS.values() for name in names} - own

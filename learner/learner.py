@@ -1,4 +1,4 @@
-"""The learner process's core: one Edit-GRPO update from a batch of complete groups."""
+"""The learner process's core: one update (Edit-GRPO, DiffusionNFT or AWM) from a batch of complete groups."""
 from __future__ import annotations
 
 import json
@@ -6,7 +6,6 @@ import logging
 import math
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -15,9 +14,11 @@ from safetensors.torch import save_file
 from editrl.learner.advantages import group_advantages
 from editrl.learner.config import LearnerConfig
 from editrl.learner.data_parallel import DataParallel
-from editrl.learner.loss import ObjectiveStats, edit_grpo_objective
+from editrl.learner.forward_loss import ForwardStats
+from editrl.learner.forward_process import acting_steps, draw, forward_items, record_old_velocities, run_forward_items
+from editrl.learner.loss import edit_grpo_objective
 from editrl.learner.sharding import shard_transformer, split_sequences
-from editrl.learner.work import StepParts, WorkItem, items_per_rank, merge_parts, pool_steps, work_items
+from editrl.learner.work import GradientStats, StepParts, WorkItem, items_per_rank, merge_parts, pool_steps, work_items
 from editrl.policy.adapter import full_value
 from editrl.policy.lora_export import export_diffusers_lora
 from editrl.policy.policy import EditPolicy
@@ -33,39 +34,6 @@ sampled with the current policy version), per weight dtype. Sampling and
 recomputation share one code path, so with ``timesteps_per_forward = 1`` the
 ratio is exactly 1 on CPU; the bounds leave room for batched timesteps and
 non-deterministic GPU kernels. A larger error is logged as a warning."""
-
-
-STAT_KEYS = ("loss", "pg_loss", "kl_ref", "ratio_mean", "clip_frac", "approx_kl")
-"""Statistics of :class:`editrl.learner.loss.ObjectiveStats` averaged over (group, step) terms."""
-
-
-@dataclass
-class GradientStats:
-    """What :meth:`Learner.accumulate_gradients` measured: sums over (group, step) terms
-    of :class:`editrl.learner.loss.ObjectiveStats`, and the extremes of the surrogate's ratio."""
-
-    sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAT_KEYS, 0.0))
-    terms: int = 0
-    ratio_min: float = float("inf")
-    ratio_max: float = float("-inf")
-    log_ratios: list[torch.Tensor] = field(default_factory=list)
-    """Raw ``logp_theta - logp_old`` of every trained (sample, step), detached."""
-    ratio_error_per_group: list[float] = field(default_factory=list)
-    """max |exp(log r) - 1| over each group's samples and steps (NaN for an untrained group)."""
-
-    def add(self, term: ObjectiveStats) -> None:
-        for key in STAT_KEYS:
-            self.sums[key] += getattr(term, key)
-        self.ratio_min, self.ratio_max = min(self.ratio_min, term.ratio_min), max(self.ratio_max, term.ratio_max)
-        self.log_ratios.append(term.log_ratio)
-        self.terms += 1
-
-    def merge(self, other: "GradientStats") -> None:
-        for key in STAT_KEYS:
-            self.sums[key] += other.sums[key]
-        self.ratio_min, self.ratio_max = min(self.ratio_min, other.ratio_min), max(self.ratio_max, other.ratio_max)
-        self.log_ratios += other.log_ratios
-        self.terms += other.terms
 
 
 class Learner:
@@ -139,32 +107,39 @@ class Learner:
         return self.data_parallel is None or self.data_parallel.rank == 0
 
     def train_step(self, groups: list[Group]) -> dict[str, float]:
-        """One Edit-GRPO update (VIVA eq. 5-6) on complete groups.
+        """One update of the policy on complete groups, by ``config.algorithm``.
 
-        For every group and every stochastic step t, the step's log-prob of the
-        recorded ``x_{t+1}`` is recomputed under the current policy (same guided
-        forward as sampling, with the group's sampler spec), and the loss per
-        (group, step) is :func:`editrl.learner.loss.edit_grpo_objective`
-        (``pg_loss + kl_coef * kl_ref``), averaged over all (group, step) terms of a
-        minibatch before each optimizer step.
+        ``edit_grpo`` (VIVA eq. 5-6): for every group and every stochastic step t, the step's
+        log-prob of the recorded ``x_{t+1}`` is recomputed under the current policy (same guided
+        forward as sampling, with the group's sampler spec), and the loss per (group, step) is
+        :func:`editrl.learner.loss.edit_grpo_objective` (``pg_loss + kl_coef * kl_ref``), averaged
+        over all (group, step) terms of a minibatch before each optimizer step.
+
+        ``diffusion_nft`` and ``awm``: every sample's final latent is noised afresh
+        (:mod:`editrl.learner.forward_process`) and the loss is the algorithm's
+        (:mod:`editrl.learner.forward_loss`), averaged over each group's copies, then over groups.
+
+        Both share the advantages (:func:`editrl.learner.advantages.group_advantages`), the
+        minibatches (``updates_per_step``), gradient clipping and the policy version.
 
         Returns:
-            Metrics: ``loss``, ``pg_loss``, ``kl_ref`` (exact KL to the reference
-            policy), ``ratio_mean``, ``clip_frac``, ``approx_kl`` (k2) averaged over
-            terms and ``ratio_min``/``ratio_max``, all of the surrogate's ratio
-            (:class:`editrl.learner.loss.ObjectiveStats`); ``log_ratio_mean``/``_std``
-            of the raw log importance ratio; ``onpolicy_ratio_error`` (max
-            ``|r - 1|`` over the first minibatch's groups sampled with the current
-            version, NaN when there are none); ``grad_norm`` (the largest, over the
-            minibatches, global L2 norm of the LoRA gradients before clipping to
-            ``max_grad_norm``); advantage statistics; ``time_train_s`` (seconds) and
-            the new ``policy_version``. The reward-config versions of the groups are kept
-            in ``last_reward_config_versions`` (a warning when one update mixes
-            rewards of several configs, e.g. across a runtime swap).
+            Metrics. ``edit_grpo``: ``loss``, ``pg_loss``, ``kl_ref`` (exact KL to the reference
+            policy), ``ratio_mean``, ``clip_frac``, ``approx_kl`` (k2) averaged over terms and
+            ``ratio_min``/``ratio_max``, all of the surrogate's ratio
+            (:class:`editrl.learner.loss.ObjectiveStats`); ``log_ratio_mean``/``_std`` of the raw
+            log importance ratio; ``onpolicy_ratio_error`` (max ``|r - 1|`` over the first
+            minibatch's groups sampled with the current version, NaN when there are none).
+            Forward-process: ``loss``, ``policy_loss``, ``kl_ref`` (velocity MSE to the reference)
+            and ``fm_error`` (:class:`editrl.learner.forward_loss.ForwardStats`). Always:
+            ``grad_norm`` (the largest, over the minibatches, global L2 norm of the LoRA gradients
+            before clipping to ``max_grad_norm``); advantage statistics; ``groups_zero_spread``;
+            ``train_terms``; ``time_train_s`` (seconds) and the new ``policy_version``. The
+            reward-config versions of the groups are kept in ``last_reward_config_versions`` (a
+            warning when one update mixes rewards of several configs, e.g. across a runtime swap).
 
         Raises:
-            ValueError: no groups, no stochastic step in a minibatch, or GRPO-Guard
-                without recorded means.
+            ValueError: no groups, no stochastic step in a minibatch (``edit_grpo``), GRPO-Guard
+                without recorded means, or a forward-process group without its final latent.
         """
         if not groups:
             raise ValueError("train_step needs at least one group")
@@ -174,6 +149,36 @@ class Learner:
         advantages = group_advantages(rewards, eps=cfg.adv_eps, std_scope=cfg.adv_std_scope, clip=cfg.adv_clip)
         order = torch.randperm(len(groups), generator=self.generator).tolist()
         minibatches = [mb for mb in (order[i :: cfg.updates_per_step] for i in range(cfg.updates_per_step)) if mb]
+        updates = self._forward_updates if cfg.forward_process else self._edit_grpo_updates
+        metrics, grad_norms = updates(groups, advantages, minibatches)
+        self.policy_version += 1
+        zero_spread = int((rewards.std(dim=1) == 0).sum())
+        metrics.update(
+            grad_norm=max(grad_norms),
+            adv_mean=advantages.mean().item(),
+            adv_std=advantages.std(unbiased=False).item(),
+            adv_abs_max=advantages.abs().max().item(),
+            groups_zero_spread=float(zero_spread),
+            time_train_s=time.perf_counter() - start,
+            policy_version=float(self.policy_version),
+        )
+        versions = sorted({g.reward_config_version for g in groups})
+        self.last_reward_config_versions = versions
+        if len(versions) > 1:
+            logger.warning("policy version %d: one update mixes rewards of reward configs %s", self.policy_version, versions)
+        if zero_spread:
+            logger.info("%d of %d groups have equal rewards and carry no policy-gradient signal", zero_spread, len(groups))
+        return metrics
+
+    def _optimizer_step(self) -> float:
+        """Clip the accumulated LoRA gradients to ``max_grad_norm``, step; the norm before clipping."""
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+        self.optimizer.step()
+        return float(full_value(norm))
+
+    def _edit_grpo_updates(self, groups: list[Group], advantages: torch.Tensor,
+                           minibatches: list[list[int]]) -> tuple[dict[str, float], list[float]]:
+        """Edit-GRPO's optimizer steps, one per minibatch: their metrics and gradient norms."""
         total = GradientStats()
         onpolicy_errors: list[float] = []
         grad_norms = []
@@ -186,11 +191,7 @@ class Learner:
             if index == 0:
                 onpolicy_errors = errors
             total.merge(stats)
-            norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
-            grad_norms.append(float(full_value(norm)))
-            self.optimizer.step()
-        self.policy_version += 1
-        zero_spread = int((rewards.std(dim=1) == 0).sum())
+            grad_norms.append(self._optimizer_step())
         log_ratios = torch.cat(total.log_ratios)
         metrics = {key: value / max(total.terms, 1) for key, value in total.sums.items()}
         metrics.update(
@@ -199,26 +200,41 @@ class Learner:
             log_ratio_mean=log_ratios.mean().item(),
             log_ratio_std=log_ratios.std(unbiased=False).item(),
             onpolicy_ratio_error=max(onpolicy_errors) if onpolicy_errors else float("nan"),
-            grad_norm=max(grad_norms),
-            adv_mean=advantages.mean().item(),
-            adv_std=advantages.std(unbiased=False).item(),
-            adv_abs_max=advantages.abs().max().item(),
-            groups_zero_spread=float(zero_spread),
             train_terms=float(total.terms),
-            time_train_s=time.perf_counter() - start,
-            policy_version=float(self.policy_version),
         )
         tolerance = ONPOLICY_RATIO_TOLERANCE[self.policy.config.dtype]
         if onpolicy_errors and metrics["onpolicy_ratio_error"] > tolerance:
             logger.warning("on-policy ratio off 1 by %.2e (tolerance %.0e for %s weights)",
                            metrics["onpolicy_ratio_error"], tolerance, self.policy.config.dtype)
-        versions = sorted({g.reward_config_version for g in groups})
-        self.last_reward_config_versions = versions
-        if len(versions) > 1:
-            logger.warning("policy version %d: one update mixes rewards of reward configs %s", self.policy_version, versions)
-        if zero_spread:
-            logger.info("%d of %d groups have equal rewards and carry no policy-gradient signal", zero_spread, len(groups))
-        return metrics
+        return metrics, grad_norms
+
+    def _forward_updates(self, groups: list[Group], advantages: torch.Tensor,
+                         minibatches: list[list[int]]) -> tuple[dict[str, float], list[float]]:
+        """The forward-process algorithms' optimizer steps, one per minibatch (each rank runs its
+        share of the items and the gradients are summed): their metrics and gradient norms."""
+        cfg, dp = self.config, self.data_parallel
+        if self.sharded:
+            raise RuntimeError(f"learner.algorithm={cfg.algorithm} does not run on a sharded learner")
+        steps = acting_steps(self.policy)
+        draws = [draw(group, steps, cfg.forward_steps, self.generator) for group in groups]
+        if len(minibatches) > 1:  # later minibatches see the velocity before the first step as "old"
+            record_old_velocities(self.policy, groups, draws, cfg.micro_batch_samples)
+        parts, grad_norms = [], []
+        for minibatch in minibatches:
+            self.optimizer.zero_grad(set_to_none=True)
+            chosen = [groups[i] for i in minibatch]
+            items = forward_items(chosen, cfg.micro_batch_samples)
+            mine = dp.shard(items) if dp is not None else items
+            stats = run_forward_items(self.policy, cfg, chosen, advantages[minibatch], [draws[i] for i in minibatch], mine)
+            if dp is not None:
+                dp.sum_gradients(self.params)
+                stats = [s for rank in dp.gather(stats) for s in rank]
+            parts += stats
+            grad_norms.append(self._optimizer_step())
+        pooled = ForwardStats.pooled(parts)
+        metrics = {key: getattr(pooled, key) for key in ("loss", "policy_loss", "kl_ref", "fm_error")}
+        metrics["train_terms"] = float(pooled.samples)
+        return metrics, grad_norms
 
     def accumulate_gradients(self, groups: list[Group], advantages: torch.Tensor) -> GradientStats:
         """Add the gradient of one minibatch's loss to the LoRA parameters' ``.grad``, in this process.

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from editrl.learner.loss import ObjectiveStats
 
@@ -99,3 +99,36 @@ def pool_steps(parts: StepParts) -> tuple[dict[tuple[int, int], ObjectiveStats],
     for (group, _), term in terms.items():
         errors[group] = max(errors.get(group, 0.0), (term.log_ratio.exp() - 1.0).abs().max().item())
     return terms, errors
+
+
+STAT_KEYS = ("loss", "pg_loss", "kl_ref", "ratio_mean", "clip_frac", "approx_kl")
+"""Statistics of :class:`editrl.learner.loss.ObjectiveStats` averaged over (group, step) terms."""
+
+
+@dataclass
+class GradientStats:
+    """What :meth:`Learner.accumulate_gradients` measured: sums over (group, step) terms
+    of :class:`editrl.learner.loss.ObjectiveStats`, and the extremes of the surrogate's ratio."""
+
+    sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAT_KEYS, 0.0))
+    terms: int = 0
+    ratio_min: float = float("inf")
+    ratio_max: float = float("-inf")
+    log_ratios: list[torch.Tensor] = field(default_factory=list)
+    """Raw ``logp_theta - logp_old`` of every trained (sample, step), detached."""
+    ratio_error_per_group: list[float] = field(default_factory=list)
+    """max |exp(log r) - 1| over each group's samples and steps (NaN for an untrained group)."""
+
+    def add(self, term: ObjectiveStats) -> None:
+        for key in STAT_KEYS:
+            self.sums[key] += getattr(term, key)
+        self.ratio_min, self.ratio_max = min(self.ratio_min, term.ratio_min), max(self.ratio_max, term.ratio_max)
+        self.log_ratios.append(term.log_ratio)
+        self.terms += 1
+
+    def merge(self, other: "GradientStats") -> None:
+        for key in STAT_KEYS:
+            self.sums[key] += other.sums[key]
+        self.ratio_min, self.ratio_max = min(self.ratio_min, other.ratio_min), max(self.ratio_max, other.ratio_max)
+        self.log_ratios += other.log_ratios
+        self.terms += other.terms

@@ -98,6 +98,8 @@ class GroupTask:
     record_means: bool = False
     """Also return each step's transition mean (GRPO-Guard's ratio normalisation needs
     the sampling policy's means)."""
+    final_latent: bool = False
+    """Also return the edit's latent (position T): the forward-process algorithms train on it."""
     start_s: float | None = None
     """Start of the part of the source clip to use, seconds from its first frame (None: its start)."""
     end_s: float | None = None

@@ -296,9 +296,11 @@ class RolloutWorker:
         edited = self.policy.decode(trajectories.latent(spec.num_steps))
         timings["decode_s"] = time.perf_counter() - start
         # only what the learner reads travels on, in the trajectory dtype: the latents around the
-        # trained steps (a group with none, an evaluation group, keeps its edit's latent) and the
-        # means at the trained steps
-        positions = trained_positions(trajectories.spec.stochastic) or (trajectories.spec.num_steps,)
+        # trained steps (a group with none, an evaluation group, keeps its edit's latent; so does a
+        # group for a forward-process learner) and the means at the trained steps
+        positions = trained_positions(trajectories.spec.stochastic)
+        if task.final_latent or not positions:
+            positions = tuple(sorted({*positions, trajectories.spec.num_steps}))
         dtype = self.engine.torch_trajectory_dtype if any(trajectories.spec.stochastic) else torch.float32
         trained = tuple(t for t, s in enumerate(trajectories.spec.stochastic) if s)
         means = trajectories.means[:, list(trained)].clone() if trajectories.means is not None else None

@@ -177,6 +177,16 @@ def test_evaluation_groups_do_not_share_noise_under_a_shared_noise_window(reward
     assert not torch.equal(eval_group.latent(4)[0], eval_group.latent(4)[1])
 
 
+def test_a_group_for_a_forward_process_learner_carries_the_edits_latent(reward_url, clip_path):
+    worker = _worker(reward_url)
+    task = GroupTask("s4-g0", "p0", CORPUS[0], clip_path, seed=5, group_size=3, final_latent=True)
+    [group] = worker.sample([task])
+    # the trained steps 0-2 and their successors (0..3), and the edit's latent at T = 4
+    assert group.latent_steps == (0, 1, 2, 3, 4)
+    frames = worker.policy.decode(group.latent(4))
+    assert frames.shape == (3, 5, 32, 32, 3)
+
+
 def _shifted(state: dict[str, torch.Tensor], delta: float) -> dict[str, torch.Tensor]:
     return {k: v + delta for k, v in state.items()}
 
