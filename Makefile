@@ -9,7 +9,7 @@ RUN_DIR ?= runs/default
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: train test bench gpu-check venv clean dataset warm-checkpoint
+.PHONY: train test bench bench-learning gpu-check venv clean dataset warm-checkpoint
 
 venv: $(VENV)/.installed
 
@@ -34,6 +34,11 @@ test: venv
 # docs/benchmarks.md; `BENCH_ARGS="--only learner_batching"` runs a subset.
 bench: venv
 	PYTHONPATH=$(CURDIR) $(PY) -m bench $(BENCH_ARGS)
+
+# Edit-GRPO, DiffusionNFT and AWM on the embedded default, 2 repeats each (about 40 minutes
+# on 2 cores): bench/results/algorithms.json and docs/algorithms_measured.md.
+bench-learning: venv
+	PYTHONPATH=$(CURDIR) $(PY) -m bench.algorithms $(BENCH_ARGS)
 
 # On a machine with a CUDA device: the tests marked `gpu` (the learner's recomputed
 # log-probs in bf16, the in-process VLM judge, the sharded learner on NCCL, the plan's
