@@ -12,8 +12,8 @@ ALGORITHM_FIELDS = {
     "diffusion_nft": ("forward_steps", "nft_beta", "nft_reward_scale", "nft_adaptive_weighting"),
     "awm": ("forward_steps", "awm_weighting", "awm_ghuber_power", "awm_advantage_scale"),
 }
-"""The options that belong to one algorithm family (the rest are shared): setting one for
-another algorithm is refused, and a saved config records only its own algorithm's."""
+"""The options that belong to one algorithm family (the rest are shared): setting one to other than
+its default for another algorithm is refused, and a saved config records only its own algorithm's."""
 
 KL_COEF_DEFAULTS = {"edit_grpo": 0.004, "diffusion_nft": 1e-4, "awm": 1e-3}
 """``kl_coef`` when it is left out: Flow-GRPO's 0.004 on the Gaussian KL; the public DiffusionNFT
@@ -126,7 +126,9 @@ class LearnerConfig(BaseModel):
 
     @model_validator(mode="after")
     def _algorithm_options(self) -> "LearnerConfig":
-        foreign = [name for name in sorted(self.model_fields_set) if name in self.foreign_fields()]
+        # set to something else than its default: a full dump of a config (every field set) reads back
+        foreign = [name for name in sorted(self.model_fields_set & self.foreign_fields())
+                   if getattr(self, name) != type(self).model_fields[name].default]
         if foreign:
             owners = {name: [a for a, names in ALGORITHM_FIELDS.items() if name in names] for name in foreign}
             raise ValueError("; ".join(f"learner.{name} belongs to {' and '.join(owners[name])}, not to "

@@ -74,6 +74,9 @@ def test_options_of_another_algorithm_are_refused_with_the_reason():
         LearnerConfig(forward_steps=2)
     with pytest.raises(pydantic.ValidationError, match="algorithm"):
         LearnerConfig(algorithm="ppo")
+    # a whole dump (every field set, the others' at their defaults) reads back
+    config = LearnerConfig(algorithm="awm", awm_weighting="uniform")
+    assert LearnerConfig.model_validate_json(config.model_dump_json()) == config
 
 
 def test_kl_coefficient_defaults_follow_the_algorithm():
