@@ -5,8 +5,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-ALGORITHMS = ("edit_grpo", "diffusion_nft", "awm")
-
 ALGORITHM_FIELDS = {
     "edit_grpo": ("clip_range", "ratio_norm", "grpo_guard_reweight", "timesteps_per_forward"),
     "diffusion_nft": ("forward_steps", "nft_beta", "nft_reward_scale", "nft_adaptive_weighting"),

@@ -71,7 +71,9 @@ def forward_items(groups: list[Group], micro_batch_samples: int | None) -> list[
     for index, group in enumerate(groups):
         g = group.rewards.numel()
         micro = micro_batch_samples or g
-        items += [WorkItem(index, (), (a, min(a + micro, g)), (min(a + micro, g) - a) / g) for a in range(0, g, micro)]
+        for start in range(0, g, micro):
+            stop = min(start + micro, g)
+            items.append(WorkItem(index, (), (start, stop), (stop - start) / g))
     return items
 
 
